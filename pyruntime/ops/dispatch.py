@@ -1,0 +1,90 @@
+"""The one dispatch point: picks, per op call, the Triton kernel, the C++ op or the
+pure-PyTorch reference.
+
+    backend = choose("rms_norm", requested, x.device, candidates=("triton", "reference"))
+
+Rules (the whole policy lives here, op files only list which backends they have):
+- "auto" takes the first available candidate in the order given (fastest first). When that
+  is not the first candidate, the fallback is logged once per (op, backend, reason).
+- An explicitly requested backend that cannot run raises BackendUnavailable naming why.
+- Triton runs on CUDA tensors; on CPU only under TRITON_INTERPRET=1 and only when asked for
+  explicitly (the interpreter is for tests: far too slow to be chosen automatically).
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import logging
+import os
+
+import torch
+
+log = logging.getLogger("pyruntime.ops")
+
+BACKENDS = ("auto", "triton", "cpp", "reference")
+
+
+class BackendUnavailable(RuntimeError):
+    """An explicitly requested kernel backend cannot run here."""
+
+
+def triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def _triton_importable() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp_import_error() -> str | None:
+    try:
+        import pyruntime._C  # noqa: F401  (registers torch.ops.pyruntime.*)
+    except ImportError as e:  # pragma: no cover - depends on the build
+        return f"pyruntime._C is not built ({e}); run `pip install --no-build-isolation -e .`"
+    return None
+
+
+def unavailable_reason(backend: str, device: torch.device, explicit: bool) -> str | None:
+    """None when `backend` can run on `device`, else a short reason."""
+    if backend == "reference":
+        return None
+    if backend == "cpp":
+        return _cpp_import_error()
+    if backend == "triton":
+        if not _triton_importable():
+            return "triton is not installed"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and triton_interpret() and explicit:
+            return None
+        return f"no Triton kernel for {device.type} tensors (set TRITON_INTERPRET=1 to run it interpreted)"
+    raise ValueError(f"unknown kernel backend '{backend}'; expected one of {BACKENDS}")
+
+
+@functools.lru_cache(maxsize=None)
+def _log_fallback_once(op: str, wanted: str, got: str, reason: str) -> None:
+    log.info("%s: %s unavailable (%s); using %s", op, wanted, reason, got)
+
+
+def choose(op: str, requested: str, device: torch.device, candidates: tuple[str, ...]) -> str:
+    """Return the backend that runs `op` on `device` (see the module docstring)."""
+    if requested not in BACKENDS:
+        raise ValueError(f"{op}: unknown kernel backend '{requested}'; expected one of {BACKENDS}")
+    if requested != "auto":
+        if requested not in candidates:
+            raise BackendUnavailable(f"{op}: has no '{requested}' backend (it has {', '.join(candidates)})")
+        reason = unavailable_reason(requested, device, explicit=True)
+        if reason is not None:
+            raise BackendUnavailable(f"{op}: backend '{requested}' requested but unavailable: {reason}")
+        return requested
+    first_reason = None
+    for backend in candidates:
+        reason = unavailable_reason(backend, device, explicit=False)
+        if reason is None:
+            if backend != candidates[0]:
+                _log_fallback_once(op, candidates[0], backend, first_reason)
+            return backend
+        first_reason = first_reason or reason
+    raise BackendUnavailable(f"{op}: no backend available on {device.type}")

@@ -23,7 +23,7 @@ $(DEPS_STAMP): requirements-dev.txt | $(PY)
 	touch $@
 
 $(BUILD_STAMP): $(DEPS_STAMP) $(CSRC)
-	MAX_JOBS=$(NPROC) $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps -e .
+	MAX_JOBS=$(NPROC) $(PY) -m pip install -q --disable-pip-version-check --no-build-isolation --no-deps --use-pep517 -e .
 	touch $@
 
 setup: $(BUILD_STAMP)

@@ -49,7 +49,7 @@ setup(
     version="0.1.0",
     description="Composable data/tensor/pipeline/ZeRO parallel training runtime for LLMs",
     packages=find_packages(include=["pyruntime", "pyruntime.*", "triton_kernels", "triton_kernels.*"]),
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     # No torch pin: it is a runtime requirement the user satisfies with their own build.
     install_requires=["torch", "numpy"],
     extras_require={"triton": ["triton"], "plots": ["matplotlib"], "dev": ["pytest", "matplotlib"]},

@@ -1,0 +1,127 @@
+"""Command line: `python -m pyruntime train|demo ...` (and under torchrun for many ranks).
+
+Bad input exits with code 2 and one line naming the problem, before any process group is
+created, so no rank is left waiting in a collective.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from pyruntime.config import Config, ConfigError, config_from_dict, load_config_file
+from pyruntime.data import DataError
+from pyruntime.mesh import ParallelDims
+
+# flag -> (section, field, type, help)
+TRAIN_FLAGS = {
+    "--preset": ("train", "preset", str, "model preset: tiny, small, 1b, 7b, 13b, 70b"),
+    "--steps": ("train", "steps", int, "optimizer steps"),
+    "--seed": ("train", "seed", int, "seed for weights and data order"),
+    "--out": ("train", "out", str, "output directory (metrics, loss curve)"),
+    "--metrics": ("train", "metrics", str, "JSON-lines metrics file (default OUT/metrics.jsonl)"),
+    "--eval-every": ("train", "eval_every", int, "validation loss every N steps (0: never)"),
+    "--eval-batches": ("train", "eval_batches", int, "validation micro-batches per evaluation"),
+    "--log-every": ("train", "log_every", int, "print a log line every N steps"),
+    "--global-batch": ("data", "global_batch", int, "sequences per step, over all dp ranks"),
+    "--micro-batch": ("data", "micro_batch", int, "sequences per forward/backward"),
+    "--seq-len": ("data", "seq_len", int, "tokens per sequence"),
+    "--data": ("data", "path", str, "text file, or .bin/.u16 uint16 token file (default: embedded corpus)"),
+    "--lr": ("optim", "lr", float, "peak learning rate"),
+    "--warmup": ("optim", "warmup_steps", int, "linear warm-up steps"),
+    "--grad-clip": ("optim", "grad_clip", float, "global gradient-norm clip (0: off)"),
+    "--kernels": ("model", "kernels", str, "kernel backend: auto, triton, cpp, reference"),
+    "--dp": ("parallel", "dp", int, "data-parallel ranks (default: world size / (pp x tp))"),
+    "--pp": ("parallel", "pp", int, "pipeline stages"),
+    "--tp": ("parallel", "tp", int, "tensor-parallel ranks"),
+}
+
+# Axes whose parallel transform does not exist yet: a layout using them is refused up front.
+UNSUPPORTED_AXES = ("dp", "pp", "tp")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + message; we want one line
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="pyruntime", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+    train = sub.add_parser("train", help="train a model")
+    train.add_argument("--config", help="JSON or TOML file with [train]/[model]/[data]/[optim]/[parallel]")
+    train.add_argument("--quiet", action="store_true", help="no progress output")
+    for flag, (_, _, typ, help_) in TRAIN_FLAGS.items():
+        train.add_argument(flag, type=typ, default=None, help=help_)
+    demo = sub.add_parser("demo", help="train the tiny preset on the embedded corpus")
+    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--out", default="runs/demo")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace, world_size: int) -> Config:
+    """Defaults < --config file < flags; then the layout is completed and validated."""
+    raw = load_config_file(args.config) if args.config else {}
+    raw = {k: dict(v) for k, v in raw.items()} if raw else {}
+    for flag, (section, name, _, _) in TRAIN_FLAGS.items():
+        value = getattr(args, flag.lstrip("-").replace("-", "_"))
+        if value is not None:
+            raw.setdefault(section, {})[name] = value
+    if args.quiet:
+        raw.setdefault("train", {})["quiet"] = True
+    cfg = config_from_dict(raw)
+    par = cfg.parallel
+    if "dp" not in raw.get("parallel", {}) and par.pp >= 1 and par.tp >= 1:
+        if world_size % (par.pp * par.tp) == 0:
+            par = dataclasses.replace(par, dp=world_size // (par.pp * par.tp))
+            cfg = dataclasses.replace(cfg, parallel=par)
+    cfg.validate()
+    ParallelDims(par.dp, par.pp, par.tp, world_size)  # raises if the layout does not fit the world
+    for axis in UNSUPPORTED_AXES:
+        if getattr(cfg.parallel, axis) > 1:
+            raise ConfigError(f"--{axis} {getattr(cfg.parallel, axis)}: {axis} parallelism is not supported yet")
+    return cfg
+
+
+def run_train(args: argparse.Namespace) -> int:
+    import torch.distributed as dist
+
+    from pyruntime.mesh import Launch, default_device, init_distributed
+    from pyruntime.train.trainer import Trainer, open_corpus
+
+    launch = Launch.from_env()
+    cfg = config_from_args(args, launch.world_size)
+    dims = ParallelDims(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp, launch.world_size)
+    corpus = open_corpus(cfg)  # data errors surface here, before any collective
+    device = default_device(launch)
+    init_distributed(launch, device)
+    try:
+        dims.build_mesh(device.type)
+        Trainer(cfg, dims, device, rank=launch.rank, corpus=corpus).fit()
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    """The richest layout that exists today: single process (parallel axes land later)."""
+    argv = ["train", "--preset", "tiny", "--steps", str(args.steps), "--out", args.out,
+            "--eval-every", "50"]
+    return run_train(build_parser().parse_args(argv))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+        if args.command == "train":
+            return run_train(args)
+        if args.command == "demo":
+            return run_demo(args)
+    except (ConfigError, DataError) as e:
+        print(f"pyruntime: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,263 @@
+"""Configuration: one dataclass per concern, every field documented.
+
+The CLI flags, a JSON/TOML `--config FILE` and the Python API all fill these same objects;
+`Config.validate()` checks everything that can be checked before any process group exists,
+so bad input fails with one line (ConfigError) instead of a hang or a traceback.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """Bad user input. The CLI prints it as one line and exits with code 2."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Shape of the Llama-style decoder (pyruntime/model/llama.py)."""
+
+    vocab_size: int = 256
+    """Vocabulary size; 256 for the byte tokenizer."""
+    dim: int = 128
+    """Hidden size."""
+    n_layers: int = 4
+    """Number of transformer blocks."""
+    n_heads: int = 4
+    """Attention (query) heads; dim must be divisible by it."""
+    n_kv_heads: int | None = None
+    """Key/value heads for grouped-query attention; None means n_heads (plain multi-head)."""
+    ffn_dim: int = 352
+    """Hidden size of the SwiGLU MLP."""
+    max_seq_len: int = 2048
+    """Longest sequence the rotary tables are built for."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+    norm_eps: float = 1e-5
+    """RMSNorm epsilon."""
+    kernels: str = "auto"
+    """Kernel backend for the model's ops: auto | triton | cpp | reference (ops/dispatch.py)."""
+
+    @property
+    def kv_heads(self) -> int:
+        return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def validate(self) -> None:
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.dim % self.n_heads:
+            raise ConfigError(f"model.dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.head_dim % 2:
+            raise ConfigError(f"head dim {self.head_dim} must be even for rotary embeddings")
+        if self.kv_heads < 1 or self.n_heads % self.kv_heads:
+            raise ConfigError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.kv_heads}")
+
+
+def _preset(dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size=256, max_seq_len=2048):
+    return ModelConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
+                       ffn_dim=ffn_dim, vocab_size=vocab_size, max_seq_len=max_seq_len)
+
+
+# tiny/small train on a CPU; the large shapes are Llama's, for planning and GPU runs (they are
+# built on the meta device on CPU, never materialised).
+PRESETS: dict[str, ModelConfig] = {
+    "tiny": _preset(128, 4, 4, 2, 352),
+    "small": _preset(256, 8, 8, 4, 688),
+    "1b": _preset(2048, 16, 32, 8, 8192, vocab_size=128256, max_seq_len=8192),
+    "7b": _preset(4096, 32, 32, 32, 11008, vocab_size=32000, max_seq_len=4096),
+    "13b": _preset(5120, 40, 40, 40, 13824, vocab_size=32000, max_seq_len=4096),
+    "70b": _preset(8192, 80, 64, 8, 28672, vocab_size=128256, max_seq_len=8192),
+}
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    """Where tokens come from and how each step's global batch is cut."""
+
+    path: str | None = None
+    """None: the embedded corpus (Python stdlib sources). A .bin/.u16 file: pre-tokenized uint16
+    tokens (memory-mapped). Anything else: a UTF-8 text file, byte-tokenized."""
+    seq_len: int = 128
+    """Tokens per sequence."""
+    global_batch: int = 16
+    """Sequences per optimizer step, summed over all data-parallel ranks (layout-independent)."""
+    micro_batch: int = 8
+    """Sequences per forward/backward on one rank; gradients accumulate over micro-batches."""
+    val_fraction: float = 0.05
+    """Share of the corpus held out for validation."""
+    max_bytes: int = 4_000_000
+    """Cap on the embedded corpus size (keeps start-up fast)."""
+
+    def validate(self) -> None:
+        for name in ("seq_len", "global_batch", "micro_batch", "max_bytes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
+        if self.path is not None and not Path(self.path).is_file():
+            raise ConfigError(f"data file not found: {self.path}")
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay, and global-norm gradient clipping."""
+
+    lr: float = 3e-3
+    """Peak learning rate."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate as a fraction of lr (end of the cosine)."""
+    warmup_steps: int = 20
+    """Linear warm-up steps from 0 to lr."""
+    weight_decay: float = 0.1
+    """Decoupled weight decay, applied to matrices only (not norms)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """Adam betas."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this; 0 disables clipping."""
+
+    def validate(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        if self.grad_clip < 0:
+            raise ConfigError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+
+
+@dataclass(kw_only=True)
+class ParallelConfig:
+    """The layout: dp x pp x tp = world size (pyruntime/mesh.py)."""
+
+    dp: int = 1
+    """Data-parallel ranks."""
+    pp: int = 1
+    """Pipeline stages."""
+    tp: int = 1
+    """Tensor-parallel ranks."""
+
+    def validate(self) -> None:
+        for name in ("dp", "pp", "tp"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """The run itself."""
+
+    preset: str = "tiny"
+    """Model preset (PRESETS); the `model` section overrides its fields."""
+    steps: int = 300
+    """Optimizer steps."""
+    seed: int = 1234
+    """Seeds weights, data order and dropout-free RNG state; the layout never changes them."""
+    eval_every: int = 50
+    """Validation loss every N steps (0 disables; always at the last step when > 0)."""
+    eval_batches: int = 4
+    """Validation batches (of global_batch sequences) per evaluation."""
+    out: str = "runs/latest"
+    """Output directory: metrics, loss curve."""
+    metrics: str | None = None
+    """JSON-lines metrics file; default <out>/metrics.jsonl."""
+    log_every: int = 1
+    """Print one log line every N steps."""
+    quiet: bool = False
+    """No progress output (tests)."""
+
+    def validate(self) -> None:
+        if self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset '{self.preset}'; choose from {', '.join(PRESETS)}")
+        for name in ("steps", "log_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("eval_every", "eval_batches"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclass(kw_only=True)
+class Config:
+    """Everything one training run needs."""
+
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=lambda: dataclasses.replace(PRESETS["tiny"]))
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    def validate(self) -> None:
+        for section in (self.train, self.model, self.data, self.optim, self.parallel):
+            section.validate()
+        per_step = self.parallel.dp * self.data.micro_batch
+        if self.data.global_batch % per_step:
+            raise ConfigError(
+                f"global batch {self.data.global_batch} does not divide into "
+                f"dp {self.parallel.dp} x micro-batch {self.data.micro_batch}")
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"seq_len {self.data.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
+
+    @property
+    def metrics_path(self) -> Path:
+        return Path(self.train.metrics) if self.train.metrics else Path(self.train.out) / "metrics.jsonl"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"train": TrainConfig, "model": ModelConfig, "data": DataConfig,
+            "optim": OptimConfig, "parallel": ParallelConfig}
+
+
+def config_from_dict(raw: dict) -> Config:
+    """Nested dict (sections as in SECTIONS) -> Config; unknown keys are errors."""
+    unknown = set(raw) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
+    train = _section(TrainConfig, raw.get("train", {}), "train")
+    if train.preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{train.preset}'; choose from {', '.join(PRESETS)}")
+    base_model = dataclasses.asdict(PRESETS[train.preset])
+    model = _section(ModelConfig, {**base_model, **raw.get("model", {})}, "model")
+    return Config(train=train, model=model,
+                  data=_section(DataConfig, raw.get("data", {}), "data"),
+                  optim=_section(OptimConfig, raw.get("optim", {}), "optim"),
+                  parallel=_section(ParallelConfig, raw.get("parallel", {}), "parallel"))
+
+
+def _section(cls, values: dict, name: str):
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section '{name}' must be a table/object")
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(values) - names
+    if unknown:
+        raise ConfigError(f"unknown key(s) in [{name}]: {', '.join(sorted(unknown))}")
+    if "betas" in values:
+        values = {**values, "betas": tuple(values["betas"])}
+    return cls(**values)
+
+
+def load_config_file(path: str) -> dict:
+    """Read a JSON or TOML config file into a nested dict."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    text = p.read_text()
+    try:
+        if p.suffix == ".toml":
+            import tomllib
+            return tomllib.loads(text)
+        return json.loads(text)
+    except (ValueError, json.JSONDecodeError) as e:
+        raise ConfigError(f"cannot parse config file {path}: {e}") from None

@@ -1,0 +1,110 @@
+"""ParallelDims: the one topology object.
+
+The world is one rank grid `arange(world).view(dp, pp, tp)`: tp is innermost (tp traffic is
+the heaviest, so tp ranks should share a node), dp outermost. Every process group is a slice
+of that grid, owned by a torch DeviceMesh with named axes "dp", "pp", "tp". The object is
+created once at start-up and passed explicitly to whatever needs a group; nothing here is a
+module-level global.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from pyruntime.config import ConfigError
+
+AXES = ("dp", "pp", "tp")
+
+
+@dataclass(frozen=True)
+class Launch:
+    """What torchrun (or its absence) tells this process."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @staticmethod
+    def from_env() -> "Launch":
+        if "WORLD_SIZE" not in os.environ:
+            return Launch(rank=0, world_size=1, local_rank=0)  # not launched by torchrun
+        return Launch(rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]),
+                      local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+@dataclass
+class ParallelDims:
+    """Sizes of the dp, pp and tp axes; after `build_mesh()` also the mesh and its groups."""
+
+    dp: int
+    pp: int
+    tp: int
+    world_size: int
+    mesh: "dist.device_mesh.DeviceMesh | None" = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for axis in AXES:
+            if getattr(self, axis) < 1:
+                raise ConfigError(f"{axis} must be >= 1, got {getattr(self, axis)}")
+        if self.dp * self.pp * self.tp != self.world_size:
+            raise ConfigError(f"layout dp {self.dp} x pp {self.pp} x tp {self.tp} = "
+                              f"{self.dp * self.pp * self.tp} does not match world size {self.world_size}")
+
+    def build_mesh(self, device_type: str) -> "ParallelDims":
+        """Create the DeviceMesh (needs an initialised default process group)."""
+        from torch.distributed.device_mesh import init_device_mesh
+        self.mesh = init_device_mesh(device_type, (self.dp, self.pp, self.tp), mesh_dim_names=AXES)
+        return self
+
+    def group(self, axis: str) -> dist.ProcessGroup:
+        """The process group of this rank's slice along `axis`."""
+        return self._mesh().get_group(axis)
+
+    def axis_rank(self, axis: str) -> int:
+        """This rank's coordinate along `axis`."""
+        return self._mesh().get_local_rank(axis)
+
+    def enabled(self, axis: str) -> bool:
+        return getattr(self, axis) > 1
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """(dp, pp, tp) coordinates of a global rank: tp innermost, dp outermost."""
+        tp = rank % self.tp
+        pp = (rank // self.tp) % self.pp
+        return {"dp": rank // (self.tp * self.pp), "pp": pp, "tp": tp}
+
+    def describe(self) -> str:
+        return f"dp {self.dp} x pp {self.pp} x tp {self.tp} = {self.world_size} rank(s)"
+
+    def _mesh(self):
+        if self.mesh is None:
+            raise RuntimeError("ParallelDims.build_mesh() has not been called")
+        return self.mesh
+
+
+def default_device(launch: Launch) -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", launch.local_rank)
+    return torch.device("cpu")
+
+
+def init_distributed(launch: Launch, device: torch.device, timeout_s: float = 300.0) -> None:
+    """Initialise the default process group: nccl on CUDA, gloo on CPU.
+
+    A single process (not launched by torchrun) gets a world-1 gloo group on an in-memory
+    store, so every code path is the same whatever the world size.
+    """
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if launch.world_size == 1 and "MASTER_ADDR" not in os.environ:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    else:
+        dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, timeout=timeout)

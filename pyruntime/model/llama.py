@@ -1,0 +1,139 @@
+"""Reference Llama-style decoder. No communication in here: parallelism is applied to this
+unmodified model afterwards (parallel/), which relies on three things:
+
+- layers live in a ModuleDict keyed "0".."L-1", so a pipeline stage keeps the names of the
+  layers it owns, and drops the rest;
+- embed_tokens / norm / lm_head may be None (on pipeline stages that do not own them);
+- parameter names follow Hugging Face's Llama, so initialisation (init.py) and checkpoints
+  key on names that do not depend on the layout.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from pyruntime import ops
+from pyruntime.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, kernels: str):
+        super().__init__()
+        self.eps, self.kernels = eps, kernels
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps, backend=self.kernels)
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float, device, dtype):
+    """cos/sin tables (T, head_dim) in the rotate-half layout used by Hugging Face's Llama."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    angles = torch.cat((angles, angles), dim=-1)  # (T, hd)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (B, H, T, hd). Rotates each (i, i + hd/2) pair by its position's angle."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """Causal self-attention with optional grouped KV heads.
+
+    Head counts are read from the projection shapes at run time, so tensor parallelism can
+    shard q/k/v by heads without this module knowing about it.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.head_dim = cfg.head_dim
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hq, T, hd)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        groups = q.shape[1] // k.shape[1]
+        if groups > 1:  # explicit repeat: enable_gqa is not in every torch the runtime supports
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, Hq, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.kernels = cfg.kernels
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), backend=self.kernels))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernels)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernels)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Transformer(nn.Module):
+    """tokens (B, T) -> logits (B, T, V); a pipeline stage maps hidden -> hidden or logits."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
+        self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernels)
+        self.lm_head: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed_tokens(x) if self.embed_tokens is not None else x  # (B, T, C)
+        cos, sin = rotary_tables(h.shape[1], self.cfg.head_dim, self.cfg.rope_theta, h.device, h.dtype)
+        for layer in self.layers.values():
+            h = layer(h, cos, sin)
+        if self.norm is not None:
+            h = self.norm(h)
+        return self.lm_head(h) if self.lm_head is not None else h  # (B, T, V) or (B, T, C)
+
+
+def count_params(cfg: ModelConfig) -> dict[str, int]:
+    """Parameter counts from the shape alone (no model is built)."""
+    attn = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.kv_heads)
+    mlp = 3 * cfg.dim * cfg.ffn_dim
+    per_layer = attn + mlp + 2 * cfg.dim
+    embed = cfg.vocab_size * cfg.dim
+    total = cfg.n_layers * per_layer + 2 * embed + cfg.dim
+    return {"total": total, "embedding": embed, "per_layer": per_layer, "non_embedding": total - embed}
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward): 6 N plus causal attention scores/values.
+
+    The embedding lookup does no matmul, so it is left out of N; the LM head is counted.
+    Attention: 12 * L * dim * T / 2 (the causal half of the score and value matmuls).
+    """
+    n = count_params(cfg)["non_embedding"]
+    return 6.0 * n + 6.0 * cfg.n_layers * cfg.dim * seq_len

@@ -1,0 +1,1 @@
+"""Trainer loop, optimizer + LR schedule, metrics and plots."""

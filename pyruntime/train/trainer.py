@@ -1,0 +1,167 @@
+"""The training loop: micro-batch gradient accumulation, AdamW with warm-up + cosine, global
+norm clipping, validation, metrics and the loss curve.
+
+One step, on every rank:
+  1. the sampler gives this dp rank its slice of the step's global batch, in micro-batches
+     (the global batch itself never depends on the layout);
+  2. forward/backward per micro-batch, each loss scaled by 1/micro-batches so the summed
+     gradient is the mean over the rank's tokens;
+  3. gradients are averaged over dp, clipped to a global norm, and the optimizer steps.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from pyruntime.config import Config
+from pyruntime.data import BatchSampler, Corpus, DataError, load_corpus, validation_batches
+from pyruntime.mesh import ParallelDims
+from pyruntime.model import Transformer, count_params, flops_per_token, init_weights
+from pyruntime.train.metrics import MetricsWriter, device_peak_flops, format_step, peak_memory_mb, say
+from pyruntime.train.optim import build_adamw, clip_grad_norm, lr_at, set_lr
+from pyruntime.train.plot import plot_loss_curve
+
+
+def build_model(cfg: Config, device: torch.device) -> Transformer:
+    """The full reference model, initialised from the seed alone."""
+    model = Transformer(cfg.model)
+    init_weights(model, cfg.model, cfg.train.seed)
+    return model.to(device)
+
+
+def open_corpus(cfg: Config) -> Corpus:
+    """The run's corpus, checked against the model's vocabulary, the sequence length and the
+    validation batches it must supply (so a small --data file fails at start-up, not later)."""
+    corpus = load_corpus(cfg.data.path, max_bytes=cfg.data.max_bytes, val_fraction=cfg.data.val_fraction,
+                         seq_len=cfg.data.seq_len, vocab_size=cfg.model.vocab_size)
+    need = cfg.train.eval_batches * cfg.data.micro_batch if cfg.train.eval_every else 0
+    have = (len(corpus.val) - 1) // cfg.data.seq_len
+    if have < need:
+        raise DataError(f"validation split of {corpus.name} holds {have} windows of {cfg.data.seq_len} tokens; "
+                        f"--eval-batches {cfg.train.eval_batches} x micro-batch {cfg.data.micro_batch} needs {need}")
+    return corpus
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy; logits (B, T, V) upcast so bf16 runs compute it in fp32."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+class Trainer:
+    def __init__(self, cfg: Config, dims: ParallelDims, device: torch.device, *, rank: int = 0,
+                 corpus: Corpus | None = None):
+        cfg.validate()
+        self.cfg, self.dims, self.device = cfg, dims, device
+        self.is_logger = rank == 0 and not cfg.train.quiet
+        self.dp_rank = dims.axis_rank("dp")
+        torch.manual_seed(cfg.train.seed)
+        corpus = corpus or open_corpus(cfg)
+        self.corpus_name = corpus.name
+        self.sampler = BatchSampler(corpus.train, seq_len=cfg.data.seq_len,
+                                    global_batch=cfg.data.global_batch, seed=cfg.train.seed)
+        self.val_tokens = corpus.val
+        self.model = build_model(cfg, device)
+        self.loss_fn = lm_loss
+        self.optimizer = build_adamw(self.model.named_parameters(), cfg.optim)
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+                         else torch.autocast("cpu", enabled=False))
+        self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak_flops = device_peak_flops(device)
+
+    # -- one step ---------------------------------------------------------------------------
+    def train_step(self, step: int) -> dict:
+        cfg = self.cfg
+        t0 = time.perf_counter()
+        lr = lr_at(step, cfg.train.steps, cfg.optim)
+        set_lr(self.optimizer, lr)
+        micro = self.sampler.micro_batches(step, self.dp_rank, self.dims.dp, cfg.data.micro_batch)
+        loss_sum = self.forward_backward(micro)
+        self._average_over_dp(loss_sum)
+        grad_norm = self.clip_gradients()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - t0
+        tps = cfg.data.global_batch * cfg.data.seq_len / dt
+        mfu = (tps * self.flops_per_token / (self.peak_flops * self.dims.world_size)
+               if self.peak_flops else None)
+        return {"step": step + 1, "loss": (loss_sum / len(micro)).item(), "lr": lr,
+                "grad_norm": grad_norm.item(), "tokens_per_s": tps, "step_time_s": dt,
+                "mfu": mfu, "peak_mem_mb": peak_memory_mb(self.device)}
+
+    def forward_backward(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """Forward + backward over this rank's micro-batches; returns the sum of their losses.
+
+        Each loss is scaled by 1/len(micro) so the accumulated gradient is the rank's mean.
+        """
+        loss_sum = torch.zeros((), device=self.device)
+        for x, y in micro:
+            x, y = x.to(self.device), y.to(self.device)
+            with self.autocast:
+                loss = self.loss_fn(self.model(x), y)
+            (loss / len(micro)).backward()
+            loss_sum += loss.detach()
+        return loss_sum
+
+    def gradient_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
+        """The gradient tensors this rank holds, and for each how many ranks hold the same
+        copy (see optim.clip_grad_norm). Here: the model's gradients, replicated over dp."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        return grads, [self.dims.dp] * len(grads)
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Global-norm clipping over every rank's pieces; returns the norm before clipping."""
+        grads, replication = self.gradient_pieces()
+        group = dist.group.WORLD if self.dims.world_size > 1 else None
+        return clip_grad_norm(grads, self.cfg.optim.grad_clip, group, replication)
+
+    def _average_over_dp(self, loss_sum: torch.Tensor) -> None:
+        if self.dims.dp > 1:  # the loss for the log line; gradients are averaged by the dp wrapper
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG, group=self.dims.group("dp"))
+
+    # -- validation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean loss over fixed validation batches (the same on every layout)."""
+        self.model.eval()
+        losses = []
+        for x, y in validation_batches(self.val_tokens, self.cfg.data.seq_len,
+                                       self.cfg.data.micro_batch, self.cfg.train.eval_batches):
+            with self.autocast:
+                losses.append(self.loss_fn(self.model(x.to(self.device)), y.to(self.device)))
+        self.model.train()
+        return torch.stack(losses).mean().item()
+
+    # -- the run ----------------------------------------------------------------------------
+    def banner(self) -> str:
+        c = self.cfg
+        n = count_params(c.model)["total"]
+        return (f"pyruntime | preset {c.train.preset} ({n / 1e6:.2f}M params) | layout {self.dims.describe()}"
+                f" | {self.device.type} | data {self.corpus_name} | global batch {c.data.global_batch}"
+                f" x {c.data.seq_len} tokens, micro-batch {c.data.micro_batch} | {c.train.steps} steps")
+
+    def fit(self) -> list[dict]:
+        cfg = self.cfg
+        say(self.banner(), self.is_logger)
+        writer = MetricsWriter(cfg.metrics_path, enabled=self.is_logger)
+        try:
+            for step in range(cfg.train.steps):
+                rec = self.train_step(step)
+                done = step + 1
+                if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
+                    rec["val_loss"] = self.evaluate()
+                writer.write(rec)
+                if self.is_logger and (done % cfg.train.log_every == 0 or done == cfg.train.steps):
+                    say(format_step(rec, cfg.train.steps))
+        finally:
+            writer.close()
+        if self.is_logger:
+            png = plot_loss_curve(writer.records, Path(cfg.train.out) / "loss.png",
+                                  f"{cfg.train.preset} on {self.corpus_name}, {self.dims.describe()}")
+            say(f"metrics: {cfg.metrics_path}" + (f" | loss curve: {png}" if png else ""))
+        return writer.records

@@ -6,4 +6,5 @@
 
 namespace pyruntime {
 void bind_flat_layout(pybind11::module_& m);  // py_flat_layout.cpp
+void bind_schedule(pybind11::module_& m);     // py_schedule.cpp
 }  // namespace pyruntime

@@ -5,4 +5,5 @@
 PYBIND11_MODULE(_C, m) {
   m.doc() = "pyruntime C++ core: flat-buffer layout planning, pipeline schedules, multi-tensor ops";
   pyruntime::bind_flat_layout(m);
+  pyruntime::bind_schedule(m);
 }

@@ -34,10 +34,12 @@ TRAIN_FLAGS = {
     "--dp": ("parallel", "dp", int, "data-parallel ranks (default: world size / (pp x tp))"),
     "--pp": ("parallel", "pp", int, "pipeline stages"),
     "--tp": ("parallel", "tp", int, "tensor-parallel ranks"),
+    "--zero": ("parallel", "zero", int, "ZeRO stage over dp: 0 (DDP), 1, 2, 3 (fully sharded)"),
+    "--bucket-mb": ("parallel", "bucket_mb", float, "gradient bucket size in MB (zero 0-2)"),
 }
 
 # Axes whose parallel transform does not exist yet: a layout using them is refused up front.
-UNSUPPORTED_AXES = ("dp", "pp", "tp")
+UNSUPPORTED_AXES = ("pp",)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -51,8 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model")
     train.add_argument("--config", help="JSON or TOML file with [train]/[model]/[data]/[optim]/[parallel]")
     train.add_argument("--quiet", action="store_true", help="no progress output")
+    train.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp > 1)")
+    train.add_argument("--tp-overlap", action="store_true",
+                       help="overlap the sequence-parallel collectives with the GEMMs (needs --sp)")
     for flag, (_, _, typ, help_) in TRAIN_FLAGS.items():
         train.add_argument(flag, type=typ, default=None, help=help_)
+    sched = sub.add_parser("schedule", help="draw a planned pipeline schedule (no training)")
+    sched.add_argument("--pp", type=int, required=True, help="pipeline ranks")
+    sched.add_argument("--microbatches", type=int, required=True, help="micro-batches per step")
+    sched.add_argument("--schedule", default="1f1b", help="naive, gpipe, 1f1b, interleaved, zb")
+    sched.add_argument("--virtual-stages", type=int, default=1, help="chunks per rank (interleaved)")
+    sched.add_argument("--png", help="write the Gantt chart here")
+    sched.add_argument("--trace", help="write a Chrome trace (Perfetto) here")
+    bench = sub.add_parser("bench", help="kernel microbenchmarks, e.g. `bench tp --markdown`")
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     demo = sub.add_parser("demo", help="train the tiny preset on the embedded corpus")
     demo.add_argument("--steps", type=int, default=300)
     demo.add_argument("--out", default="runs/demo")
@@ -69,6 +83,10 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> Config:
             raw.setdefault(section, {})[name] = value
     if args.quiet:
         raw.setdefault("train", {})["quiet"] = True
+    if args.sp:
+        raw.setdefault("parallel", {})["sequence_parallel"] = True
+    if args.tp_overlap:
+        raw.setdefault("parallel", {})["tp_overlap"] = True
     cfg = config_from_dict(raw)
     par = cfg.parallel
     if "dp" not in raw.get("parallel", {}) and par.pp >= 1 and par.tp >= 1:
@@ -110,6 +128,25 @@ def run_demo(args: argparse.Namespace) -> int:
     return run_train(build_parser().parse_args(argv))
 
 
+def run_schedule(args: argparse.Namespace) -> int:
+    """Simulate a named schedule with unit costs; print bubbles and write the pictures."""
+    from pyruntime.parallel.pipeline.timeline import plan_and_draw
+
+    try:
+        res = plan_and_draw(args.schedule, args.pp, args.microbatches, args.virtual_stages,
+                            png=args.png, trace=args.trace)
+    except ValueError as e:  # the C++ generator/validator names what does not fit
+        raise ConfigError(str(e)) from None
+    print(f"{args.schedule}: pp {args.pp}, {args.microbatches} micro-batches, v {args.virtual_stages} | "
+          f"makespan {res.makespan:g} | bubble per rank "
+          + " ".join(f"{b:.3f}" for b in res.bubble_fractions)
+          + f" | peak live activations {list(res.peak_activations)}")
+    for path in (args.png, args.trace):
+        if path:
+            print(f"wrote {path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         args = build_parser().parse_args(argv)
@@ -117,6 +154,11 @@ def main(argv: list[str] | None = None) -> int:
             return run_train(args)
         if args.command == "demo":
             return run_demo(args)
+        if args.command == "schedule":
+            return run_schedule(args)
+        if args.command == "bench":
+            from pyruntime.bench import run
+            return run(args.bench_args)
     except (ConfigError, DataError) as e:
         print(f"pyruntime: error: {e}", file=sys.stderr)
         return 2

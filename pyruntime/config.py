@@ -60,6 +60,12 @@ class ModelConfig:
         if self.kv_heads < 1 or self.n_heads % self.kv_heads:
             raise ConfigError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.kv_heads}")
 
+    def validate_tp(self, tp: int) -> None:
+        """Tensor parallelism splits attention by heads and the MLP by hidden units."""
+        for name, size in (("n_heads", self.n_heads), ("n_kv_heads", self.kv_heads), ("ffn_dim", self.ffn_dim)):
+            if size % tp:
+                raise ConfigError(f"tp {tp} does not divide model.{name} {size}")
+
 
 def _preset(dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size=256, max_seq_len=2048):
     return ModelConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads,
@@ -146,11 +152,29 @@ class ParallelConfig:
     """Pipeline stages."""
     tp: int = 1
     """Tensor-parallel ranks."""
+    sequence_parallel: bool = False
+    """With tp: norms and residuals run on sequence shards (B, T/tp, C); an all-gather along
+    the sequence precedes each column-parallel GEMM and a reduce-scatter follows each
+    row-parallel one (instead of all-reduces). Needs tp > 1 and seq_len divisible by tp."""
+    tp_overlap: bool = False
+    """With sequence_parallel: cut those all-gathers / reduce-scatters into chunks overlapped
+    with the GEMMs (comm/overlap.py). Without sequence_parallel it is refused with a warning."""
+    zero: int = 0
+    """ZeRO stage over the dp ranks: 0 plain data parallelism (bucketed all-reduce), 1 optimizer
+    states sharded, 2 also gradients, 3 also parameters (fully sharded, gathered per block).
+    Does nothing with dp = 1."""
+    bucket_mb: float = 25.0
+    """Gradient bucket size in MB (2^20 bytes) for stages 0-2: each bucket's all-reduce or
+    reduce-scatter starts as soon as its last gradient is ready in backward."""
 
     def validate(self) -> None:
         for name in ("dp", "pp", "tp"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.zero not in (0, 1, 2, 3):
+            raise ConfigError(f"parallel.zero must be 0, 1, 2 or 3, got {self.zero}")
+        if not self.bucket_mb > 0:
+            raise ConfigError(f"parallel.bucket_mb must be > 0, got {self.bucket_mb}")
 
 
 @dataclass(kw_only=True)
@@ -207,6 +231,15 @@ class Config:
                 f"dp {self.parallel.dp} x micro-batch {self.data.micro_batch}")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"seq_len {self.data.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
+        self._validate_tp()
+
+    def _validate_tp(self) -> None:
+        par = self.parallel
+        self.model.validate_tp(par.tp)
+        if (par.sequence_parallel or par.tp_overlap) and par.tp == 1:
+            raise ConfigError("sequence parallelism / tp overlap need tp > 1")
+        if par.sequence_parallel and self.data.seq_len % par.tp:
+            raise ConfigError(f"sequence parallelism: seq_len {self.data.seq_len} is not divisible by tp {par.tp}")
 
     @property
     def metrics_path(self) -> Path:

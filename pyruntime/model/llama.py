@@ -1,11 +1,14 @@
 """Reference Llama-style decoder. No communication in here: parallelism is applied to this
-unmodified model afterwards (parallel/), which relies on three things:
+unmodified model afterwards (parallel/), which relies on these things:
 
 - layers live in a ModuleDict keyed "0".."L-1", so a pipeline stage keeps the names of the
   layers it owns, and drops the rest;
 - embed_tokens / norm / lm_head may be None (on pipeline stages that do not own them);
 - parameter names follow Hugging Face's Llama, so initialisation (init.py) and checkpoints
-  key on names that do not depend on the layout.
+  key on names that do not depend on the layout;
+- the attention math is one function (causal_attention) that tensor parallelism calls on
+  its own heads, and `sequence_shards` tells the model that hidden states are sequence
+  shards (sequence parallelism), so the rotary tables still cover whole sequences.
 """
 from __future__ import annotations
 
@@ -42,6 +45,21 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor) -> torch.Tensor:
+    """q (B, Hq, T, hd), k and v (B, Hkv, T, hd) -> (B, T, Hq * hd): rotary embeddings, grouped
+    KV heads, causal softmax attention. Shared with the tensor-parallel attention (which
+    passes its own heads), so the math lives in one place."""
+    B, _, T, _ = q.shape
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    groups = q.shape[1] // k.shape[1]
+    if groups > 1:  # explicit repeat: enable_gqa is not in every torch the runtime supports
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, Hq, T, hd)
+    return y.transpose(1, 2).reshape(B, T, -1)
+
+
 class Attention(nn.Module):
     """Causal self-attention with optional grouped KV heads.
 
@@ -62,13 +80,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hq, T, hd)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        groups = q.shape[1] // k.shape[1]
-        if groups > 1:  # explicit repeat: enable_gqa is not in every torch the runtime supports
-            k = k.repeat_interleave(groups, dim=1)
-            v = v.repeat_interleave(groups, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, Hq, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+        return self.o_proj(causal_attention(q, k, v, cos, sin))
 
 
 class MLP(nn.Module):
@@ -108,10 +120,14 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernels)
         self.lm_head: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        # Hidden states hold 1/sequence_shards of each sequence: tensor parallelism's sequence
+        # parallelism sets it to tp. Attention sees whole sequences, so the rotary tables must.
+        self.sequence_shards = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(x) if self.embed_tokens is not None else x  # (B, T, C)
-        cos, sin = rotary_tables(h.shape[1], self.cfg.head_dim, self.cfg.rope_theta, h.device, h.dtype)
+        T = h.shape[1] * self.sequence_shards
+        cos, sin = rotary_tables(T, self.cfg.head_dim, self.cfg.rope_theta, h.device, h.dtype)
         for layer in self.layers.values():
             h = layer(h, cos, sin)
         if self.norm is not None:

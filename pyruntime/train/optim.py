@@ -52,7 +52,8 @@ def clip_grad_norm(grads: list[torch.Tensor], max_norm: float, group: dist.Proce
         raise ValueError(f"clip_grad_norm: {len(grads)} grads but {len(replication)} replication counts")
     sq = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
     for g, r in zip(grads, replication):
-        sq += g.detach().float().pow(2).sum() / r
+        # vector_norm reduces in fp32 without materialising g**2 (a ZeRO shard is one big tensor)
+        sq += torch.linalg.vector_norm(g.detach(), dtype=torch.float32).square() / r
     if group is not None:
         dist.all_reduce(sq, group=group)
     norm = sq.sqrt()

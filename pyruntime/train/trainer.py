@@ -10,6 +10,7 @@ One step, on every rank:
 """
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -21,8 +22,10 @@ from pyruntime.config import Config
 from pyruntime.data import BatchSampler, Corpus, DataError, load_corpus, validation_batches
 from pyruntime.mesh import ParallelDims
 from pyruntime.model import Transformer, count_params, flops_per_token, init_weights
+from pyruntime.parallel.data import apply_data_parallel
+from pyruntime.parallel.tensor import apply_tp, tp_replicas, vocab_parallel_cross_entropy
 from pyruntime.train.metrics import MetricsWriter, device_peak_flops, format_step, peak_memory_mb, say
-from pyruntime.train.optim import build_adamw, clip_grad_norm, lr_at, set_lr
+from pyruntime.train.optim import clip_grad_norm, lr_at, set_lr
 from pyruntime.train.plot import plot_loss_curve
 
 
@@ -66,7 +69,14 @@ class Trainer:
         self.val_tokens = corpus.val
         self.model = build_model(cfg, device)
         self.loss_fn = lm_loss
-        self.optimizer = build_adamw(self.model.named_parameters(), cfg.optim)
+        if dims.tp > 1:  # the model now returns vocab-parallel logits: the loss must match
+            apply_tp(self.model, dims, sequence_parallel=cfg.parallel.sequence_parallel,
+                     overlap=cfg.parallel.tp_overlap)
+            self.loss_fn = functools.partial(vocab_parallel_cross_entropy, tp_group=dims.group("tp"),
+                                             vocab_size=cfg.model.vocab_size, backend=cfg.model.kernels)
+        # After tp (it shards what dp then buckets or shards further); owns the optimizer.
+        self.data_parallel = apply_data_parallel(self.model, dims, cfg, verbose=self.is_logger)
+        self.optimizer = self.data_parallel.optimizer
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
@@ -92,7 +102,7 @@ class Trainer:
                if self.peak_flops else None)
         return {"step": step + 1, "loss": (loss_sum / len(micro)).item(), "lr": lr,
                 "grad_norm": grad_norm.item(), "tokens_per_s": tps, "step_time_s": dt,
-                "mfu": mfu, "peak_mem_mb": peak_memory_mb(self.device)}
+                "mfu": mfu, "peak_mem_mb": peak_memory_mb(self.device), **self.data_parallel.step_metrics()}
 
     def forward_backward(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Forward + backward over this rank's micro-batches; returns the sum of their losses.
@@ -100,19 +110,21 @@ class Trainer:
         Each loss is scaled by 1/len(micro) so the accumulated gradient is the rank's mean.
         """
         loss_sum = torch.zeros((), device=self.device)
-        for x, y in micro:
+        for i, (x, y) in enumerate(micro):
             x, y = x.to(self.device), y.to(self.device)
-            with self.autocast:
-                loss = self.loss_fn(self.model(x), y)
-            (loss / len(micro)).backward()
+            # Gradient collectives run during the last backward only (ZeRO-2/3: during each).
+            with self.data_parallel.micro_batch(last=i == len(micro) - 1):
+                with self.autocast:
+                    loss = self.loss_fn(self.model(x), y)
+                (loss / len(micro)).backward()
             loss_sum += loss.detach()
         return loss_sum
 
     def gradient_pieces(self) -> tuple[list[torch.Tensor], list[int]]:
         """The gradient tensors this rank holds, and for each how many ranks hold the same
-        copy (see optim.clip_grad_norm). Here: the model's gradients, replicated over dp."""
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        return grads, [self.dims.dp] * len(grads)
+        copy (see optim.clip_grad_norm): the data-parallel engine's gradients or shards, also
+        replicated over tp unless the parameter is a tp shard (norm weights are replicated)."""
+        return self.data_parallel.gradient_pieces(lambda p: tp_replicas(p, self.dims.tp))
 
     def clip_gradients(self) -> torch.Tensor:
         """Global-norm clipping over every rank's pieces; returns the norm before clipping."""
@@ -121,6 +133,7 @@ class Trainer:
         return clip_grad_norm(grads, self.cfg.optim.grad_clip, group, replication)
 
     def _average_over_dp(self, loss_sum: torch.Tensor) -> None:
+        self.data_parallel.finish_gradient_sync()  # every bucket / unit reduced before clipping
         if self.dims.dp > 1:  # the loss for the log line; gradients are averaged by the dp wrapper
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG, group=self.dims.group("dp"))
 
@@ -148,6 +161,7 @@ class Trainer:
     def fit(self) -> list[dict]:
         cfg = self.cfg
         say(self.banner(), self.is_logger)
+        say(self.data_parallel.memory_line(), self.is_logger)
         writer = MetricsWriter(cfg.metrics_path, enabled=self.is_logger)
         try:
             for step in range(cfg.train.steps):

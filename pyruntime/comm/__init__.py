@@ -1,0 +1,1 @@
+"""Communication: collectives named after what they do, over explicitly passed process groups."""

@@ -1,0 +1,199 @@
+"""Tensor-parallel communication as small autograd Functions (Megatron's f and g), each named
+after what it does, each docstring stating its forward and its backward collective.
+
+Two ways an activation can be split over the tp ranks:
+- by features (its last dim): the inside of a column-parallel -> row-parallel pair;
+- by sequence (dim 1 of a (B, T, C) activation), under sequence parallelism: everything
+  between those pairs (norms, residual adds) runs on a (B, T/tp, C) shard.
+
+    replicated --copy_to_tp_region--> [column GEMM] ... [row GEMM] --reduce_from_tp_region--> replicated
+    seq shard --all_gather_sequence--> [column GEMM] ... [row GEMM] --reduce_scatter_sequence--> seq shard
+
+Every function takes the tp process group explicitly; with a group of one rank each is the
+identity. The raw collectives use the single-tensor forms (all_gather_into_tensor /
+reduce_scatter_tensor), which gloo and nccl both implement.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+SEQ_DIM = 1  # (B, T, C) activations: the sequence is dim 1
+
+
+# -- raw collectives (no autograd) -----------------------------------------------------------
+def all_gather_into(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
+    """out (world * x.shape[0], ...) <- every rank's x, concatenated along dim 0 in rank order.
+
+    Newer torch renamed all_gather_into_tensor to all_gather_single (the old name warns);
+    the choice is made per call, so any torch the runtime supports works.
+    """
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(out, x, group=group, async_op=async_op)
+
+
+def reduce_scatter_into(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
+    """out <- the sum over ranks of block `rank` of x (world * out.shape[0], ...) along dim 0."""
+    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+    return scatter(out, x, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
+
+
+def gather_along(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
+    """Concatenation of every rank's x along `dim`, in rank order."""
+    world = group.size()
+    if world == 1:
+        return x
+    x = x.contiguous()
+    buf = x.new_empty((world * x.shape[0], *x.shape[1:]))
+    all_gather_into(buf, x, group)
+    d = dim % x.dim()
+    return buf.view(world, *x.shape).movedim(0, d).flatten(d, d + 1)
+
+
+def reduce_scatter_along(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
+    """This rank's block (in rank order) along `dim` of the sum of every rank's x."""
+    world, d = group.size(), dim % x.dim()
+    if x.shape[d] % world:
+        raise ValueError(f"reduce-scatter: dim {d} of size {x.shape[d]} is not divisible by tp {world}")
+    if world == 1:
+        return x
+    blocks = x.unflatten(d, (world, x.shape[d] // world)).movedim(d, 0).contiguous()  # (world, ...)
+    out = x.new_empty(blocks.shape[1:])
+    reduce_scatter_into(out, blocks.flatten(0, 1), group)
+    return out
+
+
+def split_along(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:
+    """This rank's block along `dim` (no communication)."""
+    world = group.size()
+    if x.shape[dim] % world:
+        raise ValueError(f"split: dim {dim % x.dim()} of size {x.shape[dim]} is not divisible by tp {world}")
+    return x.chunk(world, dim=dim)[group.rank()].contiguous()
+
+
+def all_reduce_sum(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """A new tensor holding the sum of every rank's x (x itself is left alone)."""
+    if group.size() == 1:
+        return x
+    out = x.clone(memory_format=torch.contiguous_format)
+    dist.all_reduce(out, group=group)
+    return out
+
+
+# -- autograd Functions ----------------------------------------------------------------------
+class _CopyToTPRegion(torch.autograd.Function):
+    """Forward: identity (x is replicated). Backward: all-reduce (sum) of the gradient, since
+    each rank's branch contributed only its shard's part of it."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_sum(grad, ctx.group), None
+
+
+class _ReduceFromTPRegion(torch.autograd.Function):
+    """Forward: all-reduce (sum) of the partial results. Backward: identity (the summed
+    output's gradient is the gradient of every partial)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce_sum(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _GatherFromTPRegion(torch.autograd.Function):
+    """Forward: all-gather along the last dim (feature shards -> full features).
+    Backward: keep this rank's slice of the gradient (no communication)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return gather_along(x, group, -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return split_along(grad, ctx.group, -1), None
+
+
+class _ScatterToTPRegion(torch.autograd.Function):
+    """Forward: keep this rank's slice of the last dim (no communication).
+    Backward: all-gather the gradient along the last dim."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return split_along(x, group, -1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return gather_along(grad, ctx.group, -1), None
+
+
+class _AllGatherSequence(torch.autograd.Function):
+    """Forward: all-gather along the sequence, (B, T/tp, C) -> (B, T, C).
+    Backward: reduce-scatter along the sequence (each rank's GEMM produced a partial
+    gradient for every position; a rank keeps the sum for its own positions)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return gather_along(x, group, SEQ_DIM)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return reduce_scatter_along(grad, ctx.group, SEQ_DIM), None
+
+
+class _ReduceScatterSequence(torch.autograd.Function):
+    """Forward: reduce-scatter along the sequence, partial (B, T, C) -> summed (B, T/tp, C).
+    Backward: all-gather the gradient along the sequence."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return reduce_scatter_along(x, group, SEQ_DIM)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return gather_along(grad, ctx.group, SEQ_DIM), None
+
+
+def copy_to_tp_region(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Enter a tp region with a replicated x. Fwd: identity. Bwd: all-reduce."""
+    return _CopyToTPRegion.apply(x, group)
+
+
+def reduce_from_tp_region(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Leave a tp region by summing partial results. Fwd: all-reduce. Bwd: identity."""
+    return _ReduceFromTPRegion.apply(x, group)
+
+
+def gather_from_tp_region(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Feature shards -> full features. Fwd: all-gather on the last dim. Bwd: split."""
+    return _GatherFromTPRegion.apply(x, group)
+
+
+def scatter_to_tp_region(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Full features -> this rank's feature shard. Fwd: split the last dim. Bwd: all-gather."""
+    return _ScatterToTPRegion.apply(x, group)
+
+
+def all_gather_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Sequence shard -> full sequence. Fwd: all-gather on dim 1. Bwd: reduce-scatter."""
+    return _AllGatherSequence.apply(x, group)
+
+
+def reduce_scatter_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    """Partial full-sequence results -> summed sequence shard. Fwd: reduce-scatter on dim 1.
+    Bwd: all-gather. T must be divisible by the tp size."""
+    if x.shape[SEQ_DIM] % group.size():
+        raise ValueError(f"sequence parallelism: sequence length {x.shape[SEQ_DIM]} is not divisible "
+                         f"by tp {group.size()}")
+    return _ReduceScatterSequence.apply(x, group)

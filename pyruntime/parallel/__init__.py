@@ -1,0 +1,1 @@
+"""Parallelism applied to an unmodified model: one folder per axis (pipeline/, ...)."""

@@ -1,0 +1,233 @@
+"""Data parallelism: the engine the trainer talks to, and plain DDP with gradient buckets.
+
+    engine = apply_data_parallel(model, dims, cfg)     # --zero 0 | 1 | 2 | 3
+    optimizer = engine.optimizer                       # .step() .zero_grad() .param_groups
+    for i, micro in enumerate(micro_batches):
+        with engine.micro_batch(last=i == len(micro_batches) - 1):
+            loss(model(x), y).backward()
+    engine.finish_gradient_sync()                      # every gradient collective waited for
+    grads, replication = engine.gradient_pieces()      # for global-norm clipping
+    optimizer.step()
+
+DDP (`--zero 0`): parameters are taken in reverse registration order (their gradients arrive
+roughly that way in backward) and grouped into buckets of at most bucket_mb
+(ops.flat.plan_buckets; the first one at most 1 MB, so communication starts early). On the
+last micro-batch, a post-accumulate-grad hook counts the gradients of each bucket; when a
+bucket's last one has accumulated, its gradients are packed into one flat buffer (the C++
+flat_pack) and its all-reduce (mean over dp) is issued asynchronously, so it runs while the
+backward of earlier layers still computes. The earlier micro-batches of gradient
+accumulation communicate nothing. finish_gradient_sync() waits for each bucket and unpacks
+the averaged gradients into .grad.
+
+The engine only sees the parameters of the model it is given and the dp group of `dims`, so
+it composes with pipeline stages (a subset of layers) and with tp (dp is never the world).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+
+from pyruntime.comm.collectives import CommDebug, CommStats, Collectives, Pending
+from pyruntime.config import Config, ConfigError, OptimConfig
+from pyruntime.mesh import ParallelDims
+from pyruntime.ops.flat import FlatLayout, flat_pack, flat_unpack, plan_buckets, plan_flat_layout
+from pyruntime.parallel.accounting import ModelStateBytes, storage_bytes
+from pyruntime.train.metrics import say
+from pyruntime.train.optim import build_adamw
+
+# Elements: every tensor in a flat buffer starts 64-byte aligned in fp32 (see ops/flat.py).
+ALIGN = 16
+
+# How many ranks outside the dp axis hold an identical copy of a parameter (1 without tp / pp).
+Replicas = Callable[[nn.Parameter], int]
+
+
+# The first bucket (the gradients that arrive first) is capped at this, so that a communication
+# starts early in the backward even when one bucket_mb would hold the whole model (as DDP does).
+FIRST_BUCKET_BYTES = 1 << 20
+
+
+def trainable_params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def gradient_buckets(params: Sequence[nn.Parameter], bucket_bytes: int) -> list[list[nn.Parameter]]:
+    """params in reverse registration order (roughly the order their gradients are ready),
+    grouped by ops.flat.plan_buckets: the first bucket at most FIRST_BUCKET_BYTES, the rest
+    at most bucket_bytes (a tensor larger than the cap gets a bucket of its own)."""
+    order = list(params)[::-1]
+    if not order:
+        return []
+    numels, size = [p.numel() for p in order], order[0].element_size()
+    first = plan_buckets(numels, min(bucket_bytes, FIRST_BUCKET_BYTES), size, align=ALIGN)[0]
+    rest = plan_buckets(numels[first.end:], bucket_bytes, size, align=ALIGN) if first.end < len(order) else []
+    return [order[:first.end]] + [order[first.end + b.begin:first.end + b.end] for b in rest]
+
+
+def grad_or_zeros(p: nn.Parameter) -> torch.Tensor:
+    """p.grad, created as zeros for a parameter that got no gradient on this rank (the other
+    ranks may have one, and every rank must contribute to the same collective)."""
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    return p.grad
+
+
+class GradReadyTracker:
+    """Calls on_ready(i) once per armed backward, as soon as every parameter of group i has
+    accumulated its gradient (post-accumulate-grad hooks). flush() fires the groups that did
+    not complete (a parameter without a gradient), in order."""
+
+    def __init__(self, groups: Sequence[Sequence[nn.Parameter]], on_ready: Callable[[int], None]):
+        self.sizes = [len(g) for g in groups]
+        self.on_ready = on_ready
+        self.armed = False
+        self.seen: list[set[int]] = [set() for _ in groups]
+        self.fired = [False] * len(groups)
+        self.handles = [p.register_post_accumulate_grad_hook(functools.partial(self._hook, i, j))
+                        for i, group in enumerate(groups) for j, p in enumerate(group)]
+
+    def reset(self, armed: bool) -> None:
+        self.armed = armed
+        self.seen = [set() for _ in self.sizes]
+        self.fired = [False] * len(self.sizes)
+
+    def _hook(self, i: int, j: int, _param: nn.Parameter) -> None:
+        if not self.armed or self.fired[i]:
+            return
+        self.seen[i].add(j)
+        if len(self.seen[i]) == self.sizes[i]:
+            self.fired[i] = True
+            self.on_ready(i)
+
+    def flush(self) -> None:
+        for i, fired in enumerate(self.fired):
+            if self.armed and not fired:
+                self.fired[i] = True
+                self.on_ready(i)
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+class DataParallelEngine:
+    """What the trainer needs from data parallelism; used as is for dp = 1 (nothing to sync)."""
+
+    def __init__(self, model: nn.Module, optimizer, comm: Collectives | None = None):
+        self.model, self.optimizer, self.comm = model, optimizer, comm
+        self.params = trainable_params(model)
+        self._grad_bytes_at_sync = 0
+
+    def describe(self) -> str:
+        return "data parallel: off (dp 1)"
+
+    def micro_batch(self, last: bool) -> contextlib.AbstractContextManager:
+        """Wraps one micro-batch's forward + backward; `last` marks the final one of the step."""
+        return contextlib.nullcontext()
+
+    def finish_gradient_sync(self) -> None:
+        """Wait for every gradient collective of the step (before clipping and the optimizer)."""
+        self._grad_bytes_at_sync = self.held_grad_bytes()
+
+    def gradient_pieces(self, replicas: Replicas | None = None) -> tuple[list[torch.Tensor], list[int]]:
+        """The gradient tensors this rank holds, each with the number of ranks holding an
+        identical copy (optim.clip_grad_norm's `replication`): the dp replicas here, times
+        replicas(p) for the other axes (e.g. tp for a parameter tp does not shard)."""
+        params = [p for p in self.params if p.grad is not None]
+        dp = self.comm.size if self.comm else 1
+        return [p.grad for p in params], [dp * (replicas(p) if replicas else 1) for p in params]
+
+    # -- memory accounting -----------------------------------------------------------------
+    def held_param_bytes(self) -> int:
+        return storage_bytes(self.params)
+
+    def held_grad_bytes(self) -> int:
+        return storage_bytes(p.grad for p in self.params)
+
+    def held_optim_bytes(self) -> int:
+        return storage_bytes(t for state in self.optimizer.state.values() for t in state.values()
+                             if isinstance(t, torch.Tensor))
+
+    def planned_bytes(self) -> ModelStateBytes:
+        """Steady-state bytes per rank, known before the first step (the start-up line)."""
+        n = sum(p.numel() for p in self.params)
+        return ModelStateBytes.unsharded(self.params, param=self.held_param_bytes(), grad=4 * n, optim=8 * n)
+
+    def memory_line(self) -> str:
+        return f"{self.describe()} | model state per rank: {self.planned_bytes().line()}"
+
+    def step_metrics(self) -> dict:
+        """Per-rank metric fields after a step: bytes held (gradients as at the sync point, where
+        they are all materialised) and, with dp > 1, the bytes communicated."""
+        held = ModelStateBytes.unsharded(self.params, param=self.held_param_bytes(),
+                                         grad=self._grad_bytes_at_sync, optim=self.held_optim_bytes())
+        return {**held.fields(), **(self.comm.stats.take() if self.comm else {})}
+
+
+@dataclass
+class _Bucket:
+    params: list[nn.Parameter]
+    layout: FlatLayout
+
+
+class BucketedDataParallel(DataParallelEngine):
+    """--zero 0: replicated parameters and optimizer, bucketed async all-reduce of gradients."""
+
+    def __init__(self, model: nn.Module, comm: Collectives, optim_cfg: OptimConfig, bucket_bytes: int):
+        super().__init__(model, build_adamw(model.named_parameters(), optim_cfg), comm)
+        self.buckets = [_Bucket(params, plan_flat_layout([p.numel() for p in params], world_size=1, align=ALIGN))
+                        for params in gradient_buckets(self.params, bucket_bytes)]
+        self.bucket_bytes = bucket_bytes
+        self.tracker = GradReadyTracker([b.params for b in self.buckets], self._launch)
+        self.pending: list[tuple[_Bucket, torch.Tensor, Pending]] = []
+
+    def describe(self) -> str:
+        return (f"data parallel: dp {self.comm.size}, {len(self.buckets)} gradient bucket(s) of <= "
+                f"{self.bucket_bytes / 2**20:g} MB, all-reduce overlapped with backward")
+
+    @contextlib.contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        self.tracker.reset(armed=last)  # earlier micro-batches only accumulate locally
+        yield
+        self.tracker.flush()
+
+    def _launch(self, i: int) -> None:
+        bucket = self.buckets[i]
+        flat = flat_pack([grad_or_zeros(p) for p in bucket.params], bucket.layout)
+        self.pending.append((bucket, flat, self.comm.all_reduce_avg(flat)))
+
+    def finish_gradient_sync(self) -> None:
+        for bucket, flat, pending in self.pending:
+            pending.wait()
+            flat_unpack(flat, [p.grad for p in bucket.params], bucket.layout)
+        self.pending = []
+        super().finish_gradient_sync()
+
+
+def apply_data_parallel(model: nn.Module, dims: ParallelDims, cfg: Config, *,
+                        verbose: bool = False) -> DataParallelEngine:
+    """The data-parallel engine of cfg.parallel (zero stage, bucket size) over dims' dp axis.
+    Installs hooks on `model` (and, at ZeRO-3, shards its parameters in place)."""
+    par = cfg.parallel
+    if dims.dp == 1:
+        if par.zero > 0:
+            say(f"--zero {par.zero} with dp 1: nothing to shard over, ZeRO does nothing here", verbose)
+        return DataParallelEngine(model, build_adamw(model.named_parameters(), cfg.optim))
+    try:
+        debug = CommDebug.from_env()
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    comm = Collectives(dims.group("dp"), CommStats(), debug)
+    bucket_bytes = max(1, int(par.bucket_mb * 2**20))
+    if par.zero == 0:
+        return BucketedDataParallel(model, comm, cfg.optim, bucket_bytes)
+    if par.zero in (1, 2):
+        from pyruntime.parallel.zero.stage12 import ZeroBucketEngine
+        return ZeroBucketEngine(model, comm, cfg.optim, bucket_bytes, stage=par.zero, kernels=cfg.model.kernels)
+    from pyruntime.parallel.zero.stage3 import FullyShardedEngine
+    return FullyShardedEngine(model, comm, cfg.optim, kernels=cfg.model.kernels)

@@ -1,0 +1,165 @@
+"""Flat groups and the sharded AdamW that every ZeRO stage shares.
+
+A flat group is a list of parameters laid out in one flat buffer (a ZeRO-1/2 gradient bucket,
+or a ZeRO-3 unit) by the C++ planner, with world_size = dp: the buffer splits into dp equal
+shards and `layout.pieces(rank)` says which slice of which parameter is in this rank's shard.
+Each rank keeps, for the concatenation of its shards of all groups, four flat fp32 buffers:
+master weights, gradient, and the two Adam moments. The optimizer step is then one fused
+AdamW call over those buffers (ops.adamw), whatever the number of parameters.
+
+Padding (alignment gaps, the tail) is zero in the master weights and in every gradient, so it
+stays zero through AdamW and adds nothing to the gradient norm.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from pyruntime.comm.collectives import CommDebug
+from pyruntime.config import OptimConfig
+from pyruntime.ops.adamw import DecayMask, adamw_step
+from pyruntime.ops.flat import FlatLayout, plan_flat_layout
+
+
+@dataclass
+class FlatGroup:
+    """params laid out by `layout`; this rank's shard of it sits at [shard_begin, shard_begin +
+    layout.shard_numel) of the rank's flat shard buffers."""
+
+    params: list[nn.Parameter]
+    layout: FlatLayout
+    shard_begin: int
+
+    def shard(self, flat: torch.Tensor) -> torch.Tensor:
+        """This group's slice of one of the rank's flat shard buffers (a view)."""
+        return flat[self.shard_begin:self.shard_begin + self.layout.shard_numel]
+
+    @property
+    def full_numel(self) -> int:
+        return self.layout.total_numel
+
+
+def plan_groups(param_lists: Sequence[Sequence[nn.Parameter]], world_size: int, align: int) -> list[FlatGroup]:
+    groups, begin = [], 0
+    for params in param_lists:
+        layout = plan_flat_layout([p.numel() for p in params], world_size=world_size, align=align)
+        groups.append(FlatGroup(list(params), layout, begin))
+        begin += layout.shard_numel
+    return groups
+
+
+def adamw_backend(kernels: str) -> str:
+    """The model's kernel choice, where AdamW has that backend (it has no C++ one)."""
+    return kernels if kernels in ("triton", "reference") else "auto"
+
+
+class ShardedAdamW:
+    """AdamW over this rank's shards of `groups`: fp32 master weights and moments in one flat
+    buffer each, updated by the fused ops.adamw_step. Duck-types what the trainer uses of
+    torch.optim: step(), zero_grad() and param_groups[*]["lr"]. after_step (ZeRO-1/2)
+    publishes the updated shards to the model's parameters.
+
+    Gradient shards exist only from a step's first reduction to zero_grad(set_to_none=True),
+    so they are not held while the forward's activations pile up. grad_per_group=True
+    (ZeRO-3) allocates each group's shard when that group is first reduced, as its backward
+    ends, and steps group by group (one fused launch per unit); otherwise (ZeRO-1/2, whose
+    buckets can number thousands) one flat gradient shard and one launch."""
+
+    def __init__(self, groups: list[FlatGroup], rank: int, cfg: OptimConfig, *, debug: CommDebug,
+                 kernels: str = "auto", after_step: Callable[[], None] | None = None,
+                 grad_per_group: bool = False):
+        self.groups, self.cfg, self.debug, self.after_step = groups, cfg, debug, after_step
+        self.backend, self.grad_per_group = adamw_backend(kernels), grad_per_group
+        self.device = groups[0].params[0].device if groups and groups[0].params else torch.device("cpu")
+        numel = sum(g.layout.shard_numel for g in groups)
+        self.master = torch.zeros(numel, dtype=torch.float32, device=self.device)
+        self.exp_avg = torch.zeros_like(self.master)
+        self.exp_avg_sq = torch.zeros_like(self.master)
+        self._grads: list[torch.Tensor | None] = [None] * len(groups)  # grad_per_group
+        self._flat_grad: torch.Tensor | None = None
+        segments = [self._copy_in(g, rank) for g in groups]
+        if grad_per_group:
+            self.decays = [DecayMask.from_segments(g.layout.shard_numel, seg, self.device)
+                           for g, seg in zip(groups, segments)]
+        else:
+            shifted = [(g.shard_begin + b, g.shard_begin + e) for g, seg in zip(groups, segments) for b, e in seg]
+            self.decays = [DecayMask.from_segments(numel, shifted, self.device)]
+        self.param_groups = [{"lr": cfg.lr}]
+        self.steps = 0
+
+    @torch.no_grad()
+    def _copy_in(self, group: FlatGroup, rank: int) -> list[tuple[int, int]]:
+        """Copy this rank's pieces of the group's parameters into the master shard; return the
+        [begin, end) ranges (within the group's shard) that get weight decay."""
+        master, segments = group.shard(self.master), []
+        for piece in group.layout.pieces(rank):
+            p = group.params[piece.tensor_index]
+            src = p.detach().reshape(-1)[piece.tensor_offset:piece.tensor_offset + piece.numel]
+            master[piece.shard_offset:piece.shard_offset + piece.numel].copy_(src)
+            if p.dim() >= 2:  # decay matrices, not norm weights (as build_adamw)
+                segments.append((piece.shard_offset, piece.shard_offset + piece.numel))
+        return segments
+
+    def group_grad(self, i: int) -> torch.Tensor:
+        """Group i's fp32 gradient shard, allocated (zeroed) on first use after zero_grad."""
+        if self.grad_per_group:
+            if self._grads[i] is None:
+                self._grads[i] = torch.zeros(self.groups[i].layout.shard_numel, device=self.device)
+            return self._grads[i]
+        if self._flat_grad is None:
+            self._flat_grad = torch.zeros_like(self.master)
+        return self.groups[i].shard(self._flat_grad)
+
+    def held_grads(self) -> list[torch.Tensor]:
+        return [g for g in self._grads if g is not None] + ([self._flat_grad] if self._flat_grad is not None else [])
+
+    @torch.no_grad()
+    def step(self) -> None:
+        self.debug.pause()  # a step that does not wait for its gradients reads NaN under debug
+        if not self.held_grads():
+            return  # no gradient this step: torch.optim skips such parameters too
+        self.steps += 1
+        hyper = {"lr": self.param_groups[0]["lr"], "betas": self.cfg.betas, "eps": self.cfg.eps,
+                 "weight_decay": self.cfg.weight_decay, "step": self.steps, "backend": self.backend}
+        if self.grad_per_group:
+            for g, grad, decay in zip(self.groups, self._grads, self.decays):
+                if grad is not None:
+                    adamw_step(g.shard(self.master), grad, g.shard(self.exp_avg), g.shard(self.exp_avg_sq),
+                               decay, **hyper)
+        else:
+            adamw_step(self.master, self._flat_grad, self.exp_avg, self.exp_avg_sq, self.decays[0], **hyper)
+        if self.after_step is not None:
+            self.after_step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if set_to_none:
+            self._grads, self._flat_grad = [None] * len(self.groups), None
+        for grad in self.held_grads():
+            grad.zero_()
+        for g in self.groups:
+            for p in g.params:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+
+    def gradient_pieces(self, rank: int, replicas=None) -> tuple[list[torch.Tensor], list[int]]:
+        """The gradient shards for global-norm clipping: held by this rank alone, so replication
+        1; with replicas (parameter -> copies on other axes), one view per parameter slice."""
+        grads = [self.group_grad(i) for i in range(len(self.groups))]  # zeros where nothing was reduced
+        if replicas is None or all(replicas(p) == 1 for g in self.groups for p in g.params):
+            whole = grads if self.grad_per_group else [self._flat_grad]
+            return whole, [1] * len(whole)
+        pieces, counts = [], []
+        for g, grad in zip(self.groups, grads):
+            for piece in g.layout.pieces(rank):
+                pieces.append(grad[piece.shard_offset:piece.shard_offset + piece.numel])
+                counts.append(replicas(g.params[piece.tensor_index]))
+        return pieces, counts
+
+    def state_bytes(self) -> int:
+        """The two moments (the master weights are counted as parameters)."""
+        return 2 * self.master.numel() * self.master.element_size()

@@ -1,0 +1,232 @@
+"""ZeRO-3 / fully sharded data parallelism: parameters, gradients and optimizer states all
+split over dp; each rank keeps only its shard of every unit.
+
+Units are groups of consecutive modules: the embedding, each transformer block, and the final
+norm + head (whichever this model or pipeline stage has; `transformer_units`). A unit's
+parameters are laid out by the C++ planner (world_size = dp) and become views into one
+gathered buffer per unit (compute dtype: bf16 on CUDA, fp32 otherwise), whose storage is
+resized to zero while the unit is sharded: autograd's saved tensors refer to the same storage,
+so re-gathering into it before the unit's backward brings them back too.
+
+Per micro-batch:
+  forward   unit i: wait for its all-gather (or issue it), issue unit i + 1's (prefetch, so
+            it runs while unit i computes), run, free unit i. The last unit stays gathered
+            when a backward will follow, because the backward starts with it.
+  backward  unit i (hook on its output's gradient): wait for its all-gather, prefetch unit
+            i - 1 (reverse order); when the last gradient of unit i has accumulated
+            (post-accumulate-grad hooks), pack the gradients into one fp32 flat buffer, drop
+            the .grad tensors and the gathered parameters, and issue the reduce-scatter (mean
+            over dp) while the backward of earlier units still runs; the reduced slice is
+            added to the rank's fp32 gradient shard.
+The optimizer (sharded.ShardedAdamW: fused AdamW over the fp32 master shard) then needs no
+communication: the next forward gathers the updated shards. Per micro-batch that moves
+2x the parameters (minus the last unit) in all-gathers and 1x in reduce-scatters.
+
+Assumes units run forward in the listed order (prefetch follows it; any other order is still
+correct, only less overlapped) and that every rank backpropagates through the same units.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Iterator
+
+import torch
+import torch.nn as nn
+
+from pyruntime.comm.collectives import Collectives, Pending
+from pyruntime.config import OptimConfig
+from pyruntime.ops.flat import flat_pack
+from pyruntime.parallel.accounting import ModelStateBytes, mb, storage_bytes
+from pyruntime.parallel.data import ALIGN, DataParallelEngine, GradReadyTracker, Replicas, grad_or_zeros
+from pyruntime.parallel.zero.sharded import FlatGroup, ShardedAdamW, plan_groups
+from pyruntime.parallel.zero.stage12 import MAX_IN_FLIGHT
+
+
+def transformer_units(model: nn.Module) -> list[list[nn.Module]]:
+    """[embedding], [block] per layer, [norm, head]: the units of the reference Transformer,
+    skipping the parts a pipeline stage does not own."""
+    units = []
+    if getattr(model, "embed_tokens", None) is not None:
+        units.append([model.embed_tokens])
+    units += [[layer] for layer in getattr(model, "layers", {}).values()]
+    tail = [m for m in (getattr(model, "norm", None), getattr(model, "lm_head", None)) if m is not None]
+    if tail:
+        units.append(tail)
+    return units
+
+
+def _unit_params(modules: list[nn.Module]) -> list[nn.Parameter]:
+    params = {id(p): p for m in modules for p in m.parameters() if p.requires_grad}
+    return list(params.values())
+
+
+def _check_coverage(model: nn.Module, param_lists: list[list[nn.Parameter]]) -> None:
+    counts: dict[int, int] = {}
+    for params in param_lists:
+        for p in params:
+            counts[id(p)] = counts.get(id(p), 0) + 1
+    bad = [name for name, p in model.named_parameters() if p.requires_grad and counts.get(id(p)) != 1]
+    if bad:
+        raise ValueError(f"ZeRO-3: parameter(s) {', '.join(bad[:5])} are not in exactly one unit")
+
+
+class _Unit:
+    """One unit's gathered buffer (parameters are views into it) and its pending all-gather."""
+
+    def __init__(self, group: FlatGroup, modules: list[nn.Module], dtype: torch.dtype, device: torch.device):
+        self.group, self.modules = group, modules
+        self.full = torch.empty(group.full_numel, dtype=dtype, device=device)
+        self.nbytes = self.full.numel() * self.full.element_size()
+        with torch.no_grad():
+            for p, offset in zip(group.params, group.layout.offsets):
+                p.data = self.full[offset:offset + p.numel()].view(p.shape)
+        self.gather: Pending | None = None
+        self.full.untyped_storage().resize_(0)
+
+    @property
+    def allocated(self) -> bool:
+        return self.full.untyped_storage().nbytes() > 0
+
+    def start_gather(self, comm: Collectives, master: torch.Tensor) -> None:
+        if self.allocated:
+            return  # gathered, or its all-gather is already under way
+        self.full.untyped_storage().resize_(self.nbytes)
+        shard = self.group.shard(master)
+        self.gather = comm.all_gather(self.full, shard.to(self.full.dtype))  # to(): no copy in fp32
+
+    def wait(self) -> None:
+        if self.gather is not None:
+            self.gather.wait()
+            self.gather = None
+
+    def free(self) -> None:
+        self.wait()  # never release a buffer a collective is still writing
+        self.full.untyped_storage().resize_(0)
+
+
+class FullyShardedEngine(DataParallelEngine):
+    """--zero 3 (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, comm: Collectives, optim_cfg: OptimConfig, *, kernels: str = "auto",
+                 units: list[list[nn.Module]] | None = None):
+        modules = units if units is not None else transformer_units(model)
+        param_lists = [_unit_params(mods) for mods in modules]
+        _check_coverage(model, param_lists)
+        groups = plan_groups(param_lists, comm.size, ALIGN)
+        # Built first: it copies this rank's shards out of the full parameters before they go.
+        optimizer = ShardedAdamW(groups, comm.rank, optim_cfg, debug=comm.debug, kernels=kernels,
+                                 grad_per_group=True)
+        super().__init__(model, optimizer, comm)
+        device = optimizer.master.device
+        self.compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.units = [_Unit(g, mods, self.compute_dtype, device) for g, mods in zip(groups, modules)]
+        self.tracker = GradReadyTracker([g.params for g in groups], self._reduce)
+        self.pending: list[tuple[Pending, torch.Tensor, torch.Tensor, int]] = []
+        self.peak_live = 0  # bytes beyond the shards: gathered units, unsharded grads, buffers in flight
+        for i, unit in enumerate(self.units):
+            unit.modules[0].register_forward_pre_hook(functools.partial(self._pre_forward, i))
+            unit.modules[-1].register_forward_hook(functools.partial(self._post_forward, i))
+
+    def describe(self) -> str:
+        largest = max((u.nbytes for u in self.units), default=0)
+        return (f"ZeRO-3: dp {self.comm.size}, {len(self.units)} units (largest {mb(largest)} gathered, "
+                f"{str(self.compute_dtype).replace('torch.', '')}), next unit prefetched, "
+                f"gradients reduce-scattered during backward")
+
+    # -- hooks -----------------------------------------------------------------------------
+    def _gather(self, i: int, wait: bool) -> None:
+        unit = self.units[i]
+        if not unit.allocated:
+            unit.start_gather(self.comm, self.optimizer.master)
+            self._observe()
+        if wait:
+            unit.wait()
+
+    def _pre_forward(self, i: int, _module, _args) -> None:
+        self._gather(i, wait=True)
+        if i + 1 < len(self.units):
+            self._gather(i + 1, wait=False)
+
+    def _post_forward(self, i: int, _module, _args, output) -> None:
+        if torch.is_grad_enabled():
+            outputs = output if isinstance(output, (tuple, list)) else (output,)
+            for t in outputs:
+                if isinstance(t, torch.Tensor) and t.requires_grad:
+                    t.register_hook(functools.partial(self._pre_backward, i))
+            if i == len(self.units) - 1:
+                return  # the backward starts here: keep it gathered
+        self.units[i].free()
+
+    def _pre_backward(self, i: int, _grad: torch.Tensor) -> None:
+        self._gather(i, wait=True)
+        if i > 0:
+            self._gather(i - 1, wait=False)
+
+    def _reduce(self, i: int) -> None:
+        """All of unit i's gradients have accumulated: reduce-scatter them, free the unit."""
+        group = self.units[i].group
+        self.units[i].free()  # its backward is over: every parameter's gradient has accumulated
+        self._drain(MAX_IN_FLIGHT - 1)  # the previous unit's reduce-scatter had this unit's backward to run
+        grads = [grad_or_zeros(p) for p in group.params]
+        flat = flat_pack(grads, group.layout).float()  # reduced in fp32 also when computed in bf16
+        self._observe(transient=storage_bytes(grads) + flat.numel() * 4)
+        for p in group.params:
+            p.grad = None
+        shard = self.optimizer.group_grad(i)
+        partial = torch.empty_like(shard)
+        nbytes = (flat.numel() + partial.numel()) * 4
+        self.pending.append((self.comm.reduce_scatter_avg(partial, flat), shard, partial, nbytes))
+
+    def _drain(self, keep: int) -> None:
+        while len(self.pending) > keep:
+            pending, shard, partial, _ = self.pending.pop(0)
+            pending.wait()
+            shard.add_(partial)
+
+    def _observe(self, transient: int = 0) -> None:
+        live = sum(u.nbytes for u in self.units if u.allocated) + sum(n for *_, n in self.pending)
+        self.peak_live = max(self.peak_live, live + transient)
+
+    # -- the engine interface --------------------------------------------------------------
+    @contextlib.contextmanager
+    def micro_batch(self, last: bool) -> Iterator[None]:
+        self.tracker.reset(armed=True)  # every micro-batch reduces: no full-size gradient is kept
+        yield
+        self.tracker.flush()
+        for unit in self.units:
+            unit.free()
+        self._drain(0)
+
+    def finish_gradient_sync(self) -> None:
+        self._drain(0)
+        super().finish_gradient_sync()
+
+    def gradient_pieces(self, replicas: Replicas | None = None) -> tuple[list[torch.Tensor], list[int]]:
+        return self.optimizer.gradient_pieces(self.comm.rank, replicas)
+
+    # -- memory accounting -----------------------------------------------------------------
+    def _shard_bytes(self) -> int:
+        return self.optimizer.master.numel() * self.optimizer.master.element_size()
+
+    def held_param_bytes(self) -> int:
+        return storage_bytes(self.params) + self._shard_bytes()  # gathered units + fp32 master shard
+
+    def held_grad_bytes(self) -> int:
+        return storage_bytes([*(p.grad for p in self.params), *self.optimizer.held_grads()])
+
+    def held_optim_bytes(self) -> int:
+        return self.optimizer.state_bytes()
+
+    def planned_bytes(self) -> ModelStateBytes:
+        return ModelStateBytes.unsharded(self.params, param=self._shard_bytes(), grad=self._shard_bytes(),
+                                         optim=self.held_optim_bytes())
+
+    def step_metrics(self) -> dict:
+        """Adds the step's peak: the four shards plus the most that was live beyond them."""
+        rec = super().step_metrics()
+        rec["gathered_peak_bytes"] = self.peak_live
+        rec["peak_model_state_bytes"] = 4 * self._shard_bytes() + self.peak_live
+        rec["largest_unit_bytes"] = max((u.nbytes for u in self.units), default=0)
+        self.peak_live = 0
+        return rec

@@ -1,0 +1,204 @@
+"""ZeRO stages 1-3: the bytes each step communicates against the theoretical volume of each
+stage, the model-state bytes each rank holds against the unsharded figure, and ZeRO-3's
+mechanics (sharded storage, gather/free, parity with plain AdamW) on a world-1 group in this
+process. Loss parity for every stage is in test_data_parallel.py (same spawned worlds)."""
+import copy
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pyruntime.comm.collectives import CommDebug, CommStats, Collectives
+from pyruntime.config import OptimConfig
+from pyruntime.mesh import Launch, init_distributed
+from pyruntime.model import Transformer
+from pyruntime.model.init import init_weights
+from pyruntime.parallel.zero.stage12 import ZeroBucketEngine
+from pyruntime.parallel.zero.stage3 import FullyShardedEngine, transformer_units
+from pyruntime.train.optim import build_adamw, clip_grad_norm
+
+from dp_cases import VARIANTS
+from helpers import TEST_MODEL
+
+
+def padded16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+def flat_size(numels, dp: int) -> int:
+    """Elements of a flat buffer planned for dp shards: 16-aligned tensors, total a multiple of 16 x dp."""
+    total = sum(padded16(n) for n in numels)
+    return -(-total // (16 * dp)) * 16 * dp
+
+
+def unit_sizes(dp: int) -> list[int]:
+    model = Transformer(TEST_MODEL)
+    return [flat_size([p.numel() for m in unit for p in m.parameters()], dp) for unit in transformer_units(model)]
+
+
+def numels() -> list[int]:
+    return [p.numel() for p in Transformer(TEST_MODEL).parameters()]
+
+
+def last_records(world_results, dp, zero, variant) -> list[dict]:
+    return [records[-1] for records in world_results(dp)["train"][(zero, variant)]]
+
+
+# ---- bytes communicated per step -----------------------------------------------------------
+
+@pytest.mark.parametrize("dp", [2, 4])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("zero", [1, 2])
+def test_zero12_volume_is_one_reduce_scatter_and_one_all_gather(world_results, dp, zero, variant):
+    micro = VARIANTS[variant]["micro_per_rank"]
+    for records in world_results(dp)["train"][(zero, variant)]:
+        for r in records:
+            buckets = r["comm_all_gather_calls"]
+            assert r["comm_all_reduce_bytes"] == 0
+            # ZeRO-1 reduces on the last micro-batch only; ZeRO-2 on every one.
+            assert r["comm_reduce_scatter_calls"] == buckets * (micro if zero == 2 else 1)
+            assert r["comm_reduce_scatter_bytes"] == r["comm_all_gather_bytes"] * (micro if zero == 2 else 1)
+            if buckets == 1:
+                assert r["comm_all_gather_bytes"] == 4 * flat_size(numels(), dp)
+            else:  # each bucket pads to a multiple of 16 x dp on its own
+                low = 4 * sum(padded16(n) for n in numels())
+                assert low <= r["comm_all_gather_bytes"] < low + 4 * buckets * 16 * dp
+        assert (records[0]["comm_all_gather_calls"] == 1) == (VARIANTS[variant]["bucket_mb"] == 25.0)
+
+
+@pytest.mark.parametrize("dp", [2, 4])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_zero3_volume_is_two_all_gathers_and_one_reduce_scatter_per_micro_batch(world_results, dp, variant):
+    """Forward gathers every unit, backward every unit but the last (kept from the forward),
+    and every unit's gradients are reduce-scattered, once per micro-batch. A validation pass
+    (after the step that logs val_loss; counted in the next step) gathers each unit once per
+    batch."""
+    micro = VARIANTS[variant]["micro_per_rank"]
+    sizes = unit_sizes(dp)
+    for records in world_results(dp)["train"][(3, variant)]:
+        for previous, r in zip([{}] + records, records):
+            evals = 2 if "val_loss" in previous else 0  # dp_cases.config: eval_batches=2
+            assert r["comm_all_gather_bytes"] == 4 * (micro * (2 * sum(sizes) - sizes[-1]) + evals * sum(sizes))
+            assert r["comm_all_gather_calls"] == micro * (2 * len(sizes) - 1) + evals * len(sizes)
+            assert r["comm_reduce_scatter_bytes"] == 4 * micro * sum(sizes)
+            assert r["comm_reduce_scatter_calls"] == micro * len(sizes)
+            assert r["comm_all_reduce_bytes"] == 0
+
+
+# ---- bytes held per rank -------------------------------------------------------------------
+
+# held / unsharded, for (params, grads, optimizer states), as functions of dp
+HELD_RATIOS = {
+    0: lambda dp: (1, 1, 1),
+    1: lambda dp: (1 + 1 / dp, 1 + 1 / dp, 1 / dp),  # replicated params + fp32 master shard
+    2: lambda dp: (1 + 1 / dp, 1 / dp, 1 / dp),
+    3: lambda dp: (1 / dp, 1 / dp, 1 / dp),
+}
+
+
+@pytest.mark.parametrize("dp", [2, 4])
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
+def test_held_bytes_per_rank_follow_the_stage(world_results, dp, zero):
+    for r in last_records(world_results, dp, zero, "accum_clip"):
+        want = HELD_RATIOS[zero](dp)
+        for (kind, ratio) in zip(("param", "grad", "optim"), want):
+            # within 3%: alignment padding of the flat buffers (and torch AdamW's step counters)
+            assert r[f"{kind}_bytes"] == pytest.approx(ratio * r[f"unsharded_{kind}_bytes"], rel=0.03), kind
+
+
+@pytest.mark.parametrize("dp", [2, 4])
+def test_zero3_peak_is_a_dp_th_of_the_model_state_plus_a_few_gathered_units(world_results, dp):
+    """At most two units gathered (current + prefetched), plus one unit's unsharded gradients
+    and their fp32 flat copy while it is packed, or one reduce-scatter in flight."""
+    for variant in VARIANTS:
+        for r in last_records(world_results, dp, 3, variant):
+            unsharded = r["unsharded_param_bytes"] + r["unsharded_grad_bytes"] + r["unsharded_optim_bytes"]
+            held = r["param_bytes"] + r["grad_bytes"] + r["optim_bytes"]
+            assert held == pytest.approx(unsharded / dp, rel=0.03)
+            unit = r["largest_unit_bytes"]
+            assert unit == 4 * max(unit_sizes(dp))
+            assert held + unit < r["peak_model_state_bytes"] <= held + 4 * unit
+
+
+# ---- ZeRO-3 mechanics on this process's world-1 group --------------------------------------
+
+@pytest.fixture(scope="module")
+def comm():
+    init_distributed(Launch(rank=0, world_size=1, local_rank=0), torch.device("cpu"))
+    return Collectives(dist.group.WORLD, CommStats(), CommDebug())
+
+
+def _model(seed=3):
+    model = Transformer(TEST_MODEL)
+    init_weights(model, TEST_MODEL, seed)
+    return model
+
+
+def test_zero3_shards_storage_gathers_for_forward_and_frees_after(comm):
+    plain = _model()
+    model = copy.deepcopy(plain)
+    engine = FullyShardedEngine(model, comm, OptimConfig())
+    assert all(p.untyped_storage().nbytes() == 0 for p in model.parameters())
+    x = torch.randint(0, TEST_MODEL.vocab_size, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    assert all(p.untyped_storage().nbytes() == 0 for p in model.parameters())
+    assert engine.peak_live <= 2 * max(u.nbytes for u in engine.units)  # current + prefetched
+
+
+def test_zero3_steps_match_plain_adamw(comm):
+    """Gradient accumulation, clipping and three AdamW steps on the sharded engine against
+    torch.optim.AdamW on an unsharded copy (one rank: the shard is the whole model)."""
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
+    plain = _model()
+    model = copy.deepcopy(plain)
+    engine = FullyShardedEngine(model, comm, cfg)
+    reference = build_adamw(plain.named_parameters(), cfg)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        batches = [torch.randint(0, TEST_MODEL.vocab_size, (2, 8), generator=gen) for _ in range(2)]
+        for i, x in enumerate(batches):
+            with engine.micro_batch(last=i == 1):
+                (model(x).logsumexp(-1).mean() / 2).backward()
+            (plain(x).logsumexp(-1).mean() / 2).backward()
+        engine.finish_gradient_sync()
+        grads, replication = engine.gradient_pieces()
+        norm = clip_grad_norm(grads, 0.5, None, replication)
+        torch.testing.assert_close(norm, clip_grad_norm([p.grad for p in plain.parameters()], 0.5))
+        engine.optimizer.step()
+        engine.optimizer.zero_grad()
+        reference.step()
+        reference.zero_grad()
+    full = torch.cat([p.detach().reshape(-1) for p in plain.parameters()])
+    with torch.no_grad():
+        for unit in engine.units:
+            unit.start_gather(comm, engine.optimizer.master)
+            unit.wait()
+        gathered = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    torch.testing.assert_close(gathered, full, rtol=1e-6, atol=1e-7)
+
+
+def test_gradient_pieces_split_by_parameter_when_other_axes_replicate(comm):
+    model = _model()
+    engine = FullyShardedEngine(model, comm, OptimConfig())
+    for i in range(len(engine.units)):
+        engine.optimizer.group_grad(i).normal_()
+    grads, counts = engine.gradient_pieces(lambda p: 2 if p.dim() == 1 else 1)  # e.g. tp-replicated norms
+    assert len(grads) == sum(1 for _ in model.parameters()) and sorted(set(counts)) == [1, 2]
+    inside = sum(g.pow(2).sum() for g in grads)
+    padding = sum(g.pow(2).sum() for g in engine.optimizer.held_grads()) - inside  # only the alignment gaps
+    assert padding >= 0 and inside > 0
+    whole, ones = engine.gradient_pieces(lambda p: 1)
+    assert [g.data_ptr() for g in whole] == [g.data_ptr() for g in engine.optimizer.held_grads()]
+    assert ones == [1] * len(engine.units)
+
+
+def test_bad_unit_lists_and_stages_are_refused(comm):
+    model = _model()
+    units = transformer_units(model)
+    with pytest.raises(ValueError, match="embed_tokens.weight are not in exactly one unit"):
+        FullyShardedEngine(model, comm, OptimConfig(), units=units[1:])
+    with pytest.raises(ValueError, match="not in exactly one unit"):
+        FullyShardedEngine(_model(), comm, OptimConfig(), units=units + units[:1])
+    with pytest.raises(ValueError, match="stages 1 and 2, not 3"):
+        ZeroBucketEngine(_model(), comm, OptimConfig(), 1 << 20, stage=3)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 
 from pyruntime.config import Config, ConfigError, config_from_dict, load_config_file
@@ -122,10 +123,17 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    """The richest layout that exists today: single process (parallel axes land later)."""
-    argv = ["train", "--preset", "tiny", "--steps", str(args.steps), "--out", args.out,
-            "--eval-every", "50"]
-    return run_train(build_parser().parse_args(argv))
+    """The richest layout that exists today: dp 2 x tp 2 (sequence parallel) with ZeRO-1 on
+    dp, 4 CPU processes on gloo launched through torchrun (pipeline stages join it once the
+    pipeline executor exists)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--log-dir", "",
+           "-m", "pyruntime", "train", "--preset", "tiny", "--steps", str(args.steps), "--out", args.out,
+           "--dp", "2", "--tp", "2", "--sp", "--zero", "1", "--eval-every", "50"]
+    print("demo: " + " ".join(cmd[2:]), flush=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.call(cmd, env=env)
 
 
 def run_schedule(args: argparse.Namespace) -> int:

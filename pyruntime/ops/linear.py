@@ -129,12 +129,24 @@ def _same_dtype(op: str, *tensors) -> None:
         raise ValueError(f"{op}: the Triton path needs one dtype for all inputs, got {sorted(map(str, dtypes))}")
 
 
+def _autocast_inputs(*tensors):
+    """Under autocast, cast floating inputs to the autocast dtype, as F.linear does, so the
+    Triton path sees bf16 activations AND bf16 weights (fp32 master weights keep their
+    gradients: the cast is part of the autograd graph)."""
+    device_type = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            activation: str = "none", backend: str = "auto") -> torch.Tensor:
     """act(x @ weight^T + bias) for x (..., in), weight (out, in), bias (out,) or None.
     backend: "auto" | "triton" | "reference" (see pyruntime.ops.dispatch)."""
     _check_linear(x, weight, bias, activation)
     if choose("linear", backend, x.device, candidates=CANDIDATES) == "triton":
+        x, weight, bias = _autocast_inputs(x, weight, bias)
         _same_dtype("linear", x, weight, bias)
         return LinearFunction.apply(x, weight, bias, activation)
     return linear_reference(x, weight, bias, activation)
@@ -147,6 +159,7 @@ def swiglu_linear(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, bac
         raise ValueError(f"swiglu_linear: x {tuple(x.shape)}, w_gate {tuple(w_gate.shape)} and "
                          f"w_up {tuple(w_up.shape)} do not match (weights are (out, in))")
     if choose("swiglu_linear", backend, x.device, candidates=CANDIDATES) == "triton":
+        x, w_gate, w_up = _autocast_inputs(x, w_gate, w_up)
         _same_dtype("swiglu_linear", x, w_gate, w_up)
         return SwiGLULinearFunction.apply(x, w_gate, w_up)
     return swiglu_linear_reference(x, w_gate, w_up)

@@ -273,3 +273,23 @@ def test_kernels_compile_for_sm90():
         assert res["spill_bytes"] in (None, 0), (spec["kernel"], res)
     # The GEMMs must reach Hopper's tensor-core instructions, not fall back to mma.sync.
     assert results[0]["wgmma"] > 0 and results[2]["wgmma"] > 0, results
+
+
+def test_triton_linear_follows_autocast_like_f_linear():
+    """Under autocast, fp32 weights with low-precision activations must work (as F.linear
+    does) and the fp32 weights must still receive fp32 gradients. fp16: the interpreter has
+    no bf16."""
+    from pyruntime.ops import linear, swiglu_linear
+
+    torch.manual_seed(0)
+    x = torch.randn(5, 24)
+    w = torch.randn(16, 24, requires_grad=True)
+    wg, wu = torch.randn(16, 24, requires_grad=True), torch.randn(16, 24, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        y = linear(x, w, backend="triton")
+        z = swiglu_linear(x, wg, wu, backend="triton")
+        ref = torch.nn.functional.linear(x, w)
+    assert y.dtype == torch.float16 and z.dtype == torch.float16
+    torch.testing.assert_close(y, ref, atol=2e-2, rtol=2e-2)
+    (y.float().sum() + z.float().sum()).backward()
+    assert w.grad.dtype == torch.float32 and wg.grad.dtype == torch.float32

@@ -166,6 +166,18 @@ class ParallelConfig:
     bucket_mb: float = 25.0
     """Gradient bucket size in MB (2^20 bytes) for stages 0-2: each bucket's all-reduce or
     reduce-scatter starts as soon as its last gradient is ready in backward."""
+    schedule: str = "1f1b"
+    """Pipeline schedule with pp > 1: naive (model parallelism, one micro-batch at a time),
+    gpipe, 1f1b, interleaved (needs virtual_stages >= 2), zb (zero bubble, ZB-H1)."""
+    virtual_stages: int = 1
+    """Model chunks per pipeline rank (interleaved 1F1B); chunk c of rank r is stage c*pp + r."""
+    pp_layout: str = "even"
+    """How layers split over the pp * virtual_stages stages: "even", "balanced" (by parameter
+    count, embedding on the first stage and head on the last), or explicit counts "4,4,3,5"
+    (one per stage, >= 1 each, summing to the model's layers)."""
+    mesh_order: str = "dp,pp,tp"
+    """Axis order of the rank grid, outermost first: the last axis has adjacent ranks (keep
+    tp last so tp traffic stays inside a node)."""
 
     def validate(self) -> None:
         for name in ("dp", "pp", "tp"):
@@ -175,6 +187,19 @@ class ParallelConfig:
             raise ConfigError(f"parallel.zero must be 0, 1, 2 or 3, got {self.zero}")
         if not self.bucket_mb > 0:
             raise ConfigError(f"parallel.bucket_mb must be > 0, got {self.bucket_mb}")
+        if self.schedule not in PIPELINE_SCHEDULES:
+            raise ConfigError(f"unknown pipeline schedule '{self.schedule}'; choose from {', '.join(PIPELINE_SCHEDULES)}")
+        if self.virtual_stages < 1:
+            raise ConfigError(f"parallel.virtual_stages must be >= 1, got {self.virtual_stages}")
+        if self.schedule == "interleaved" and self.pp > 1 and self.virtual_stages < 2:
+            raise ConfigError(f"schedule interleaved needs virtual_stages >= 2, got {self.virtual_stages}")
+        if self.schedule != "interleaved" and self.virtual_stages != 1:
+            raise ConfigError(f"virtual_stages {self.virtual_stages} needs schedule interleaved, got {self.schedule}")
+        if sorted(self.mesh_order.replace(" ", "").split(",")) != ["dp", "pp", "tp"]:
+            raise ConfigError(f"parallel.mesh_order must order dp, pp and tp, e.g. 'dp,pp,tp'; got '{self.mesh_order}'")
+
+
+PIPELINE_SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved", "zb")
 
 
 @dataclass(kw_only=True)
@@ -199,6 +224,16 @@ class TrainConfig:
     """Print one log line every N steps."""
     quiet: bool = False
     """No progress output (tests)."""
+    save_every: int = 0
+    """Write a checkpoint to <out>/checkpoints every N steps (0: never; always at the end when > 0)."""
+    resume: str | None = None
+    """Checkpoint directory (or a run's checkpoints/ folder: its latest) to continue from."""
+    timeline: str | None = None
+    """With pp > 1: record every pipeline action's start/end and write <timeline>/pipeline.png
+    and pipeline.json (Chrome trace) after the last step."""
+    peer_timeout_s: float = 60.0
+    """A rank whose heartbeat stops for this long is reported lost (by rank) and every other
+    rank exits non-zero, instead of waiting in a collective forever."""
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
@@ -206,7 +241,9 @@ class TrainConfig:
         for name in ("steps", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("eval_every", "eval_batches"):
+        if self.peer_timeout_s <= 0:
+            raise ConfigError(f"train.peer_timeout_s must be > 0, got {self.peer_timeout_s}")
+        for name in ("eval_every", "eval_batches", "save_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
 
@@ -232,6 +269,7 @@ class Config:
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"seq_len {self.data.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
         self._validate_tp()
+        self._validate_pp()
 
     def _validate_tp(self) -> None:
         par = self.parallel
@@ -240,6 +278,20 @@ class Config:
             raise ConfigError("sequence parallelism / tp overlap need tp > 1")
         if par.sequence_parallel and self.data.seq_len % par.tp:
             raise ConfigError(f"sequence parallelism: seq_len {self.data.seq_len} is not divisible by tp {par.tp}")
+
+    def _validate_pp(self) -> None:
+        par = self.parallel
+        if par.pp == 1:
+            return
+        from pyruntime.parallel.pipeline.split import plan_stage_layers
+
+        plan_stage_layers(self.model, par.pp * par.virtual_stages, par.pp_layout)  # raises on a bad split
+        m = self.data.global_batch // (par.dp * self.data.micro_batch)
+        if par.schedule in ("1f1b", "zb", "interleaved") and m < par.pp:
+            raise ConfigError(f"schedule {par.schedule} needs at least pp = {par.pp} micro-batches per step, got {m} "
+                              f"(global batch {self.data.global_batch} / (dp {par.dp} x micro-batch {self.data.micro_batch}))")
+        if par.schedule == "interleaved" and m % par.pp:
+            raise ConfigError(f"schedule interleaved needs micro-batches ({m}) divisible by pp {par.pp}")
 
     @property
     def metrics_path(self) -> Path:

@@ -1,7 +1,8 @@
 """ParallelDims: the one topology object.
 
 The world is one rank grid `arange(world).view(dp, pp, tp)`: tp is innermost (tp traffic is
-the heaviest, so tp ranks should share a node), dp outermost. Every process group is a slice
+the heaviest, so tp ranks should share a node), dp outermost. `order` changes that (e.g.
+("pp", "dp", "tp")): axes listed first are outermost, the last one has adjacent ranks. Every process group is a slice
 of that grid, owned by a torch DeviceMesh with named axes "dp", "pp", "tp". The object is
 created once at start-up and passed explicitly to whatever needs a group; nothing here is a
 module-level global.
@@ -45,8 +46,17 @@ class ParallelDims:
     tp: int
     world_size: int
     mesh: "dist.device_mesh.DeviceMesh | None" = field(default=None, repr=False)
+    order: tuple[str, ...] = AXES
+
+    @staticmethod
+    def from_config(par, world_size: int) -> "ParallelDims":
+        """From a ParallelConfig (its dp / pp / tp sizes and mesh_order)."""
+        order = tuple(a.strip() for a in par.mesh_order.split(","))
+        return ParallelDims(par.dp, par.pp, par.tp, world_size, order=order)
 
     def __post_init__(self) -> None:
+        if sorted(self.order) != sorted(AXES):
+            raise ConfigError(f"mesh order must list dp, pp and tp once each, got {','.join(self.order)}")
         for axis in AXES:
             if getattr(self, axis) < 1:
                 raise ConfigError(f"{axis} must be >= 1, got {getattr(self, axis)}")
@@ -57,7 +67,8 @@ class ParallelDims:
     def build_mesh(self, device_type: str) -> "ParallelDims":
         """Create the DeviceMesh (needs an initialised default process group)."""
         from torch.distributed.device_mesh import init_device_mesh
-        self.mesh = init_device_mesh(device_type, (self.dp, self.pp, self.tp), mesh_dim_names=AXES)
+        self.mesh = init_device_mesh(device_type, tuple(getattr(self, a) for a in self.order),
+                                     mesh_dim_names=self.order)
         return self
 
     def group(self, axis: str) -> dist.ProcessGroup:
@@ -72,13 +83,17 @@ class ParallelDims:
         return getattr(self, axis) > 1
 
     def coords(self, rank: int) -> dict[str, int]:
-        """(dp, pp, tp) coordinates of a global rank: tp innermost, dp outermost."""
-        tp = rank % self.tp
-        pp = (rank // self.tp) % self.pp
-        return {"dp": rank // (self.tp * self.pp), "pp": pp, "tp": tp}
+        """dp, pp and tp coordinates of a global rank (row-major over `order`)."""
+        coords = {}
+        for axis in reversed(self.order):
+            size = getattr(self, axis)
+            coords[axis] = rank % size
+            rank //= size
+        return {a: coords[a] for a in AXES}
 
     def describe(self) -> str:
-        return f"dp {self.dp} x pp {self.pp} x tp {self.tp} = {self.world_size} rank(s)"
+        text = f"dp {self.dp} x pp {self.pp} x tp {self.tp} = {self.world_size} rank(s)"
+        return text if self.order == AXES else f"{text}, mesh order {','.join(self.order)}"
 
     def _mesh(self):
         if self.mesh is None:

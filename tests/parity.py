@@ -14,6 +14,6 @@ def train_losses(rank: int, world_size: int, configs: list[Config]) -> list[list
     out = []
     for cfg in configs:
         p = cfg.parallel
-        dims = ParallelDims(p.dp, p.pp, p.tp, world_size).build_mesh("cpu")
+        dims = ParallelDims.from_config(p, world_size).build_mesh("cpu")
         out.append([r["loss"] for r in Trainer(cfg, dims, torch.device("cpu"), rank=rank).fit()])
     return out

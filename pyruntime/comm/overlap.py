@@ -43,6 +43,12 @@ def _warn_once(message: str) -> None:
     log.warning(message)
 
 
+def refuse_overlap(reason: str) -> bool:
+    """Overlap was requested but cannot run here: one logged warning, and False."""
+    _warn_once(f"tp overlap is not possible {reason}: tensor-parallel layers run WITHOUT overlap")
+    return False
+
+
 def overlap_supported(requested: bool, sequence_parallel: bool) -> bool:
     """The overlap setting a tensor-parallel layer can honour. Overlap hides the sequence
     all-gather / reduce-scatter of sequence parallelism; without it there are only

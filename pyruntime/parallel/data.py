@@ -86,6 +86,7 @@ class GradReadyTracker:
         self.sizes = [len(g) for g in groups]
         self.on_ready = on_ready
         self.armed = False
+        self.armed_params: set[int] = set()
         self.seen: list[set[int]] = [set() for _ in groups]
         self.fired = [False] * len(groups)
         self.handles = [p.register_post_accumulate_grad_hook(functools.partial(self._hook, i, j))
@@ -93,11 +94,17 @@ class GradReadyTracker:
 
     def reset(self, armed: bool) -> None:
         self.armed = armed
+        self.armed_params: set[int] = set()
         self.seen = [set() for _ in self.sizes]
         self.fired = [False] * len(self.sizes)
 
-    def _hook(self, i: int, j: int, _param: nn.Parameter) -> None:
-        if not self.armed or self.fired[i]:
+    def arm(self, params: Sequence[nn.Parameter]) -> None:
+        """Count these parameters' gradients from now on (the pipeline arms each chunk for its
+        last backward of the step; the others keep accumulating locally)."""
+        self.armed_params.update(id(p) for p in params)
+
+    def _hook(self, i: int, j: int, param: nn.Parameter) -> None:
+        if self.fired[i] or not (self.armed or id(param) in self.armed_params):
             return
         self.seen[i].add(j)
         if len(self.seen[i]) == self.sizes[i]:
@@ -134,6 +141,30 @@ class DataParallelEngine:
         """Wait for every gradient collective of the step (before clipping and the optimizer)."""
         self._grad_bytes_at_sync = self.held_grad_bytes()
 
+    # -- pipeline parallelism: micro-batches interleave, so no `micro_batch(last)` scope -----
+    tracker: "GradReadyTracker | None" = None
+
+    def begin_pipeline_step(self) -> None:
+        """Start of a pipeline step: gradients accumulate locally, nothing is communicated."""
+        if self.tracker is not None:
+            self.tracker.reset(armed=False)
+
+    def arm_gradient_sync(self, params: Sequence[nn.Parameter]) -> None:
+        """The next backward is the step's last one for these parameters: reduce their
+        buckets / units as soon as they are complete (overlapping the remaining backward)."""
+        if self.tracker is not None:
+            self.tracker.arm(params)
+
+    def after_pipeline_action(self) -> None:
+        """After each forward / backward of a chunk (ZeRO-3 releases gathered units)."""
+
+    def end_pipeline_step(self) -> None:
+        """End of the schedule: launch whatever was not complete (parameters without a
+        gradient); finish_gradient_sync() then waits for everything."""
+        if self.tracker is not None:
+            self.tracker.armed = True
+            self.tracker.flush()
+
     def gradient_pieces(self, replicas: Replicas | None = None) -> tuple[list[torch.Tensor], list[int]]:
         """The gradient tensors this rank holds, each with the number of ranks holding an
         identical copy (optim.clip_grad_norm's `replication`): the dp replicas here, times
@@ -141,6 +172,53 @@ class DataParallelEngine:
         params = [p for p in self.params if p.grad is not None]
         dp = self.comm.size if self.comm else 1
         return [p.grad for p in params], [dp * (replicas(p) if replicas else 1) for p in params]
+
+    # -- checkpoints (train/checkpoint.py) ---------------------------------------------------
+    # {local parameter name: {"param", "exp_avg", "exp_avg_sq"}}: fp32, the parameter's local
+    # (tp-sharded) shape, whole over dp. Here the torch.optim AdamW state (replicated over dp).
+    def optimizer_steps(self) -> int:
+        """AdamW steps taken (torch.optim counts per parameter; a parameter that never had a
+        gradient has no count, the others agree)."""
+        return max((int(s["step"]) for s in self.optimizer.state.values() if "step" in s), default=0)
+
+    @torch.no_grad()
+    def export_local_state(self, moments: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+        """Copies of every trainable parameter's weight (and, with moments, Adam moments:
+        zeros before the first step). ZeRO engines gather them over dp (a collective)."""
+        out = {}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            entry = {"param": p.detach().float().clone()}
+            if moments:
+                state = self.optimizer.state.get(p, {})
+                for key in ("exp_avg", "exp_avg_sq"):
+                    entry[key] = state[key].float().clone() if key in state else torch.zeros_like(entry["param"])
+            out[name] = entry
+        return out
+
+    @torch.no_grad()
+    def import_local_state(self, state: dict[str, dict[str, torch.Tensor]], steps: int) -> None:
+        """The inverse of export_local_state (moments required); steps 0 clears the optimizer
+        state, as a fresh torch.optim.AdamW has none."""
+        groups = {id(p): g for g in self.optimizer.param_groups for p in g["params"]}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            entry = state[name]
+            p.copy_(entry["param"])
+            if steps == 0:
+                self.optimizer.state.pop(p, None)
+                continue
+            # The step counter as torch.optim.AdamW creates it: on the device when fused or
+            # capturable, else a CPU scalar (fp32 unless the default dtype is fp64).
+            group = groups[id(p)]
+            on_device = bool(group.get("fused") or group.get("capturable"))
+            dtype = torch.float64 if torch.get_default_dtype() == torch.float64 and not on_device else torch.float32
+            self.optimizer.state[p] = {
+                "step": torch.tensor(float(steps), dtype=dtype, device=p.device if on_device else "cpu"),
+                "exp_avg": entry["exp_avg"].to(p.device, p.dtype).clone(memory_format=torch.preserve_format),
+                "exp_avg_sq": entry["exp_avg_sq"].to(p.device, p.dtype).clone(memory_format=torch.preserve_format)}
 
     # -- memory accounting -----------------------------------------------------------------
     def held_param_bytes(self) -> int:

@@ -22,7 +22,10 @@ from pyruntime.config import Config
 from pyruntime.data import BatchSampler, Corpus, DataError, load_corpus, validation_batches
 from pyruntime.mesh import ParallelDims
 from pyruntime.model import Transformer, count_params, flops_per_token, init_weights
+from pyruntime.comm.overlap import refuse_overlap
 from pyruntime.parallel.data import apply_data_parallel
+from pyruntime.parallel.pipeline.apply import (build_executor, gather_timeline, pipeline_losses, report_timeline,
+                                               split_model)
 from pyruntime.parallel.tensor import apply_tp, tp_replicas, vocab_parallel_cross_entropy
 from pyruntime.train.metrics import MetricsWriter, device_peak_flops, format_step, peak_memory_mb, say
 from pyruntime.train.optim import clip_grad_norm, lr_at, set_lr
@@ -69,9 +72,18 @@ class Trainer:
         self.val_tokens = corpus.val
         self.model = build_model(cfg, device)
         self.loss_fn = lm_loss
+        # Pipeline first: the model keeps only this rank's stages, which tp then shards and
+        # dp buckets or shards further; parameter names never change.
+        self.pipeline = None
+        if dims.pp > 1:
+            chunks, self.stage_layers = split_model(self.model, cfg, dims)
         if dims.tp > 1:  # the model now returns vocab-parallel logits: the loss must match
-            apply_tp(self.model, dims, sequence_parallel=cfg.parallel.sequence_parallel,
-                     overlap=cfg.parallel.tp_overlap)
+            overlap = cfg.parallel.tp_overlap
+            if overlap and dims.pp > 1 and cfg.parallel.schedule == "zb":
+                # ZB's W walks each chunk's graph a second time; the overlapped GEMMs free
+                # their per-chunk graphs in the first backward.
+                overlap = refuse_overlap("with the zb schedule (its split backward walks the graph twice)")
+            apply_tp(self.model, dims, sequence_parallel=cfg.parallel.sequence_parallel, overlap=overlap)
             self.loss_fn = functools.partial(vocab_parallel_cross_entropy, tp_group=dims.group("tp"),
                                              vocab_size=cfg.model.vocab_size, backend=cfg.model.kernels)
         # After tp (it shards what dp then buckets or shards further); owns the optimizer.
@@ -79,6 +91,9 @@ class Trainer:
         self.optimizer = self.data_parallel.optimizer
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))
+        if dims.pp > 1:
+            self.pipeline = build_executor(chunks, self.model, cfg, dims, device, self.loss_fn,
+                                           self.data_parallel, self.autocast)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(device)
 
@@ -89,8 +104,10 @@ class Trainer:
         lr = lr_at(step, cfg.train.steps, cfg.optim)
         set_lr(self.optimizer, lr)
         micro = self.sampler.micro_batches(step, self.dp_rank, self.dims.dp, cfg.data.micro_batch)
-        loss_sum = self.forward_backward(micro)
+        loss_sum = self.pipeline.run_step(micro) if self.pipeline else self.forward_backward(micro)
         self._average_over_dp(loss_sum)
+        if self.pipeline:  # the loss lives on the last stage
+            dist.all_reduce(loss_sum, group=self.dims.group("pp"))
         grad_norm = self.clip_gradients()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -137,18 +154,31 @@ class Trainer:
         if self.dims.dp > 1:  # the loss for the log line; gradients are averaged by the dp wrapper
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG, group=self.dims.group("dp"))
 
+    def _report_pipeline(self) -> None:
+        """Measured vs simulated bubbles of the last step; the timeline pictures with --timeline."""
+        per_rank = gather_timeline(self.pipeline, self.dims)
+        if per_rank is not None and self.is_logger:
+            say(report_timeline(per_rank, self.cfg, self.dims, self.cfg.train.timeline))
+
     # -- validation -------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean loss over fixed validation batches (the same on every layout)."""
         self.model.eval()
-        losses = []
-        for x, y in validation_batches(self.val_tokens, self.cfg.data.seq_len,
-                                       self.cfg.data.micro_batch, self.cfg.train.eval_batches):
-            with self.autocast:
-                losses.append(self.loss_fn(self.model(x.to(self.device)), y.to(self.device)))
+        batches = validation_batches(self.val_tokens, self.cfg.data.seq_len, self.cfg.data.micro_batch,
+                                     self.cfg.train.eval_batches)
+        if self.pipeline:
+            losses = pipeline_losses(self.pipeline, batches, self.autocast)
+        else:
+            losses = []
+            for x, y in batches:
+                with self.autocast:
+                    losses.append(self.loss_fn(self.model(x.to(self.device)), y.to(self.device)))
         self.model.train()
-        return torch.stack(losses).mean().item()
+        loss = torch.stack(losses).mean()
+        if self.pipeline:
+            dist.all_reduce(loss, group=self.dims.group("pp"))
+        return loss.item()
 
     # -- the run ----------------------------------------------------------------------------
     def banner(self) -> str:
@@ -174,6 +204,8 @@ class Trainer:
                     say(format_step(rec, cfg.train.steps))
         finally:
             writer.close()
+        if self.pipeline:
+            self._report_pipeline()
         if self.is_logger:
             png = plot_loss_curve(writer.records, Path(cfg.train.out) / "loss.png",
                                   f"{cfg.train.preset} on {self.corpus_name}, {self.dims.describe()}")

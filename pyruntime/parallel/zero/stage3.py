@@ -198,12 +198,38 @@ class FullyShardedEngine(DataParallelEngine):
             unit.free()
         self._drain(0)
 
+    def after_pipeline_action(self) -> None:
+        # Units are gathered again by the next action's hooks; between actions only the
+        # shards (and gradients still accumulating) are held.
+        for unit in self.units:
+            unit.free()
+
+    def end_pipeline_step(self) -> None:
+        super().end_pipeline_step()
+        self.after_pipeline_action()
+
     def finish_gradient_sync(self) -> None:
         self._drain(0)
         super().finish_gradient_sync()
 
     def gradient_pieces(self, replicas: Replicas | None = None) -> tuple[list[torch.Tensor], list[int]]:
         return self.optimizer.gradient_pieces(self.comm.rank, replicas)
+
+    # -- checkpoints (see DataParallelEngine) -------------------------------------------------
+    def optimizer_steps(self) -> int:
+        return self.optimizer.steps
+
+    def export_local_state(self, moments: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+        names = {p: n for n, p in self.model.named_parameters()}
+        return self.optimizer.export_state(names, self.comm.group, moments)
+
+    def import_local_state(self, state: dict[str, dict[str, torch.Tensor]], steps: int) -> None:
+        # Only the shards change: units are gathered from them at the next forward (one still
+        # gathered would hold the old weights, so none is).
+        for unit in self.units:
+            unit.free()
+        names = {p: n for n, p in self.model.named_parameters()}
+        self.optimizer.import_state(names, self.comm.rank, state, steps)
 
     # -- memory accounting -----------------------------------------------------------------
     def _shard_bytes(self) -> int:

@@ -56,3 +56,42 @@ def reference_records(tmp_path_factory):
         return cache[(dp, variant)]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def layout_results(tmp_path_factory):
+    """layout_results(world) -> {Layout: Result}: every pipeline and composed layout of that
+    world size (tests/layout_cases.py), trained in one spawned world."""
+    import layout_cases
+
+    cache = {}
+
+    def get(world: int) -> dict:
+        if world not in cache:
+            layouts = layout_cases.PIPELINE.get(world, []) + layout_cases.COMPOSED.get(world, [])
+            out_dir = str(tmp_path_factory.mktemp(f"layouts{world}"))
+            results = run_world(world, layout_cases.run_layouts, out_dir, layouts)[0]
+            cache[world] = dict(zip(layouts, results))
+        return cache[world]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def layout_reference(tmp_path_factory):
+    """layout_reference(micro_batch) -> single-process Result of the layout-case config."""
+    import layout_cases
+
+    init_distributed(Launch(rank=0, world_size=1, local_rank=0), torch.device("cpu"))
+    dims = ParallelDims(1, 1, 1, 1).build_mesh("cpu")
+    out_dir = tmp_path_factory.mktemp("layout_single")
+    cache = {}
+
+    def get(micro_batch: int):
+        if micro_batch not in cache:
+            layout = layout_cases.Layout(microbatches=layout_cases.GLOBAL_BATCH // micro_batch)
+            cfg = layout_cases.config(out_dir, layout)
+            cache[micro_batch] = layout_cases.records_to_result(Trainer(cfg, dims, torch.device("cpu")).fit())
+        return cache[micro_batch]
+
+    return get

@@ -37,11 +37,16 @@ TRAIN_FLAGS = {
     "--tp": ("parallel", "tp", int, "tensor-parallel ranks"),
     "--zero": ("parallel", "zero", int, "ZeRO stage over dp: 0 (DDP), 1, 2, 3 (fully sharded)"),
     "--bucket-mb": ("parallel", "bucket_mb", float, "gradient bucket size in MB (zero 0-2)"),
+    "--schedule": ("parallel", "schedule", str, "pipeline schedule: naive, gpipe, 1f1b, interleaved, zb"),
+    "--virtual-stages": ("parallel", "virtual_stages", int, "model chunks per pipeline rank (interleaved)"),
+    "--pp-layout": ("parallel", "pp_layout", str, "layers per stage: even, balanced or counts like 4,4,3,5"),
+    "--mesh-order": ("parallel", "mesh_order", str, "rank-grid axis order, outermost first (default dp,pp,tp)"),
+    "--timeline": ("train", "timeline", str, "pp: write the measured pipeline timeline (PNG, Chrome trace) here"),
+    "--save-every": ("train", "save_every", int, "checkpoint every N steps into OUT/checkpoints (0: never)"),
+    "--resume": ("train", "resume", str, "continue from this checkpoint (a step_N dir, or a checkpoints dir)"),
+    "--peer-timeout": ("train", "peer_timeout_s", float,
+                       "seconds without a heartbeat before a rank is reported lost and all exit"),
 }
-
-# Axes whose parallel transform does not exist yet: a layout using them is refused up front.
-UNSUPPORTED_AXES = ("pp",)
-
 
 class OneLineParser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage + message; we want one line
@@ -57,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp > 1)")
     train.add_argument("--tp-overlap", action="store_true",
                        help="overlap the sequence-parallel collectives with the GEMMs (needs --sp)")
+    train.add_argument("--microbatches", type=int, default=None,
+                       help="micro-batches per step per dp rank (sets the micro-batch size)")
     for flag, (_, _, typ, help_) in TRAIN_FLAGS.items():
         train.add_argument(flag, type=typ, default=None, help=help_)
     sched = sub.add_parser("schedule", help="draw a planned pipeline schedule (no training)")
@@ -94,29 +101,35 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> Config:
         if world_size % (par.pp * par.tp) == 0:
             par = dataclasses.replace(par, dp=world_size // (par.pp * par.tp))
             cfg = dataclasses.replace(cfg, parallel=par)
+    if args.microbatches is not None:  # micro-batches per step per dp rank -> micro-batch size
+        per_rank, m = cfg.data.global_batch // max(par.dp, 1), args.microbatches
+        if m < 1 or cfg.data.global_batch % par.dp or per_rank % m:
+            raise ConfigError(f"--microbatches {m}: global batch {cfg.data.global_batch} does not divide into "
+                              f"dp {par.dp} x {m} micro-batches")
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, micro_batch=per_rank // m))
     cfg.validate()
-    ParallelDims(par.dp, par.pp, par.tp, world_size)  # raises if the layout does not fit the world
-    for axis in UNSUPPORTED_AXES:
-        if getattr(cfg.parallel, axis) > 1:
-            raise ConfigError(f"--{axis} {getattr(cfg.parallel, axis)}: {axis} parallelism is not supported yet")
+    ParallelDims.from_config(cfg.parallel, world_size)  # raises if the layout does not fit the world
     return cfg
 
 
 def run_train(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
+    from pyruntime.comm.watchdog import watch_peers
     from pyruntime.mesh import Launch, default_device, init_distributed
     from pyruntime.train.trainer import Trainer, open_corpus
 
     launch = Launch.from_env()
     cfg = config_from_args(args, launch.world_size)
-    dims = ParallelDims(cfg.parallel.dp, cfg.parallel.pp, cfg.parallel.tp, launch.world_size)
+    dims = ParallelDims.from_config(cfg.parallel, launch.world_size)
     corpus = open_corpus(cfg)  # data errors surface here, before any collective
     device = default_device(launch)
     init_distributed(launch, device)
     try:
         dims.build_mesh(device.type)
-        Trainer(cfg, dims, device, rank=launch.rank, corpus=corpus).fit()
+        # A peer that dies mid-step must not leave this rank waiting forever in a collective.
+        with watch_peers(launch.rank, launch.world_size, cfg.train.peer_timeout_s, dims.coords):
+            Trainer(cfg, dims, device, rank=launch.rank, corpus=corpus).fit()
     finally:
         dist.destroy_process_group()
     return 0

@@ -1,0 +1,308 @@
+"""PeerWatchdog: a dead or hung rank is named and nobody waits forever.
+
+Unit tests simulate the peers on one in-process store (their heartbeat keys are written by
+hand, or never); the integration test SIGKILLs one of three real `pyruntime train` ranks.
+"""
+import datetime
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch.distributed as dist
+
+from pyruntime.cli import build_parser, config_from_args
+from pyruntime.comm.watchdog import (DONE, FAILED, KEY_PREFIX, VERDICT_KEY, PeerWatchdog,
+                                     describe_by_coords, is_comm_error)
+from pyruntime.mesh import ParallelDims
+
+TIMEOUT = 1.0  # generous against thread scheduling jitter on a loaded 2-core CI box
+INTERVAL = 0.1
+
+
+class Recorder:
+    """on_lost for tests: remembers the report instead of ending pytest."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, list[int], float]] = []
+        self.event = threading.Event()
+
+    def __call__(self, message, ranks):
+        self.calls.append((message, ranks, time.monotonic()))
+        self.event.set()
+
+
+class Beater:
+    """A simulated live peer: advances its heartbeat key every INTERVAL until stopped."""
+
+    def __init__(self, store, rank):
+        self.store, self.key, self.stop = store, KEY_PREFIX + str(rank), threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        n = 0
+        while not self.stop.wait(INTERVAL):
+            n += 1
+            self.store.set(self.key, str(n))
+
+    def close(self):
+        self.stop.set()
+        self.thread.join()
+
+
+def watchdog(store, rank=0, world_size=3, timeout_s=TIMEOUT, **kw):
+    rec = Recorder()
+    kw.setdefault("describe_rank", describe_by_coords(ParallelDims(world_size, 1, 1, world_size).coords))
+    wd = PeerWatchdog(rank, world_size, timeout_s=timeout_s, interval_s=INTERVAL, store=store,
+                      on_lost=rec, **kw)
+    return wd, rec
+
+
+def test_silent_rank_is_named_after_the_timeout():
+    store = dist.HashStore()
+    wd, rec = watchdog(store)
+    beater = Beater(store, 1)  # rank 1 lives, rank 2 never beats
+    t0 = time.monotonic()
+    try:
+        wd.start()
+        assert rec.event.wait(5), "silent rank 2 was never reported"
+    finally:
+        wd.stop()
+        beater.close()
+    (message, ranks, at), = rec.calls
+    assert ranks == [2] and wd.lost_ranks() == [2]
+    assert message.startswith("rank 2 (dp 2, pp 0, tp 0) stopped responding") and "killed or hung" in message
+    assert "rank 1" not in message
+    assert TIMEOUT <= at - t0 < TIMEOUT + 1.0  # after the timeout, not much later
+    # The verdict is published, so every other rank names the same culprit.
+    assert store.get(VERDICT_KEY).decode() == "2|" + message
+
+
+def test_rank_that_stops_beating_later_is_named():
+    store = dist.HashStore()
+    wd, rec = watchdog(store)
+    beaters = [Beater(store, 1), Beater(store, 2)]
+    try:
+        wd.start()
+        time.sleep(1.5 * TIMEOUT)
+        assert not rec.calls  # both alive: nothing to report
+        beaters[0].close()  # rank 1 "is killed"
+        killed = time.monotonic()
+        assert rec.event.wait(5)
+    finally:
+        wd.stop()
+        for b in beaters:
+            b.close()
+    (message, ranks, at), = rec.calls
+    assert ranks == [1] and message.startswith("rank 1 (dp 1, pp 0, tp 0) stopped responding")
+    assert TIMEOUT - 2 * INTERVAL <= at - killed < TIMEOUT + 1.0
+
+
+def test_done_ranks_are_not_reported_and_stop_is_prompt():
+    store = dist.HashStore()
+    wd, rec = watchdog(store)
+    store.set(KEY_PREFIX + "2", DONE)  # rank 2 finished before we even started
+    beater = Beater(store, 1)
+    try:
+        wd.start()
+        time.sleep(2 * TIMEOUT)
+        assert not rec.calls
+    finally:
+        beater.close()
+    t = time.monotonic()
+    wd.stop()
+    assert time.monotonic() - t < 0.5 and not wd._thread.is_alive()
+
+
+def test_stop_does_not_wait_for_the_interval():
+    store = dist.HashStore()
+    wd = PeerWatchdog(0, 2, timeout_s=60, interval_s=5.0, store=store, on_lost=Recorder()).start()
+    time.sleep(0.1)  # the thread is now sleeping in its interval
+    t = time.monotonic()
+    wd.stop()
+    assert time.monotonic() - t < 0.5 and not wd._thread.is_alive() and wd._thread.daemon
+
+
+def test_failed_rank_is_named_at_once():
+    store = dist.HashStore()
+    wd, rec = watchdog(store, timeout_s=30)  # a failure must not wait for the (long) timeout
+    beater = Beater(store, 1)
+    try:
+        wd.start()
+        t0 = time.monotonic()
+        store.set(KEY_PREFIX + "2", FAILED)
+        assert rec.event.wait(5)
+    finally:
+        wd.stop()
+        beater.close()
+    (message, ranks, at), = rec.calls
+    assert ranks == [2] and "rank 2 (dp 2, pp 0, tp 0) exited with an error" in message
+    assert at - t0 < 1.0
+
+
+def test_verdict_of_another_rank_is_adopted():
+    store = dist.HashStore()
+    wd, rec = watchdog(store, rank=1)
+    beater = Beater(store, 0)
+    try:
+        wd.start()
+        store.set(VERDICT_KEY, "2|rank 2 (dp 2, pp 0, tp 0) stopped responding 5.0 s ago")
+        assert rec.event.wait(5)
+    finally:
+        wd.stop()
+        beater.close()
+    assert rec.calls[0][:2] == ("rank 2 (dp 2, pp 0, tp 0) stopped responding 5.0 s ago", [2])
+
+
+def test_lost_store_names_its_host():
+    host = dist.TCPStore("127.0.0.1", 0, 2, True, timeout=datetime.timedelta(seconds=5),
+                         wait_for_workers=False)
+    client = dist.TCPStore("127.0.0.1", host.port, 2, False, timeout=datetime.timedelta(seconds=5))
+    wd, rec = watchdog(client, rank=1, world_size=2, timeout_s=30, store_host_rank=0)
+    try:
+        wd.start()
+        time.sleep(2 * INTERVAL)
+        t0 = time.monotonic()
+        del host  # the store server goes away, as when rank 0 is killed
+        assert rec.event.wait(5)
+    finally:
+        wd.stop()
+    (message, ranks, at), = rec.calls
+    assert message.startswith("lost the c10d store hosted by rank 0 (dp 0, pp 0, tp 0)")
+    assert ranks == [0] and at - t0 < 2.0
+
+
+def test_context_manager_exits():
+    # Clean exit: "done" is published.
+    store = dist.HashStore()
+    wd, rec = watchdog(store, rank=1, world_size=2)
+    with wd:
+        pass
+    assert store.get(KEY_PREFIX + "1") == DONE and not rec.calls
+
+    # A non-communication error: "failed" is published so peers need not wait the timeout.
+    store = dist.HashStore()
+    wd, rec = watchdog(store, rank=1, world_size=2)
+    with pytest.raises(ValueError):
+        with wd:
+            raise ValueError("bug in this rank")
+    assert store.get(KEY_PREFIX + "1") == FAILED and not rec.calls
+
+    # A communication error: wait until the silent peer is named, keep beating meanwhile
+    # (so nobody blames this rank), then let the error through.
+    store = dist.HashStore()
+    wd, rec = watchdog(store, rank=1, world_size=2)
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError):
+        with wd:
+            raise RuntimeError("[gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:4242")
+    assert rec.calls and rec.calls[0][1] == [0] and wd.lost_ranks() == [0]
+    assert TIMEOUT <= time.monotonic() - t0 < TIMEOUT + 1.5
+    assert store.get(KEY_PREFIX + "1") not in (DONE, FAILED)
+
+
+def test_store_host_waits_for_peers_before_leaving():
+    store = dist.HashStore()
+    dogs = [watchdog(store, rank=r, store_host_rank=0) for r in range(3)]
+    for wd, _ in dogs:
+        wd.start()
+    finished = {}
+
+    def finish(r, delay):
+        time.sleep(delay)
+        dogs[r][0].finish(DONE)
+        finished[r] = time.monotonic()
+
+    threads = [threading.Thread(target=finish, args=(r, d)) for r, d in ((0, 0.0), (1, 0.3), (2, 0.8))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not any(rec.calls for _, rec in dogs)  # longer than the timeout, still nobody lost
+    assert finished[0] >= finished[2]  # the host's store outlived the last reader
+    assert all(store.get(KEY_PREFIX + str(r)) == DONE for r in range(3))
+
+
+def test_comm_errors_are_told_apart():
+    assert is_comm_error(RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] "
+                                      "Connection closed by peer [127.0.0.1]:1234"))
+    assert is_comm_error(dist.DistNetworkError("Broken pipe"))
+    assert not is_comm_error(ValueError("shape mismatch"))
+    assert not is_comm_error(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+def test_peer_timeout_flag():
+    cfg = config_from_args(build_parser().parse_args(["train", "--peer-timeout", "7.5"]), 1)
+    assert cfg.train.peer_timeout_s == 7.5
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_killed_rank_is_named_and_the_others_exit(tmp_path):
+    """Three plain processes (no torchrun: its agent would kill the survivors itself and hide
+    the watchdog); rank 2 is SIGKILLed mid-training; ranks 0 and 1 must name it and exit."""
+    world, victim, peer_timeout = 3, 2, 5
+    port = _free_port()
+    metrics = tmp_path / "out" / "metrics.jsonl"
+    procs, logs = [], []
+    try:
+        for rank in range(world):
+            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
+                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+            err = open(tmp_path / f"stderr{rank}", "w+")
+            logs.append(err)
+            # Not --quiet: rank 0's metrics file is how we see that training is under way.
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "pyruntime", "train", "--preset", "tiny", "--steps", "500",
+                 "--seq-len", "32", "--global-batch", "6", "--micro-batch", "2", "--dp", str(world),
+                 "--eval-every", "0", "--peer-timeout", str(peer_timeout), "--out", str(tmp_path / "out")],
+                env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err))
+        deadline = time.monotonic() + 120
+        while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
+            exited = [(r, p.returncode) for r, p in enumerate(procs) if p.poll() is not None]
+            assert not exited, f"rank(s) exited before the kill: {exited}\n" + _stderr(logs)
+            assert time.monotonic() < deadline, "training never started\n" + _stderr(logs)
+            time.sleep(0.1)
+
+        os.kill(procs[victim].pid, signal.SIGKILL)
+        killed = time.monotonic()
+        codes = {}
+        for rank, p in enumerate(procs):
+            if rank != victim:
+                try:
+                    codes[rank] = p.wait(timeout=max(0.1, killed + 40 - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pytest.fail(f"rank {rank} still running 40 s after rank {victim} was killed (hang)\n"
+                                + _stderr(logs))
+        elapsed = time.monotonic() - killed
+        print(f"survivors exited {elapsed:.1f} s after the kill (peer timeout {peer_timeout} s)")
+        assert all(code != 0 for code in codes.values()), codes
+        for rank in codes:
+            logs[rank].seek(0)
+            err = logs[rank].read()
+            assert f"pyruntime: error: rank {victim} (dp {victim}, pp 0, tp 0) stopped responding" in err, \
+                f"rank {rank}:\n{err[-3000:]}"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        for f in logs:
+            f.close()
+
+
+def _stderr(logs) -> str:
+    out = []
+    for rank, f in enumerate(logs):
+        f.seek(0)
+        out.append(f"--- rank {rank} stderr:\n{f.read()[-2000:]}")
+    return "\n".join(out)

@@ -49,8 +49,10 @@ def _even(n_layers: int, stages: int) -> list[int]:
 
 
 def _balanced(cfg: ModelConfig, stages: int) -> list[int]:
-    """Contiguous split minimising the largest stage's parameter count, the embedding counted
-    on the first stage and norm + head on the last (exact, by dynamic programming)."""
+    """Contiguous split minimising the sum of squared stage parameter counts (the embedding
+    counted on the first stage, norm + head on the last), exactly, by dynamic programming.
+    Squares rather than the maximum: with a large vocabulary the end stages bound the maximum
+    whatever the middle does, and squares still spread the middle layers evenly."""
     n = cfg.n_layers
     per = count_params(cfg)
     layer, embed, head = per["per_layer"], per["embedding"], per["embedding"] + cfg.dim
@@ -59,14 +61,14 @@ def _balanced(cfg: ModelConfig, stages: int) -> list[int]:
         return (end - first) * layer + (embed if stage == 0 else 0) + (head if stage == stages - 1 else 0)
 
     inf = float("inf")
-    # best[s][i]: smallest max-cost of stages 0..s-1 holding layers [0, i); choice = last cut
+    # best[s][i]: smallest sum of squared costs of stages 0..s-1 holding layers [0, i); cut: the last cut
     best = [[inf] * (n + 1) for _ in range(stages + 1)]
     cut = [[0] * (n + 1) for _ in range(stages + 1)]
     best[0][0] = 0
     for s in range(1, stages + 1):
         for i in range(s, n - (stages - s) + 1):
             for j in range(s - 1, i):
-                value = max(best[s - 1][j], cost(j, i, s - 1))
+                value = best[s - 1][j] + cost(j, i, s - 1) ** 2
                 if value < best[s][i]:
                     best[s][i], cut[s][i] = value, j
     counts, i = [], n

@@ -51,7 +51,7 @@ setup(
     packages=find_packages(include=["pyruntime", "pyruntime.*", "triton_kernels", "triton_kernels.*"]),
     python_requires=">=3.11",
     # No torch pin: it is a runtime requirement the user satisfies with their own build.
-    install_requires=["torch", "numpy"],
+    install_requires=["torch", "numpy", "safetensors"],
     extras_require={"triton": ["triton"], "plots": ["matplotlib"], "dev": ["pytest", "matplotlib"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

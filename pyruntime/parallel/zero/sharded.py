@@ -16,9 +16,11 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from pyruntime.comm.collectives import CommDebug
+from pyruntime.comm.tp import all_gather_into
 from pyruntime.config import OptimConfig
 from pyruntime.ops.adamw import DecayMask, adamw_step
 from pyruntime.ops.flat import FlatLayout, plan_flat_layout
@@ -163,3 +165,39 @@ class ShardedAdamW:
     def state_bytes(self) -> int:
         """The two moments (the master weights are counted as parameters)."""
         return 2 * self.master.numel() * self.master.element_size()
+
+    # -- checkpoints (train/checkpoint.py) ---------------------------------------------------
+    # The engines' export_local_state / import_local_state: {parameter name: {"param",
+    # "exp_avg", "exp_avg_sq"}} of whole (over dp) fp32 tensors. Read from the flat shards,
+    # never from p.data (ZeRO-3 parameters are views into freed buffers).
+    _BUFFERS = {"param": "master", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq"}
+
+    @torch.no_grad()
+    def export_state(self, names: dict[nn.Parameter, str], group: dist.ProcessGroup,
+                     moments: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+        """Whole tensors of every parameter: one all-gather over dp (`group`) per flat group
+        and buffer, so at most one group's full flat buffer is held beyond the result."""
+        keys = list(self._BUFFERS) if moments else ["param"]
+        out: dict[str, dict[str, torch.Tensor]] = {}
+        for g in self.groups:
+            for key in keys:
+                flat = getattr(self, self._BUFFERS[key])
+                full = torch.empty(g.full_numel, dtype=flat.dtype, device=flat.device)
+                all_gather_into(full, g.shard(flat).contiguous(), group)  # not comm: no step stats
+                for p, offset in zip(g.params, g.layout.offsets):
+                    out.setdefault(names[p], {})[key] = full[offset:offset + p.numel()].view(p.shape).clone()
+        return out
+
+    @torch.no_grad()
+    def import_state(self, names: dict[nn.Parameter, str], rank: int, state: dict[str, dict[str, torch.Tensor]],
+                     steps: int) -> None:
+        """Fill this rank's shards from whole tensors (no communication); padding stays zero."""
+        for attr in self._BUFFERS.values():
+            getattr(self, attr).zero_()
+        for g in self.groups:
+            for piece in g.layout.pieces(rank):
+                entry = state[names[g.params[piece.tensor_index]]]
+                for key, attr in self._BUFFERS.items():
+                    src = entry[key].reshape(-1)[piece.tensor_offset:piece.tensor_offset + piece.numel]
+                    g.shard(getattr(self, attr))[piece.shard_offset:piece.shard_offset + piece.numel].copy_(src)
+        self.steps = steps

@@ -112,6 +112,19 @@ class ZeroBucketEngine(DataParallelEngine):
             pending.wait()
             flat_unpack(full, [p.detach() for p in g.params], g.layout)
 
+    # -- checkpoints (see DataParallelEngine) -------------------------------------------------
+    def optimizer_steps(self) -> int:
+        return self.optimizer.steps
+
+    def export_local_state(self, moments: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+        names = {p: n for n, p in self.model.named_parameters()}
+        return self.optimizer.export_state(names, self.comm.group, moments)
+
+    def import_local_state(self, state: dict[str, dict[str, torch.Tensor]], steps: int) -> None:
+        names = {p: n for n, p in self.model.named_parameters()}
+        self.optimizer.import_state(names, self.comm.rank, state, steps)
+        self._publish()  # the replicated parameters become the loaded master weights
+
     # -- memory accounting -----------------------------------------------------------------
     def _shard_bytes(self) -> int:
         return self.optimizer.master.numel() * self.optimizer.master.element_size()

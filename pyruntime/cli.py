@@ -12,6 +12,7 @@ import sys
 
 from pyruntime.config import Config, ConfigError, config_from_dict, load_config_file
 from pyruntime.data import DataError
+from pyruntime.train.checkpoint import CheckpointError
 from pyruntime.mesh import ParallelDims
 
 # flag -> (section, field, type, help)
@@ -180,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "bench":
             from pyruntime.bench import run
             return run(args.bench_args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"pyruntime: error: {e}", file=sys.stderr)
         return 2
     return 1

@@ -44,13 +44,13 @@ def format_step(rec: dict, total_steps: int) -> str:
 class MetricsWriter:
     """Writes one JSON object per step (rank 0 only; other ranks pass enabled=False)."""
 
-    def __init__(self, path: Path, enabled: bool):
+    def __init__(self, path: Path, enabled: bool, append: bool = False):
         self.enabled = enabled
         self.records: list[dict] = []
         self._file = None
         if enabled:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "w")
+            self._file = open(path, "a" if append else "w")  # append: a resumed run continues the file
 
     def write(self, rec: dict) -> None:
         self.records.append(rec)

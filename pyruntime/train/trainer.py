@@ -27,6 +27,7 @@ from pyruntime.parallel.data import apply_data_parallel
 from pyruntime.parallel.pipeline.apply import (build_executor, gather_timeline, pipeline_losses, report_timeline,
                                                split_model)
 from pyruntime.parallel.tensor import apply_tp, tp_replicas, vocab_parallel_cross_entropy
+from pyruntime.train.checkpoint import load_checkpoint, save_checkpoint
 from pyruntime.train.metrics import MetricsWriter, device_peak_flops, format_step, peak_memory_mb, say
 from pyruntime.train.optim import clip_grad_norm, lr_at, set_lr
 from pyruntime.train.plot import plot_loss_curve
@@ -188,18 +189,57 @@ class Trainer:
                 f" | {self.device.type} | data {self.corpus_name} | global batch {c.data.global_batch}"
                 f" x {c.data.seq_len} tokens, micro-batch {c.data.micro_batch} | {c.train.steps} steps")
 
+    def per_rank_lines(self) -> list[str]:
+        """One line per rank: its mesh coordinates, what part of the model it holds and its
+        planned model-state bytes (parameters + gradients + optimizer states)."""
+        m = self.model
+        parts = []
+        if m.embed_tokens is not None:
+            parts.append("embedding")
+        keys = [int(k) for k in m.layers.keys()]
+        if keys:
+            runs, start = [], keys[0]
+            for a, b in zip(keys, keys[1:] + [None]):
+                if b != a + 1:
+                    runs.append(f"{start}" if start == a else f"{start}-{a}")
+                    start = b
+            parts.append("layers " + ",".join(runs))
+        if m.lm_head is not None:
+            parts.append("norm+head")
+        planned = self.data_parallel.planned_bytes()
+        total = (planned.param + planned.grad + planned.optim) / 2**20
+        mine = f"{' + '.join(parts)}: model state {total:.2f} MB"
+        if self.dims.world_size == 1:
+            return [mine]
+        everything: list = [None] * self.dims.world_size
+        dist.all_gather_object(everything, mine)
+        coords = [self.dims.coords(r) for r in range(self.dims.world_size)]
+        return [f"  rank {r} (dp {c['dp']}, pp {c['pp']}, tp {c['tp']}): {line}"
+                for r, (c, line) in enumerate(zip(coords, everything))]
+
     def fit(self) -> list[dict]:
         cfg = self.cfg
         say(self.banner(), self.is_logger)
         say(self.data_parallel.memory_line(), self.is_logger)
-        writer = MetricsWriter(cfg.metrics_path, enabled=self.is_logger)
+        rank_lines = self.per_rank_lines()  # a collective: every rank takes part
+        if len(rank_lines) > 1:
+            say("\n".join(rank_lines), self.is_logger)
+        start = 0
+        if cfg.train.resume:
+            start = load_checkpoint(self, cfg.train.resume)
+            say(f"resumed from {cfg.train.resume} at step {start}", self.is_logger)
+        writer = MetricsWriter(cfg.metrics_path, enabled=self.is_logger, append=start > 0)
         try:
-            for step in range(cfg.train.steps):
+            for step in range(start, cfg.train.steps):
                 rec = self.train_step(step)
                 done = step + 1
                 if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
                     rec["val_loss"] = self.evaluate()
                 writer.write(rec)
+                every = cfg.train.save_every
+                if every and (done % every == 0 or done == cfg.train.steps):
+                    path = save_checkpoint(self, Path(cfg.train.out) / "checkpoints", done)
+                    say(f"checkpoint: {path}", self.is_logger)
                 if self.is_logger and (done % cfg.train.log_every == 0 or done == cfg.train.steps):
                     say(format_step(rec, cfg.train.steps))
         finally:

@@ -42,13 +42,14 @@ def reference_records(tmp_path_factory):
     """reference_records(dp, variant) -> single-process records of that variant with the
     micro-batch size of the dp run (validation batches are cut in micro-batches); variant
     "delay": the accum_clip variant over DELAY_STEPS."""
-    init_distributed(Launch(rank=0, world_size=1, local_rank=0), torch.device("cpu"))
-    dims = ParallelDims(1, 1, 1, 1).build_mesh("cpu")
     out_dir = tmp_path_factory.mktemp("single")
     cache = {}
 
     def get(dp: int, variant: str) -> list[dict]:
         if (dp, variant) not in cache:
+            # A fresh world-1 group and mesh each time: other tests destroy the default group.
+            init_distributed(Launch(rank=0, world_size=1, local_rank=0), torch.device("cpu"))
+            dims = ParallelDims(1, 1, 1, 1).build_mesh("cpu")
             steps = DELAY_STEPS if variant == "delay" else STEPS
             cfg = config(out_dir, dp, 0, "accum_clip" if variant == "delay" else variant, steps)
             cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, dp=1))
@@ -82,13 +83,14 @@ def layout_reference(tmp_path_factory):
     """layout_reference(micro_batch) -> single-process Result of the layout-case config."""
     import layout_cases
 
-    init_distributed(Launch(rank=0, world_size=1, local_rank=0), torch.device("cpu"))
-    dims = ParallelDims(1, 1, 1, 1).build_mesh("cpu")
     out_dir = tmp_path_factory.mktemp("layout_single")
     cache = {}
 
     def get(micro_batch: int):
         if micro_batch not in cache:
+            # A fresh world-1 group and mesh each time: other tests destroy the default group.
+            init_distributed(Launch(rank=0, world_size=1, local_rank=0), torch.device("cpu"))
+            dims = ParallelDims(1, 1, 1, 1).build_mesh("cpu")
             layout = layout_cases.Layout(microbatches=layout_cases.GLOBAL_BATCH // micro_batch)
             cfg = layout_cases.config(out_dir, layout)
             cache[micro_batch] = layout_cases.records_to_result(Trainer(cfg, dims, torch.device("cpu")).fit())

@@ -201,3 +201,19 @@ class ShardedAdamW:
                     src = entry[key].reshape(-1)[piece.tensor_offset:piece.tensor_offset + piece.numel]
                     g.shard(getattr(self, attr))[piece.shard_offset:piece.shard_offset + piece.numel].copy_(src)
         self.steps = steps
+
+
+class ShardedCheckpointing:
+    """Checkpoint methods of the ZeRO engines (whose optimizer is a ShardedAdamW over the
+    model's parameters): state in and out by parameter name; see DataParallelEngine."""
+
+    def optimizer_steps(self) -> int:
+        return self.optimizer.steps
+
+    def export_local_state(self, moments: bool = True) -> dict[str, dict[str, torch.Tensor]]:
+        names = {p: n for n, p in self.model.named_parameters()}
+        return self.optimizer.export_state(names, self.comm.group, moments)
+
+    def _import_shards(self, state: dict[str, dict[str, torch.Tensor]], steps: int) -> None:
+        names = {p: n for n, p in self.model.named_parameters()}
+        self.optimizer.import_state(names, self.comm.rank, state, steps)

@@ -31,7 +31,7 @@ from pyruntime.ops.flat import flat_pack, flat_unpack
 from pyruntime.parallel.accounting import ModelStateBytes, storage_bytes
 from pyruntime.parallel.data import (ALIGN, DataParallelEngine, GradReadyTracker, Replicas, gradient_buckets,
                                      grad_or_zeros, trainable_params)
-from pyruntime.parallel.zero.sharded import ShardedAdamW, plan_groups
+from pyruntime.parallel.zero.sharded import ShardedAdamW, ShardedCheckpointing, plan_groups
 
 # ZeRO-2/3: reduce-scatters (each holding a bucket- or unit-sized flat gradient) in flight when
 # the next one is issued. The previous one is completed just before the next is packed: it has
@@ -39,7 +39,7 @@ from pyruntime.parallel.zero.sharded import ShardedAdamW, plan_groups
 MAX_IN_FLIGHT = 1
 
 
-class ZeroBucketEngine(DataParallelEngine):
+class ZeroBucketEngine(ShardedCheckpointing, DataParallelEngine):
     def __init__(self, model: nn.Module, comm: Collectives, optim_cfg: OptimConfig, bucket_bytes: int, *,
                  stage: int, kernels: str = "auto"):
         if stage not in (1, 2):
@@ -112,17 +112,9 @@ class ZeroBucketEngine(DataParallelEngine):
             pending.wait()
             flat_unpack(full, [p.detach() for p in g.params], g.layout)
 
-    # -- checkpoints (see DataParallelEngine) -------------------------------------------------
-    def optimizer_steps(self) -> int:
-        return self.optimizer.steps
-
-    def export_local_state(self, moments: bool = True) -> dict[str, dict[str, torch.Tensor]]:
-        names = {p: n for n, p in self.model.named_parameters()}
-        return self.optimizer.export_state(names, self.comm.group, moments)
-
+    # -- checkpoints (see DataParallelEngine, sharded.ShardedCheckpointing) --------------------
     def import_local_state(self, state: dict[str, dict[str, torch.Tensor]], steps: int) -> None:
-        names = {p: n for n, p in self.model.named_parameters()}
-        self.optimizer.import_state(names, self.comm.rank, state, steps)
+        self._import_shards(state, steps)
         self._publish()  # the replicated parameters become the loaded master weights
 
     # -- memory accounting -----------------------------------------------------------------

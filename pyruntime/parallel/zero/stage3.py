@@ -39,7 +39,7 @@ from pyruntime.config import OptimConfig
 from pyruntime.ops.flat import flat_pack
 from pyruntime.parallel.accounting import ModelStateBytes, mb, storage_bytes
 from pyruntime.parallel.data import ALIGN, DataParallelEngine, GradReadyTracker, Replicas, grad_or_zeros
-from pyruntime.parallel.zero.sharded import FlatGroup, ShardedAdamW, plan_groups
+from pyruntime.parallel.zero.sharded import FlatGroup, ShardedAdamW, ShardedCheckpointing, plan_groups
 from pyruntime.parallel.zero.stage12 import MAX_IN_FLIGHT
 
 
@@ -105,7 +105,7 @@ class _Unit:
         self.full.untyped_storage().resize_(0)
 
 
-class FullyShardedEngine(DataParallelEngine):
+class FullyShardedEngine(ShardedCheckpointing, DataParallelEngine):
     """--zero 3 (see the module docstring)."""
 
     def __init__(self, model: nn.Module, comm: Collectives, optim_cfg: OptimConfig, *, kernels: str = "auto",
@@ -215,21 +215,13 @@ class FullyShardedEngine(DataParallelEngine):
     def gradient_pieces(self, replicas: Replicas | None = None) -> tuple[list[torch.Tensor], list[int]]:
         return self.optimizer.gradient_pieces(self.comm.rank, replicas)
 
-    # -- checkpoints (see DataParallelEngine) -------------------------------------------------
-    def optimizer_steps(self) -> int:
-        return self.optimizer.steps
-
-    def export_local_state(self, moments: bool = True) -> dict[str, dict[str, torch.Tensor]]:
-        names = {p: n for n, p in self.model.named_parameters()}
-        return self.optimizer.export_state(names, self.comm.group, moments)
-
+    # -- checkpoints (see DataParallelEngine, sharded.ShardedCheckpointing) --------------------
     def import_local_state(self, state: dict[str, dict[str, torch.Tensor]], steps: int) -> None:
         # Only the shards change: units are gathered from them at the next forward (one still
         # gathered would hold the old weights, so none is).
         for unit in self.units:
             unit.free()
-        names = {p: n for n, p in self.model.named_parameters()}
-        self.optimizer.import_state(names, self.comm.rank, state, steps)
+        self._import_shards(state, steps)
 
     # -- memory accounting -----------------------------------------------------------------
     def _shard_bytes(self) -> int:

@@ -1,4 +1,6 @@
-"""Microbenchmarks: `python -m pyruntime bench tp [options]` (or benchmarks/bench_tp.py), and
+"""Microbenchmarks: `python -m pyruntime bench tp [options]` (or benchmarks/bench_tp.py),
+`bench pp [options]` (benchmarks/bench_pipeline.py: pipeline step time vs
+torch.distributed.pipelining on 2 gloo ranks), and
 the one benchmark harness they share (benchmarks/harness.py re-exports it: benchmarks/ is
 not an installed package, so the harness lives in the package that the CLI can import).
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
 import importlib.util
 import statistics
 import subprocess
@@ -291,10 +294,30 @@ def _int_list(text: str) -> list[int]:
     return [int(v) for v in text.split(",") if v]
 
 
+def run_script(name: str, argv: list[str]) -> int:
+    """Runs benchmarks/NAME.py's main(argv) from the source checkout: multi-process suites
+    (pp) live there, not in the package; the checkout is importable as a plain directory,
+    and spawned ranks re-import the script by name from the sys.path they inherit."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parent.parent / "benchmarks"
+    if not (folder / f"{name}.py").is_file():
+        print(f"bench: {folder / name}.py not found; this suite runs from a source checkout "
+              "(pip install -e .)", file=sys.stderr)
+        return 2
+    if str(folder) not in sys.path:
+        sys.path.insert(0, str(folder))
+    return importlib.import_module(name).main(argv)
+
+
 def run(argv: list[str]) -> int:
     """Entry of `python -m pyruntime bench SUITE ...` (argv: the words after "bench")."""
+    if argv[:1] == ["pp"]:  # its own options: see benchmarks/bench_pipeline.py
+        return run_script("bench_pipeline", argv[1:])
     parser = argparse.ArgumentParser(prog="pyruntime bench", description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["tp"], help="tp: the kernels of the tensor-parallel layers")
+    parser.add_argument("suite", choices=["tp", "pp"],
+                        help="tp: the kernels of the tensor-parallel layers; pp: pipeline step time vs "
+                             "torch.distributed.pipelining on 2 gloo ranks (`bench pp --help`)")
     parser.add_argument("--tp", type=_int_list, help="tp degrees, e.g. 1,2,8 (default 1,2,8)")
     parser.add_argument("--tokens", type=int, help="rows M (default 8192 on CUDA, 256 on CPU)")
     parser.add_argument("--hidden", type=int, help="K (default 4096 on CUDA)")

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 # The benchmark is a script in benchmarks/, not a package module; spawned ranks import it
-# by name from the sys.path they inherit.
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+# by name from the sys.path they inherit. Appended: nothing of the test tree is shadowed.
+sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))
 
 import bench_pipeline  # noqa: E402
 

@@ -355,15 +355,8 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
              f"{r['ours_pp_ms']:.1f}", f"{r['torch_pp_ms']:.1f}", f"{r['pp_ratio']:.2f}x",
              " ".join(f"{b:.3f}" for b in r["bubble"]), " ".join(f"{b:.3f}" for b in r["sim_bubble"])]
             for r in rows]
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(c) + " |" for c in body]
-    else:
-        widths = [max(len(x) for x in col) for col in zip(head, *body)]
-        fmt = lambda cells: " ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
-                                     for i, (c, w) in enumerate(zip(cells, widths)))
-        lines = [fmt(head), "-" * len(fmt(head))] + [fmt(c) for c in body]
-    return "\n".join(lines)
+    from pyruntime.bench import table_lines
+    return "\n".join(table_lines(head, body, markdown))
 
 
 def gap_line(r: dict) -> str:

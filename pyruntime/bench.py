@@ -105,6 +105,19 @@ def compare(name: str, shape: str, ours: Callable, baseline: Callable | None = N
     return row
 
 
+
+def table_lines(head: list[str], body: list[list[str]], markdown: bool) -> list[str]:
+    """A Markdown table, or a plain one with the first two columns left-aligned and the
+    numbers right-aligned."""
+    if markdown:
+        return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(c) + " |" for c in body]
+    widths = [max(len(x) for x in col) for col in zip(head, *body)]
+
+    def fmt(cells: list[str]) -> str:
+        return " ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return [fmt(head), "-" * len(fmt(head))] + [fmt(c) for c in body]
+
 def print_table(rows: list[Row], title: str = "", markdown: bool = False) -> str:
     """Print (and return) the rows as a fixed-width table, or a Markdown one for RESULTS.md.
     Memory columns (MiB) appear only when some row measured memory."""
@@ -120,15 +133,7 @@ def print_table(rows: list[Row], title: str = "", markdown: bool = False) -> str
         if with_mem:
             cells += [f"{m / 2**20:.1f}" if m is not None else "" for m in (r.ours_mem, r.base_mem)]
         body.append(cells)
-    if markdown:
-        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-        lines += ["| " + " | ".join(c) + " |" for c in body]
-    else:
-        widths = [max(len(x) for x in col) for col in zip(head, *body)]
-        fmt = lambda cells: " ".join(c.ljust(w) if i < 2 else c.rjust(w)  # noqa: E731
-                                     for i, (c, w) in enumerate(zip(cells, widths)))
-        lines = [fmt(head), "-" * len(fmt(head))] + [fmt(c) for c in body]
-    text = "\n".join(([title] if title else []) + lines)
+    text = "\n".join(([title] if title else []) + table_lines(head, body, markdown))
     print(text, flush=True)
     return text
 

@@ -14,10 +14,13 @@
 //    communication batch: the executor posts all of its ops together, in list order, as one
 //    batch_isend_irecv (one NCCL group). Megatron's send_forward_recv_backward is the batch
 //    [SEND_F, RECV_B].
-//  * If the batch holds a receive, the executor waits for the whole batch before the next
-//    compute action (NCCL completes a group as a unit). A batch of sends only is not waited
-//    for: its handles (and tensors) are kept until the end of the step, so compute goes on
-//    while the peer is still busy.
+//  * Posting a batch never blocks the program. An F or B that consumes a received tensor
+//    (F its activation, B its output gradient) first waits for the whole batch that received
+//    it (NCCL completes a group as a unit); other computes run on while the batch is in
+//    flight (Megatron and torch.distributed.pipelining also wait at the consumer). Sends are
+//    waited for at the end of the step. Waiting later than the batch's position only moves
+//    events earlier, so every argument for deadlock-freedom made for "wait at the batch"
+//    carries over.
 //  * A rank's batches run one after another (NCCL serialises them on the communicator's
 //    stream): a batch starts when the rank reaches it and its previous batch has completed.
 //  * A started batch completes once, for each of its ops, the peer has started the batch

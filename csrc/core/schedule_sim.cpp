@@ -1,10 +1,11 @@
 // Timed simulation of a structurally valid schedule (schedule_check.cpp) under the executor
 // convention of schedule.h. Each rank has a program (its action list, run in order on the
 // compute stream) and a comm stream that runs its batches one after another. Compute actions
-// run back to back; reaching a batch hands it to the comm stream, and the program waits for
-// it only when it holds a receive. A batch starts (is posted) when handed over and the
-// previous batch finished, and completes once every op's counterpart has started too,
-// comm_latency after the later of the two. No progress with work left is a deadlock.
+// run back to back; reaching a batch hands it to the comm stream without waiting; an F or B
+// that consumes a received tensor waits for the batch that received it. A batch starts (is
+// posted) when handed over and the previous batch finished, and completes once every op's
+// counterpart has started too, comm_latency after the later of the two. No progress with
+// work left is a deadlock.
 #include <algorithm>
 #include <sstream>
 #include <stdexcept>
@@ -40,11 +41,23 @@ class Simulator {
       st.segment_of.assign(actions.size(), -1);
       for (int i = 0; i < static_cast<int>(actions.size()); ++i) {
         const bool comm = is_comm(actions[i].kind);
-        if (!(comm && i > 0 && is_comm(actions[i - 1].kind))) st.segments.push_back({i, i + 1, comm, false});
-        Segment& seg = st.segments.back();
-        seg.end = i + 1;
-        seg.has_recv |= actions[i].kind == ActionKind::RECV_F || actions[i].kind == ActionKind::RECV_B;
+        if (!(comm && i > 0 && is_comm(actions[i - 1].kind))) st.segments.push_back({i, i + 1, comm});
+        st.segments.back().end = i + 1;
         st.segment_of[i] = static_cast<int>(st.segments.size()) - 1;
+      }
+      st.consumes.assign(actions.size(), -1);
+      for (int i = 0; i < static_cast<int>(actions.size()); ++i) {
+        const ActionKind need = actions[i].kind == ActionKind::F   ? ActionKind::RECV_F
+                                : actions[i].kind == ActionKind::B ? ActionKind::RECV_B
+                                                                   : ActionKind::W;  // W: none
+        if (need == ActionKind::W) continue;
+        for (int j = i - 1; j >= 0; --j) {  // the structure check put the receive before its use
+          const Action& a = actions[j];
+          if (a.kind == need && a.microbatch == actions[i].microbatch && a.chunk == actions[i].chunk) {
+            st.consumes[i] = st.segment_of[j];
+            break;
+          }
+        }
       }
       st.enqueued.assign(st.segments.size(), -1.0);
       st.posted.assign(st.segments.size(), -1.0);
@@ -73,12 +86,12 @@ class Simulator {
     int begin;
     int end;
     bool batch;
-    bool has_recv;
   };
 
   struct RankState {
     std::vector<Segment> segments;
     std::vector<int> segment_of;  // action index -> segment
+    std::vector<int> consumes;    // compute action index -> batch receiving its input; -1 = none
     int pc = 0;                   // next segment the rank's program reaches
     double cpu = 0.0;             // when its compute stream is free
     std::vector<int> queue;       // batches handed to the comm stream, in order
@@ -94,13 +107,19 @@ class Simulator {
     return (s_.split_backward ? costs_.backward_input : costs_.backward) / v;
   }
 
-  // Runs rank r's program until it ends or waits for a batch holding a receive.
+  // Runs rank r's program until it ends or reaches a compute whose received input is not
+  // there yet.
   bool advance_cpu(int r) {
     RankState& st = ranks_[r];
     bool moved = false;
     while (st.pc < static_cast<int>(st.segments.size())) {
       const Segment& seg = st.segments[st.pc];
       if (!seg.batch) {
+        const int needs = st.consumes[seg.begin];
+        if (needs >= 0) {
+          if (st.done[needs] < 0) return moved;
+          st.cpu = std::max(st.cpu, st.done[needs]);
+        }
         const double start = st.cpu;
         st.cpu += duration(s_.actions[r][seg.begin].kind);
         timed_[r][seg.begin] = {r, seg.begin, s_.actions[r][seg.begin], start, st.cpu};
@@ -110,10 +129,6 @@ class Simulator {
           st.queue.push_back(st.pc);
           advance_stream(r);
           moved = true;
-        }
-        if (seg.has_recv) {
-          if (st.done[st.pc] < 0) return moved;
-          st.cpu = std::max(st.cpu, st.done[st.pc]);
         }
       }
       ++st.pc;

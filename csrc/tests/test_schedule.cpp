@@ -194,6 +194,25 @@ TEST(one_f_one_b_message_placement) {
   }
 }
 
+// A compute waits only for the batch that received its own input: on 1F1B pp=2 m=2 with
+// messages taking 0.5, rank 1 posts F(1)'s receive at t=2.5 (it completes at 3.0) and runs
+// B(0), which needs nothing received, at once; F(1) later finds its activation there.
+TEST(compute_waits_only_for_its_own_receive) {
+  Costs costs;
+  costs.comm_latency = 0.5;
+  const SimResult r = simulate("1f1b", 2, 2, 1, costs);
+  double b0_start = -1, f1_start = -1, recv_f1_end = -1;
+  for (const auto& e : r.events) {
+    if (e.rank != 1) continue;
+    if (e.action.kind == ActionKind::B && e.action.microbatch == 0) b0_start = e.start;
+    if (e.action.kind == ActionKind::F && e.action.microbatch == 1) f1_start = e.start;
+    if (e.action.kind == ActionKind::RECV_F && e.action.microbatch == 1) recv_f1_end = e.end;
+  }
+  CHECK(near(b0_start, 2.5));
+  CHECK(near(recv_f1_end, 3.0));
+  CHECK(near(f1_start, 4.5));  // after B(0), its activation long there
+}
+
 // Messages are planned with the default costs; other costs only move times (whether a
 // schedule can hang depends on posting order alone), and every rank stays busy for exactly
 // its share of the work.

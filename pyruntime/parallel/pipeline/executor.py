@@ -4,14 +4,17 @@
     loss_sum = executor.run_step(micro_batches)       # summed micro-batch losses (last stage)
 
 Communication follows the executor convention of schedule.py / csrc/core/schedule.h:
-consecutive SEND/RECV actions between two computes are posted as ONE dist.batch_isend_irecv;
-a batch holding a receive is waited for before the next compute, a batch of sends only is
-kept (handles and tensors) until the end of the step. Receive buffers are allocated from the
-shapes the config fixes (micro-batch, sequence or sequence shard, hidden size), so there is
-no per-message handshake. With debug=True (PYRUNTIME_PP_DEBUG=1) every message is preceded
-by a small header batch (kind, micro-batch, stage, shape, dtype) that the receiver checks
-against what it expects, naming both sides on a mismatch instead of hanging or reading
-garbage. Every wait has a deadline: a peer that does not answer is named in the error.
+consecutive SEND/RECV actions between two computes are posted as ONE dist.batch_isend_irecv
+and posting never blocks: an F or B waits, just before it runs, for the receive of its input
+(on NCCL for the whole batch, which completes as a unit; gloo returns one work per op), so
+computes that need nothing from a message in flight overlap with it; sends are waited for at
+the end of the step (their handles and tensors kept until then). On gloo a batch's receives
+are posted one compute earlier than listed (see receive_ahead), so the transfer overlaps
+that compute. Receive buffers are allocated from the shapes the config fixes (micro-batch,
+sequence or sequence shard, hidden size), so there is no per-message handshake. With
+debug=True (PYRUNTIME_PP_DEBUG=1) every message is preceded by a small header batch (kind,
+micro-batch, stage, shape, dtype) that the receiver checks against what it expects, naming
+both sides on a mismatch instead of hanging or reading garbage. Every wait has a deadline: a peer that does not answer is named in the error.
 
 Compute: F runs a chunk's forward (the last stage also the loss, divided by the number of
 micro-batches so the accumulated gradient is the mean, exactly as single-process training);
@@ -89,12 +92,34 @@ class _Slot:
 
 
 @dataclass
+class _InFlight:
+    """A posted batch holding receives, until the computes that consume them wait for them."""
+
+    actions: list[Action]
+    works: list
+    tensors: list[torch.Tensor]
+    posted: float  # seconds from the step's start
+
+    @property
+    def per_op(self) -> bool:
+        """One work per op (gloo): a receive can be waited for alone. Else (NCCL's coalesced
+        group) the batch's works complete together and are waited for together."""
+        return len(self.works) == len(self.actions)
+
+
+@dataclass
 class StepRecord:
     """Timed actions of the last step (seconds from the step's start), for the timeline."""
 
     events: list[TimedEvent] = field(default_factory=list)
     duration: float = 0.0
     wall_start: float = 0.0  # time.time() at the step's start: aligns the ranks' records
+    # (start, end) of every stretch the rank sat blocked on a message: receives its next
+    # compute needs, sends at the end of the step (posting time is in the comm events)
+    waits: list[tuple[float, float]] = field(default_factory=list)
+
+    def blocked(self) -> float:
+        return sum(end - start for start, end in self.waits)
 
     def busy(self) -> float:
         return sum(e.duration for e in self.events if e.kind in ("F", "B", "W"))
@@ -112,6 +137,19 @@ class PipelineExecutor:
         # Global ranks of the pp peers: batch_isend_irecv takes global ranks.
         self.peer_global = {r: dist.get_global_rank(pp_group, r) for r in range(spec.pp)}
         self.last_grad_action = self._last_weight_grad_actions()
+        # [begin, end) of each compute action and of each run of comm actions (one batch)
+        self.segments: list[tuple[int, int]] = []
+        for i, a in enumerate(self.actions):
+            if a.is_comm and i > 0 and self.actions[i - 1].is_comm:
+                self.segments[-1] = (self.segments[-1][0], i + 1)
+            else:
+                self.segments.append((i, i + 1))
+        # gloo runs every op as its own work, in the background, with no stream to hold up:
+        # there a batch's receives are posted one compute ahead of their place in the list
+        # (per-peer order kept), so their data is in when the consumer starts, as PyTorch's
+        # runtime does. Not on NCCL (a group occupies the communicator's stream, which the
+        # simulator's convention models) and not in debug mode (headers mirror batches).
+        self.receive_ahead = dist.get_backend(pp_group) == "gloo" and not spec.debug
         self.chunk_params = [c.parameters_of_chunk() for c in self.chunks]
         self.record = StepRecord()
 
@@ -135,21 +173,22 @@ class PipelineExecutor:
         self.micro = micro
         self.loss_sum = torch.zeros((), device=self.device)
         self.pending_sends: list[tuple[list, list[torch.Tensor]]] = []
+        self.in_flight: dict[tuple[str, int, int], _InFlight] = {}  # (RECV_*, chunk, mb) -> batch
         self.record = StepRecord(wall_start=time.time())
         self.t0 = time.perf_counter()
         if self.engine is not None:
             self.engine.begin_pipeline_step()
-        i = 0
-        while i < len(self.actions):
-            if self.actions[i].is_comm:
-                j = i
-                while j < len(self.actions) and self.actions[j].is_comm:
-                    j += 1
-                self._communicate(i, j)
-                i = j
-            else:
-                self._compute(i)
-                i += 1
+        self.posted_ahead: set[int] = set()  # action indices of receives already posted
+        for k, (begin, end) in enumerate(self.segments):
+            if self.actions[begin].is_comm:
+                self._communicate(begin, end)
+                continue
+            if self.receive_ahead and k + 1 < len(self.segments) and self.actions[self.segments[k + 1][0]].is_comm:
+                self._post_receives_ahead(*self.segments[k + 1])
+            self._compute(begin)
+        for key in list(self.in_flight):  # none for validated schedules: all consumed
+            if key in self.in_flight:
+                self._receive(key)
         for works, _tensors in self.pending_sends:
             self._wait(works, "SEND batch at the end of the step", None)
         self.pending_sends = []
@@ -172,6 +211,10 @@ class PipelineExecutor:
         a = self.actions[index]
         if self.engine is not None and self.last_grad_action.get(a.chunk) == index:
             self.engine.arm_gradient_sync(self.chunk_params[a.chunk])
+        if a.kind != "W":  # F consumes a received activation, B a received gradient
+            key = ("RECV_" + a.kind, a.chunk, a.microbatch)
+            if key in self.in_flight:
+                self._receive(key)
         start = self._now()
         {"F": self._forward, "B": self._backward, "W": self._weight_grad}[a.kind](a)
         if self.engine is not None:
@@ -228,8 +271,20 @@ class PipelineExecutor:
         slot.input = None  # its .grad (if any) lives on in slot.input_grad until sent
 
     # -- communication -----------------------------------------------------------------------
+    def _post_receives_ahead(self, begin: int, end: int) -> None:
+        todo = [i for i in range(begin, end) if self.actions[i].kind.startswith("RECV")]
+        if todo:
+            self._post([self.actions[i] for i in todo])
+            self.posted_ahead.update(todo)
+
     def _communicate(self, begin: int, end: int) -> None:
-        batch = self.actions[begin:end]
+        batch = [self.actions[i] for i in range(begin, end) if i not in self.posted_ahead]
+        if batch:
+            self._post(batch)
+
+    def _post(self, batch: list[Action]) -> None:
+        """Posts `batch` as one batch_isend_irecv; receives are waited for by their consumers,
+        sends at the end of the step."""
         start = self._now()
         has_recv = any(a.kind.startswith("RECV") for a in batch)
         if self.spec.debug:
@@ -241,22 +296,49 @@ class PipelineExecutor:
             op = dist.isend if a.kind.startswith("SEND") else dist.irecv
             ops.append(dist.P2POp(op, t, self.peer_global[a.peer], group=self.group))
         works = dist.batch_isend_irecv(ops)
-        if has_recv:
-            self._wait(works, "batch " + ", ".join(self._describe(a) for a in batch), batch)
-            for a, t in zip(batch, tensors):
-                if a.kind == "RECV_F":
-                    self._slot(a).input = t.requires_grad_()
-                elif a.kind == "RECV_B":
-                    self._slot(a).output_grad = t
+        sends = [i for i, a in enumerate(batch) if a.kind.startswith("SEND")]
+        if has_recv:  # each receive waited for by the compute that consumes it
+            flight = _InFlight(list(batch), works, tensors, start)
+            for a in batch:
+                if a.kind.startswith("RECV"):
+                    self.in_flight[(a.kind, a.chunk, a.microbatch)] = flight
+            # Its sends: waited at the step's end with their own works (gloo); in a coalesced
+            # group, with the batch (a work is never waited twice: gloo's would wait for
+            # another message). The flight keeps their tensors alive until then.
+            if sends and flight.per_op:
+                self.pending_sends.append(([works[i] for i in sends], [tensors[i] for i in sends]))
         else:
             self.pending_sends.append((works, tensors))
         for a in batch:
             if a.kind == "SEND_B":
                 self._slot(a).input_grad = None  # the pending list keeps the tensor alive
-        end_t = self._now()
+        posted = self._now()
         for a in batch:
-            self.record.events.append(TimedEvent(self.spec.pp_rank, a.kind, a.microbatch, a.chunk, start, end_t,
-                                                 a.peer))
+            if not (has_recv and a.kind.startswith("RECV")):
+                self.record.events.append(TimedEvent(self.spec.pp_rank, a.kind, a.microbatch, a.chunk, start,
+                                                     posted, a.peer))
+
+    def _receive(self, key: tuple[str, int, int]) -> None:
+        """Waits for the receive `key` (per op, or its whole batch) and hands what arrived to
+        the slots; the receives' timeline events span from posting to the end of this wait."""
+        flight = self.in_flight[key]
+        if flight.per_op:
+            i = next(i for i, a in enumerate(flight.actions) if (a.kind, a.chunk, a.microbatch) == key)
+            self._wait([flight.works[i]], self._describe(flight.actions[i]), [flight.actions[i]])
+            done_ops = [i]
+        else:
+            self._wait(flight.works, "batch " + ", ".join(self._describe(a) for a in flight.actions), flight.actions)
+            done_ops = [i for i, a in enumerate(flight.actions) if a.kind.startswith("RECV")]
+        done = self._now()
+        for i in done_ops:
+            a, t = flight.actions[i], flight.tensors[i]
+            del self.in_flight[(a.kind, a.chunk, a.microbatch)]
+            if a.kind == "RECV_F":
+                self._slot(a).input = t.requires_grad_()
+            else:
+                self._slot(a).output_grad = t
+            self.record.events.append(TimedEvent(self.spec.pp_rank, a.kind, a.microbatch, a.chunk, flight.posted,
+                                                 done, a.peer))
 
     def _message_tensor(self, a: Action) -> torch.Tensor:
         slot = self._slot(a)
@@ -275,6 +357,13 @@ class PipelineExecutor:
         return f"{a.kind}(mb={a.microbatch}, chunk={a.chunk}) {where} pp rank {a.peer}"
 
     def _wait(self, works, what: str, batch: Sequence[Action] | None) -> None:
+        start = self._now()
+        try:
+            self._wait_all(works, what, batch)
+        finally:
+            self.record.waits.append((start, self._now()))
+
+    def _wait_all(self, works, what: str, batch: Sequence[Action] | None) -> None:
         timeout = datetime.timedelta(seconds=self.spec.timeout_s)
         for w in works:
             try:

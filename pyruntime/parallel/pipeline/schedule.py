@@ -24,9 +24,12 @@ Executor convention (the simulator models exactly this; generated lists cannot d
 under it, on NCCL or gloo):
   1. Consecutive SEND_*/RECV_* actions between two compute actions form one batch: post them
      together, in list order, with one dist.batch_isend_irecv.
-  2. If the batch holds a receive, wait for the whole batch before the next compute action
-     (NCCL completes a group as a unit). A batch of sends only is not waited for: keep its
-     work handles and tensors until the end of the step, then wait for them.
+  2. Posting never blocks. An F or B that consumes a received tensor waits, just before it
+     runs, for the whole batch that received it (NCCL completes a group as a unit); other
+     computes go on meanwhile. Sends (handles and tensors kept) are waited for at the end
+     of the step. On gloo, where every op is its own work and no stream serialises them,
+     the executor posts a batch's receives one compute earlier than listed (per-peer order
+     kept): posting earlier only moves events earlier than simulated.
   3. A rank's batches run one after another (as on one NCCL stream); an op completes when
      the peer has posted the matching op.
   4. Messages between two ranks match first-in-first-out (NCCL ignores tags), so both sides

@@ -4,12 +4,14 @@ must reproduce single-process training, grouped by world size so each world is s
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from pyruntime.config import Config, ParallelConfig
 from pyruntime.mesh import ParallelDims
+from pyruntime.train.checkpoint import load_checkpoint, save_checkpoint
 from pyruntime.train.trainer import Trainer
 
 from helpers import TEST_MODEL, tiny_config
@@ -94,6 +96,15 @@ COMPOSED = {
         Layout(dp=2, pp=2, tp=2, zero=0, sp=True, microbatches=2, schedule="zb", pp_layout="balanced")],
 }
 
+# Resharding (issue: 2D/3D parallelism), in the 8-rank world: the first 3D layout's run is
+# checkpointed at RESHARD_AT, then resumed at other dp / pp / tp and another ZeRO stage; the
+# next RESHARD_STEPS losses must equal the uninterrupted run's (COMPOSED[8][0]'s).
+RESHARD_WORLD, RESHARD_AT, RESHARD_STEPS = 8, 12, 3
+RESHARD_SAVER = COMPOSED[RESHARD_WORLD][0]
+RESHARD_TARGETS = [Layout(dp=4, tp=2, zero=3, microbatches=1),
+                   Layout(pp=2, tp=4, zero=2, sp=True, microbatches=4, schedule="interleaved", virtual_stages=2),
+                   Layout(dp=8, zero=2, microbatches=1)]
+
 
 class Result(NamedTuple):
     loss: list[float]
@@ -105,15 +116,34 @@ def records_to_result(records: list[dict]) -> Result:
     return Result(*([r[k] for r in records if k in r] for k in ("loss", "grad_norm", "val_loss")))
 
 
-def run_layouts(rank: int, world_size: int, out_dir: str, layouts: list[Layout]) -> list[Result] | None:
-    """Worker for multiproc.run_world: trains every layout in turn (a fresh mesh each);
-    rank 0 returns the results (losses are the same on every rank)."""
-    out = []
-    for layout in layouts:
-        cfg = config(out_dir, layout)
-        dims = ParallelDims.from_config(cfg.parallel, world_size).build_mesh("cpu")
-        out.append(records_to_result(Trainer(cfg, dims, torch.device("cpu"), rank=rank).fit()))
+def trainer(out_dir, layout: Layout, rank: int, world_size: int) -> Trainer:
+    cfg = config(out_dir, layout)
+    dims = ParallelDims.from_config(cfg.parallel, world_size).build_mesh("cpu")
+    return Trainer(cfg, dims, torch.device("cpu"), rank=rank)
+
+
+def run_layouts(rank: int, world_size: int, out_dir: str, layouts: list[Layout], reshard: bool = False) -> dict | None:
+    """Worker for multiproc.run_world: trains every layout in turn (a fresh mesh each), then,
+    if asked, the resharding cases; rank 0 returns {"layouts": [Result per layout],
+    "reshard": {target Layout: losses}} (losses are the same on every rank)."""
+    out = {"layouts": [records_to_result(trainer(out_dir, l, rank, world_size).fit()) for l in layouts]}
+    if reshard:
+        out["reshard"] = run_reshard(rank, world_size, out_dir)
     return out if rank == 0 else None
+
+
+def run_reshard(rank: int, world_size: int, out_dir: str) -> dict[Layout, list[float]]:
+    ckpt = Path(out_dir) / "reshard"
+    saver = trainer(out_dir, RESHARD_SAVER, rank, world_size)
+    for step in range(RESHARD_AT):
+        saver.train_step(step)
+    save_checkpoint(saver, ckpt, RESHARD_AT)
+    out = {}
+    for layout in RESHARD_TARGETS:
+        t = trainer(out_dir, layout, rank, world_size)
+        start = load_checkpoint(t, ckpt)
+        out[layout] = [t.train_step(step)["loss"] for step in range(start, start + RESHARD_STEPS)]
+    return out
 
 
 # Losses (the standard) within 1e-5; the gradient norm is compared too but at 1e-4: where the

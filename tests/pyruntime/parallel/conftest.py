@@ -60,9 +60,10 @@ def reference_records(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def layout_results(tmp_path_factory):
-    """layout_results(world) -> {Layout: Result}: every pipeline and composed layout of that
-    world size (tests/layout_cases.py), trained in one spawned world."""
+def layout_world(tmp_path_factory):
+    """layout_world(world) -> {"layouts": {Layout: Result}, "reshard": {Layout: losses} or
+    None}: every pipeline and composed layout of that world size (tests/layout_cases.py),
+    and in the resharding world the resharding cases, trained in one spawned world."""
     import layout_cases
 
     cache = {}
@@ -71,11 +72,18 @@ def layout_results(tmp_path_factory):
         if world not in cache:
             layouts = layout_cases.PIPELINE.get(world, []) + layout_cases.COMPOSED.get(world, [])
             out_dir = str(tmp_path_factory.mktemp(f"layouts{world}"))
-            results = run_world(world, layout_cases.run_layouts, out_dir, layouts)[0]
-            cache[world] = dict(zip(layouts, results))
+            reshard = world == layout_cases.RESHARD_WORLD
+            out = run_world(world, layout_cases.run_layouts, out_dir, layouts, reshard)[0]
+            cache[world] = {"layouts": dict(zip(layouts, out["layouts"])), "reshard": out.get("reshard")}
         return cache[world]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def layout_results(layout_world):
+    """layout_results(world) -> {Layout: Result} of that world's layouts."""
+    return lambda world: layout_world(world)["layouts"]
 
 
 @pytest.fixture(scope="session")

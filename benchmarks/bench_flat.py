@@ -79,7 +79,7 @@ def adamw_rows(tensors, layout, repeat):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="pyruntime bench flat", description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default=None, help="default: small on CPU, 1b on CUDA")
     parser.add_argument("--repeat", type=int, default=30)
     args = parser.parse_args(argv)

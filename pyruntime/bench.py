@@ -1,6 +1,7 @@
 """Microbenchmarks: `python -m pyruntime bench tp [options]` (or benchmarks/bench_tp.py),
 `bench pp [options]` (benchmarks/bench_pipeline.py: pipeline step time vs
-torch.distributed.pipelining on 2 gloo ranks), and
+torch.distributed.pipelining on 2 gloo ranks), `bench zero` (benchmarks/bench_zero.py: ZeRO
+vs DDP / FSDP2), `bench flat` (benchmarks/bench_flat.py), `bench all` (each with defaults), and
 the one benchmark harness they share (benchmarks/harness.py re-exports it: benchmarks/ is
 not an installed package, so the harness lives in the package that the CLI can import).
 
@@ -315,14 +316,23 @@ def run_script(name: str, argv: list[str]) -> int:
     return importlib.import_module(name).main(argv)
 
 
+# Suites with their own options and processes, run from benchmarks/ (see each script's --help).
+SCRIPTS = {"pp": "bench_pipeline", "zero": "bench_zero", "flat": "bench_flat"}
+
+
 def run(argv: list[str]) -> int:
     """Entry of `python -m pyruntime bench SUITE ...` (argv: the words after "bench")."""
-    if argv[:1] == ["pp"]:  # its own options: see benchmarks/bench_pipeline.py
-        return run_script("bench_pipeline", argv[1:])
+    if argv[:1] and argv[0] in SCRIPTS:
+        return run_script(SCRIPTS[argv[0]], argv[1:])
+    if argv == ["all"]:  # every suite with its defaults, one after another
+        codes = [run(["tp"])] + [run([suite]) for suite in SCRIPTS]
+        return max(codes)
     parser = argparse.ArgumentParser(prog="pyruntime bench", description=__doc__.splitlines()[0])
-    parser.add_argument("suite", choices=["tp", "pp"],
+    parser.add_argument("suite", choices=["tp", *SCRIPTS, "all"],
                         help="tp: the kernels of the tensor-parallel layers; pp: pipeline step time vs "
-                             "torch.distributed.pipelining on 2 gloo ranks (`bench pp --help`)")
+                             "torch.distributed.pipelining on 2 gloo ranks; zero: ZeRO-0/3 vs DDP/FSDP2; "
+                             "flat: flat-buffer ops and the fused AdamW; all: every suite with its "
+                             "defaults (`bench pp --help` etc. for a suite's options)")
     parser.add_argument("--tp", type=_int_list, help="tp degrees, e.g. 1,2,8 (default 1,2,8)")
     parser.add_argument("--tokens", type=int, help="rows M (default 8192 on CUDA, 256 on CPU)")
     parser.add_argument("--hidden", type=int, help="K (default 4096 on CUDA)")

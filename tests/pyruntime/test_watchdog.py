@@ -6,9 +6,7 @@ hand, or never); the integration test SIGKILLs one of three real `pyruntime trai
 import datetime
 import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 
@@ -19,6 +17,8 @@ from pyruntime.cli import build_parser, config_from_args
 from pyruntime.comm.watchdog import (DONE, FAILED, KEY_PREFIX, VERDICT_KEY, PeerWatchdog,
                                      describe_by_coords, is_comm_error)
 from pyruntime.mesh import ParallelDims
+
+from launch import launch
 
 TIMEOUT = 1.0  # generous against thread scheduling jitter on a loaded 2-core CI box
 INTERVAL = 0.1
@@ -241,68 +241,38 @@ def test_peer_timeout_flag():
     assert cfg.train.peer_timeout_s == 7.5
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_killed_rank_is_named_and_the_others_exit(tmp_path):
-    """Three plain processes (no torchrun: its agent would kill the survivors itself and hide
-    the watchdog); rank 2 is SIGKILLed mid-training; ranks 0 and 1 must name it and exit."""
+    """Three plain processes (tests/launch.py: no torchrun, whose agent would kill the
+    survivors itself and hide the watchdog); rank 2 is SIGKILLed mid-training; ranks 0 and 1
+    must name it and exit."""
     world, victim, peer_timeout = 3, 2, 5
-    port = _free_port()
     metrics = tmp_path / "out" / "metrics.jsonl"
-    procs, logs = [], []
-    try:
-        for rank in range(world):
-            env = {**os.environ, "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank),
-                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-            err = open(tmp_path / f"stderr{rank}", "w+")
-            logs.append(err)
-            # Not --quiet: rank 0's metrics file is how we see that training is under way.
-            procs.append(subprocess.Popen(
-                [sys.executable, "-m", "pyruntime", "train", "--preset", "tiny", "--steps", "500",
-                 "--seq-len", "32", "--global-batch", "6", "--micro-batch", "2", "--dp", str(world),
-                 "--eval-every", "0", "--peer-timeout", str(peer_timeout), "--out", str(tmp_path / "out")],
-                env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=err))
+    # Not --quiet: rank 0's metrics file is how we see that training is under way.
+    args = ["--preset", "tiny", "--steps", "500", "--seq-len", "32", "--global-batch", "6", "--micro-batch", "2",
+            "--dp", str(world), "--eval-every", "0", "--peer-timeout", str(peer_timeout),
+            "--out", str(tmp_path / "out")]
+    with launch(world, args) as ranks:
         deadline = time.monotonic() + 120
         while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 2):
-            exited = [(r, p.returncode) for r, p in enumerate(procs) if p.poll() is not None]
-            assert not exited, f"rank(s) exited before the kill: {exited}\n" + _stderr(logs)
-            assert time.monotonic() < deadline, "training never started\n" + _stderr(logs)
+            exited = [(r, p.returncode) for r, p in enumerate(ranks.procs) if p.poll() is not None]
+            assert not exited, f"rank(s) exited before the kill: {exited}\n" + ranks.all_stderr()
+            assert time.monotonic() < deadline, "training never started\n" + ranks.all_stderr()
             time.sleep(0.1)
 
-        os.kill(procs[victim].pid, signal.SIGKILL)
+        os.kill(ranks.procs[victim].pid, signal.SIGKILL)
         killed = time.monotonic()
         codes = {}
-        for rank, p in enumerate(procs):
+        for rank, p in enumerate(ranks.procs):
             if rank != victim:
                 try:
                     codes[rank] = p.wait(timeout=max(0.1, killed + 40 - time.monotonic()))
                 except subprocess.TimeoutExpired:
                     pytest.fail(f"rank {rank} still running 40 s after rank {victim} was killed (hang)\n"
-                                + _stderr(logs))
+                                + ranks.all_stderr())
         elapsed = time.monotonic() - killed
         print(f"survivors exited {elapsed:.1f} s after the kill (peer timeout {peer_timeout} s)")
         assert all(code != 0 for code in codes.values()), codes
         for rank in codes:
-            logs[rank].seek(0)
-            err = logs[rank].read()
+            err = ranks.stderr(rank)
             assert f"pyruntime: error: rank {victim} (dp {victim}, pp 0, tp 0) stopped responding" in err, \
                 f"rank {rank}:\n{err[-3000:]}"
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait()
-        for f in logs:
-            f.close()
-
-
-def _stderr(logs) -> str:
-    out = []
-    for rank, f in enumerate(logs):
-        f.seek(0)
-        out.append(f"--- rank {rank} stderr:\n{f.read()[-2000:]}")
-    return "\n".join(out)

@@ -14,7 +14,8 @@ that compute. Receive buffers are allocated from the shapes the config fixes (mi
 sequence or sequence shard, hidden size), so there is no per-message handshake. With
 debug=True (PYRUNTIME_PP_DEBUG=1) every message is preceded by a small header batch (kind,
 micro-batch, stage, shape, dtype) that the receiver checks against what it expects, naming
-both sides on a mismatch instead of hanging or reading garbage. Every wait has a deadline: a peer that does not answer is named in the error.
+both sides on a mismatch instead of hanging or reading garbage. Every wait has a deadline:
+a peer that does not answer is named in the error.
 
 Compute: F runs a chunk's forward (the last stage also the loss, divided by the number of
 micro-batches so the accumulated gradient is the mean, exactly as single-process training);

@@ -23,7 +23,7 @@ TRAIN_FLAGS = {
     "--out": ("train", "out", str, "output directory (metrics, loss curve)"),
     "--metrics": ("train", "metrics", str, "JSON-lines metrics file (default OUT/metrics.jsonl)"),
     "--eval-every": ("train", "eval_every", int, "validation loss every N steps (0: never)"),
-    "--eval-batches": ("train", "eval_batches", int, "validation micro-batches per evaluation"),
+    "--eval-batches": ("train", "eval_batches", int, "validation batches (of the global batch size, split over dp) per evaluation"),
     "--log-every": ("train", "log_every", int, "print a log line every N steps"),
     "--global-batch": ("data", "global_batch", int, "sequences per step, over all dp ranks"),
     "--micro-batch": ("data", "micro_batch", int, "sequences per forward/backward"),

@@ -45,11 +45,11 @@ def open_corpus(cfg: Config) -> Corpus:
     validation batches it must supply (so a small --data file fails at start-up, not later)."""
     corpus = load_corpus(cfg.data.path, max_bytes=cfg.data.max_bytes, val_fraction=cfg.data.val_fraction,
                          seq_len=cfg.data.seq_len, vocab_size=cfg.model.vocab_size)
-    need = cfg.train.eval_batches * cfg.data.micro_batch if cfg.train.eval_every else 0
+    need = cfg.train.eval_batches * cfg.data.global_batch if cfg.train.eval_every else 0
     have = (len(corpus.val) - 1) // cfg.data.seq_len
     if have < need:
         raise DataError(f"validation split of {corpus.name} holds {have} windows of {cfg.data.seq_len} tokens; "
-                        f"--eval-batches {cfg.train.eval_batches} x micro-batch {cfg.data.micro_batch} needs {need}")
+                        f"--eval-batches {cfg.train.eval_batches} x global batch {cfg.data.global_batch} needs {need}")
     return corpus
 
 
@@ -164,21 +164,30 @@ class Trainer:
     # -- validation -------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean loss over fixed validation batches (the same on every layout)."""
+        """Mean loss over fixed validation sequences: --eval-batches global batches spread over
+        the validation split, each dp rank taking its rows of each in micro-batches, as in
+        training. The same sequences and the same mean whatever the layout."""
+        c, dp = self.cfg, self.dims.dp
+        batches = validation_batches(self.val_tokens, c.data.seq_len, c.data.global_batch, c.train.eval_batches,
+                                     dp_rank=self.dims.axis_rank("dp"), dp_size=dp)
+        mb = c.data.micro_batch
+        micro = [(x[i:i + mb], y[i:i + mb]) for x, y in batches for i in range(0, x.shape[0], mb)]
         self.model.eval()
-        batches = validation_batches(self.val_tokens, self.cfg.data.seq_len, self.cfg.data.micro_batch,
-                                     self.cfg.train.eval_batches)
         if self.pipeline:
-            losses = pipeline_losses(self.pipeline, batches, self.autocast)
+            losses = pipeline_losses(self.pipeline, micro, self.autocast)
         else:
             losses = []
-            for x, y in batches:
+            for x, y in micro:
                 with self.autocast:
                     losses.append(self.loss_fn(self.model(x.to(self.device)), y.to(self.device)))
         self.model.train()
+        # equal-sized micro-batches, as many on every dp rank: the mean of means is the mean
         loss = torch.stack(losses).mean()
         if self.pipeline:
-            dist.all_reduce(loss, group=self.dims.group("pp"))
+            dist.all_reduce(loss, group=self.dims.group("pp"))  # the last stage holds it
+        if dp > 1:
+            dist.all_reduce(loss, group=self.dims.group("dp"))
+            loss /= dp
         return loss.item()
 
     # -- the run ----------------------------------------------------------------------------

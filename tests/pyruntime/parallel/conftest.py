@@ -88,20 +88,13 @@ def layout_results(layout_world):
 
 @pytest.fixture(scope="session")
 def layout_reference(tmp_path_factory):
-    """layout_reference(micro_batch) -> single-process Result of the layout-case config."""
+    """Single-process Result of the layout-case config, the whole global batch in one
+    micro-batch: every layout, whatever its micro-batch size, must reproduce it (training
+    and validation losses are means over equal-sized micro-batches)."""
     import layout_cases
 
-    out_dir = tmp_path_factory.mktemp("layout_single")
-    cache = {}
-
-    def get(micro_batch: int):
-        if micro_batch not in cache:
-            # A fresh world-1 group and mesh each time: other tests destroy the default group.
-            init_distributed(Launch(rank=0, world_size=1, local_rank=0), torch.device("cpu"))
-            dims = ParallelDims(1, 1, 1, 1).build_mesh("cpu")
-            layout = layout_cases.Layout(microbatches=layout_cases.GLOBAL_BATCH // micro_batch)
-            cfg = layout_cases.config(out_dir, layout)
-            cache[micro_batch] = layout_cases.records_to_result(Trainer(cfg, dims, torch.device("cpu")).fit())
-        return cache[micro_batch]
-
-    return get
+    # A fresh world-1 group and mesh: other tests destroy the default group.
+    init_distributed(Launch(rank=0, world_size=1, local_rank=0), torch.device("cpu"))
+    dims = ParallelDims(1, 1, 1, 1).build_mesh("cpu")
+    cfg = layout_cases.config(tmp_path_factory.mktemp("layout_single"), layout_cases.Layout())
+    return layout_cases.records_to_result(Trainer(cfg, dims, torch.device("cpu")).fit())

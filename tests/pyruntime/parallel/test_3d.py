@@ -21,7 +21,7 @@ def test_matrix_covers_the_required_layouts():
 
 @pytest.mark.parametrize("layout", ALL, ids=lambda l: l.name())
 def test_layout_matches_single_process(layout, layout_results, layout_reference):
-    assert_matches(layout_results(layout.world)[layout], layout_reference(layout.micro_batch))
+    assert_matches(layout_results(layout.world)[layout], layout_reference)
 
 
 def test_reshard_targets_change_every_axis():

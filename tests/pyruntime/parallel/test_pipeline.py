@@ -8,4 +8,4 @@ from layout_cases import PIPELINE, assert_matches
 
 @pytest.mark.parametrize("layout", [l for w in sorted(PIPELINE) for l in PIPELINE[w]], ids=lambda l: l.name())
 def test_pipeline_matches_single_process(layout, layout_results, layout_reference):
-    assert_matches(layout_results(layout.world)[layout], layout_reference(layout.micro_batch))
+    assert_matches(layout_results(layout.world)[layout], layout_reference)

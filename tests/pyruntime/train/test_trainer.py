@@ -49,3 +49,24 @@ def test_clipping_changes_the_update(tmp_path, single_process_dims):
     clipped = dataclasses.replace(base, optim=dataclasses.replace(base.optim, grad_clip=1e-3))
     a, b = losses(base, single_process_dims), losses(clipped, single_process_dims)
     assert a[0] == b[0] and a[2] != b[2]
+
+
+def test_validation_is_the_same_sequences_whatever_the_micro_batch(tmp_path, single_process_dims):
+    """--eval-batches counts global batches: micro-batches of 1, 2 or 8 rows evaluate the same
+    sequences (mean of equal-sized means = the mean)."""
+    vals = []
+    for micro_batch in (1, 2, 8):
+        cfg = tiny_config(tmp_path, steps=2, micro_batch=micro_batch, eval_every=2, eval_batches=3)
+        vals.append([r["val_loss"] for r in Trainer(cfg, single_process_dims, torch.device("cpu")).fit()
+                     if "val_loss" in r])
+    assert len(vals[0]) == 1
+    torch.testing.assert_close(torch.tensor(vals[1:]), torch.tensor(vals[:1] * 2), rtol=1e-6, atol=0)
+
+
+def test_too_small_validation_split_is_a_one_line_error(tmp_path):
+    from pyruntime.data import DataError
+    from pyruntime.train.trainer import open_corpus
+
+    cfg = tiny_config(tmp_path, eval_every=1, eval_batches=100_000)
+    with pytest.raises(DataError, match=r"--eval-batches 100000 x global batch 8 needs 800000$"):
+        open_corpus(cfg)

@@ -3,8 +3,10 @@ to what unsharded single-rank training of the same parameters would hold.
 
 "Held" is measured from the tensors themselves: the storages behind them, each counted once
 (ZeRO-3 parameters are views into one gathered buffer per unit, whose storage is resized to
-zero while the unit is sharded). "Unsharded" is plain fp32 AdamW training: 4 bytes per element
-for the parameters, 4 for the gradients, 8 for the two moments.
+zero while the unit is sharded). "Unsharded" is plain fp32 AdamW training of the rank's own
+parameters (under tp / pp: its shard and its stages) with nothing split over dp, i.e. the
+same rank without ZeRO: 4 bytes per element for the parameters, 4 for the gradients, 8 for
+the two moments.
 """
 from __future__ import annotations
 
@@ -61,4 +63,7 @@ class ModelStateBytes:
 
     def line(self) -> str:
         return (f"params {mb(self.param)}, grads {mb(self.grad)}, optimizer {mb(self.optim)} "
-                f"(unsharded {mb(self.unsharded_param)} / {mb(self.unsharded_grad)} / {mb(self.unsharded_optim)})")
+                # "unsharded": this rank's own parameters (its tp shard, its pp stages) with
+                # nothing split over dp, i.e. what the same rank would hold without ZeRO
+                f"(without ZeRO {mb(self.unsharded_param)} / {mb(self.unsharded_grad)} / "
+                f"{mb(self.unsharded_optim)})")

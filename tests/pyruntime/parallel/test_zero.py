@@ -185,9 +185,10 @@ def test_gradient_pieces_split_by_parameter_when_other_axes_replicate(comm):
         engine.optimizer.group_grad(i).normal_()
     grads, counts = engine.gradient_pieces(lambda p: 2 if p.dim() == 1 else 1)  # e.g. tp-replicated norms
     assert len(grads) == sum(1 for _ in model.parameters()) and sorted(set(counts)) == [1, 2]
-    inside = sum(g.pow(2).sum() for g in grads)
-    padding = sum(g.pow(2).sum() for g in engine.optimizer.held_grads()) - inside  # only the alignment gaps
-    assert padding >= 0 and inside > 0
+    # in float64: the pieces must cover each element at most once (the rest: alignment gaps)
+    inside = sum(g.double().pow(2).sum() for g in grads)
+    held = sum(g.double().pow(2).sum() for g in engine.optimizer.held_grads())
+    assert inside > 0 and held - inside >= -1e-9 * held
     whole, ones = engine.gradient_pieces(lambda p: 1)
     assert [g.data_ptr() for g in whole] == [g.data_ptr() for g in engine.optimizer.held_grads()]
     assert ones == [1] * len(engine.units)

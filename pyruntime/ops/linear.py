@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from pyruntime.ops import wgrad
 from pyruntime.ops.dispatch import choose
 
 CANDIDATES = ("triton", "reference")
@@ -33,13 +34,14 @@ def _activate(y: torch.Tensor, activation: str) -> torch.Tensor:
 
 def linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                      activation: str = "none") -> torch.Tensor:
-    """Plain differentiable PyTorch; autograd provides its backward."""
-    return _activate(F.linear(x, weight, bias), activation)
+    """Plain differentiable PyTorch; autograd provides its backward (the GEMM's weight
+    gradient deferrable for zero-bubble pipelines: ops/wgrad.py)."""
+    return _activate(wgrad.deferrable_linear(x, weight, bias), activation)
 
 
 def swiglu_linear_reference(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor) -> torch.Tensor:
     """Plain differentiable PyTorch; autograd provides its backward."""
-    return F.silu(F.linear(x, w_gate)) * F.linear(x, w_up)
+    return F.silu(wgrad.deferrable_linear(x, w_gate)) * wgrad.deferrable_linear(x, w_up)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -75,9 +77,12 @@ class LinearFunction(torch.autograd.Function):
         from triton_kernels.matmul import linear_backward
 
         x2d, weight, pre = ctx.saved_tensors
-        dx, dw, db = linear_backward(
-            _rows(dy), x2d, weight, pre, ctx.activation, tuple(ctx.needs_input_grad[:3])
-        )
+        need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
+        defer = need_dw and wgrad.current_store() is not None  # zero bubble's B: dW waits for W
+        dx, dw, db = linear_backward(_rows(dy), x2d, weight, pre, ctx.activation,
+                                     (need_dx, need_dw and not defer, need_db))
+        if defer:  # dy_pre: dy itself, or written over the pre-activation
+            wgrad.dw_or_defer(weight, x2d, _rows(dy) if ctx.activation == "none" else pre)
         if pre is not None:
             _bump_version(pre)
         if dx is not None:
@@ -104,9 +109,16 @@ class SwiGLULinearFunction(torch.autograd.Function):
         from triton_kernels.swiglu_matmul import swiglu_linear_backward
 
         x2d, w_gate, w_up, g, u = ctx.saved_tensors
+        need_dx, need_dwg, need_dwu = ctx.needs_input_grad
+        defer = wgrad.current_store() is not None  # zero bubble's B: dW waits for W
         dx, dwg, dwu = swiglu_linear_backward(
-            _rows(dh), x2d, w_gate, w_up, g, u, tuple(ctx.needs_input_grad)
+            _rows(dh), x2d, w_gate, w_up, g, u, (need_dx, need_dwg and not defer, need_dwu and not defer)
         )
+        if defer:  # g, u now hold dg, du
+            if need_dwg:
+                wgrad.dw_or_defer(w_gate, x2d, g)
+            if need_dwu:
+                wgrad.dw_or_defer(w_up, x2d, u)
         _bump_version(g)
         _bump_version(u)
         if dx is not None:

@@ -81,9 +81,10 @@ class Trainer:
         if dims.tp > 1:  # the model now returns vocab-parallel logits: the loss must match
             overlap = cfg.parallel.tp_overlap
             if overlap and dims.pp > 1 and cfg.parallel.schedule == "zb":
-                # ZB's W walks each chunk's graph a second time; the overlapped GEMMs free
-                # their per-chunk graphs in the first backward.
-                overlap = refuse_overlap("with the zb schedule (its split backward walks the graph twice)")
+                # The overlapped GEMMs differentiate their chunks inside their own backward,
+                # so their weight gradients cannot wait for W (ops/wgrad.py).
+                overlap = refuse_overlap("with the zb schedule (the overlapped GEMMs cannot defer their "
+                                         "weight gradients to W)")
             apply_tp(self.model, dims, sequence_parallel=cfg.parallel.sequence_parallel, overlap=overlap)
             self.loss_fn = functools.partial(vocab_parallel_cross_entropy, tp_group=dims.group("tp"),
                                              vocab_size=cfg.model.vocab_size, backend=cfg.model.kernels)

@@ -20,10 +20,10 @@ a peer that does not answer is named in the error.
 Compute: F runs a chunk's forward (the last stage also the loss, divided by the number of
 micro-batches so the accumulated gradient is the mean, exactly as single-process training);
 B its backward from the received output gradient (or the loss); with a zero-bubble schedule
-B computes only the input gradient (autograd.grad with the graph retained) and W the weight
-gradients (autograd.backward restricted to the chunk's parameters; this second pass walks the
-chunk's graph again, so B + W costs more than one fused backward — the schedule buys its
-smaller bubble with that). Activations and their graphs are dropped as soon as the last
+B is that backward with every GEMM's weight gradient deferred (ops/wgrad.py: the GEMM stashes
+its input and output gradient) and W runs the stashed dW GEMMs, so B + W do one backward's
+work and W walks no graph (the first stage, which needs no input gradient, does its whole
+backward in W). Activations and their graphs are dropped as soon as the last
 backward that needs them has run.
 
 Data parallelism composes through the engine (parallel/data.py): gradient collectives are
@@ -42,6 +42,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
+from pyruntime.ops import wgrad
 from pyruntime.parallel.pipeline.schedule import Action, TimedEvent
 from pyruntime.parallel.pipeline.split import StageChunk
 
@@ -90,6 +91,7 @@ class _Slot:
     loss: torch.Tensor | None = None        # last stage: scaled loss of the detached logits
     logits: torch.Tensor | None = None      # ... and those detached logits
     input_grad: torch.Tensor | None = None  # to send to the previous stage
+    deferred: wgrad.WeightGradStore | None = None  # zero bubble: the GEMMs' dW after B, until W
 
 
 @dataclass
@@ -135,9 +137,17 @@ class PipelineExecutor:
         self.group, self.device, self.loss_fn, self.engine = pp_group, device, loss_fn, engine
         self.autocast = autocast or contextlib.nullcontext()
         self.split_backward = any(a.kind == "W" for a in self.actions)
+        if self.split_backward:  # the model's plain nn.Linear GEMMs too (ops' GEMMs already are)
+            for model in {id(c.model): c.model for c in self.chunks}.values():
+                wgrad.make_linears_deferrable(model)
+        # Chunks that send an input gradient record deferrable GEMMs; the first stage's
+        # backward is whole (in W), so its plain GEMMs are faster.
+        self.defers = [self.split_backward and not c.is_first for c in self.chunks]
         # Global ranks of the pp peers: batch_isend_irecv takes global ranks.
         self.peer_global = {r: dist.get_global_rank(pp_group, r) for r in range(spec.pp)}
         self.last_grad_action = self._last_weight_grad_actions()
+        self.last_backward = self._last_backward_actions() if self.split_backward else {}
+        self.deferred_ids: dict[int, set[int]] = {}  # chunk -> ids of parameters W accumulates
         # [begin, end) of each compute action and of each run of comm actions (one batch)
         self.segments: list[tuple[int, int]] = []
         for i, a in enumerate(self.actions):
@@ -155,13 +165,18 @@ class PipelineExecutor:
         self.record = StepRecord()
 
     def _last_weight_grad_actions(self) -> dict[int, int]:
-        """Index of each chunk's last action that accumulates weight gradients."""
+        """Index of each chunk's last action that accumulates weight gradients (W with a
+        zero-bubble schedule: the deferred GEMM weights; the rest accumulate in B, see
+        _last_backward_actions)."""
         kind = "W" if self.split_backward else "B"
         last = {}
         for i, a in enumerate(self.actions):
             if a.kind == kind:
                 last[a.chunk] = i
         return last
+
+    def _last_backward_actions(self) -> dict[int, int]:
+        return {a.chunk: i for i, a in enumerate(self.actions) if a.kind == "B"}
 
     # -- one step ----------------------------------------------------------------------------
     def run_step(self, micro: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -179,6 +194,7 @@ class PipelineExecutor:
         self.t0 = time.perf_counter()
         if self.engine is not None:
             self.engine.begin_pipeline_step()
+        self.deferred_ids = {}
         self.posted_ahead: set[int] = set()  # action indices of receives already posted
         for k, (begin, end) in enumerate(self.segments):
             if self.actions[begin].is_comm:
@@ -210,6 +226,11 @@ class PipelineExecutor:
     # -- compute -----------------------------------------------------------------------------
     def _compute(self, index: int) -> None:
         a = self.actions[index]
+        if self.engine is not None and self.last_backward.get(a.chunk) == index and a.chunk in self.deferred_ids:
+            # zero bubble: the parameters B accumulates (norms, ...) get their last gradient now;
+            # the deferred GEMM weights wait for the last W (armed below)
+            deferred = self.deferred_ids[a.chunk]
+            self.engine.arm_gradient_sync([p for p in self.chunk_params[a.chunk] if id(p) not in deferred])
         if self.engine is not None and self.last_grad_action.get(a.chunk) == index:
             self.engine.arm_gradient_sync(self.chunk_params[a.chunk])
         if a.kind != "W":  # F consumes a received activation, B a received gradient
@@ -217,7 +238,8 @@ class PipelineExecutor:
             if key in self.in_flight:
                 self._receive(key)
         start = self._now()
-        {"F": self._forward, "B": self._backward, "W": self._weight_grad}[a.kind](a)
+        with wgrad.deferrable_forward() if self.defers[a.chunk] else contextlib.nullcontext():
+            {"F": self._forward, "B": self._backward, "W": self._weight_grad}[a.kind](a)
         if self.engine is not None:
             self.engine.after_pipeline_action()
         self.record.events.append(TimedEvent(self.spec.pp_rank, a.kind, a.microbatch, a.chunk, start, self._now()))
@@ -253,8 +275,14 @@ class PipelineExecutor:
                                 "ran before its output gradient was received")
         needs_input_grad = not chunk.is_first
         if self.split_backward:
-            if needs_input_grad:  # input gradient only; the graph stays for W
-                (slot.input_grad,) = torch.autograd.grad(slot.output, slot.input, grad, retain_graph=True)
+            if needs_input_grad:  # one backward, the GEMMs' weight gradients stashed for W
+                slot.deferred = wgrad.WeightGradStore()
+                with wgrad.deferring(slot.deferred):
+                    torch.autograd.backward(slot.output, grad)
+                slot.input_grad = slot.input.grad
+                if a.chunk not in self.deferred_ids:
+                    self.deferred_ids[a.chunk] = slot.deferred.params()
+                self._release(slot)  # the graph is gone: W needs only the stash
         else:
             torch.autograd.backward(slot.output, grad)
             if needs_input_grad:
@@ -263,8 +291,12 @@ class PipelineExecutor:
 
     def _weight_grad(self, a: Action) -> None:
         slot = self._slot(a)
-        torch.autograd.backward(slot.output, slot.output_grad, inputs=self.chunk_params[a.chunk])
-        self._release(slot)
+        if slot.deferred is not None:
+            slot.deferred.flush()
+            slot.deferred = None
+        else:  # the first stage needs no input gradient: B did nothing, W is its whole backward
+            torch.autograd.backward(slot.output, slot.output_grad, inputs=self.chunk_params[a.chunk])
+            self._release(slot)
 
     @staticmethod
     def _release(slot: _Slot) -> None:

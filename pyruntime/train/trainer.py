@@ -148,6 +148,11 @@ class Trainer:
     def clip_gradients(self) -> torch.Tensor:
         """Global-norm clipping over every rank's pieces; returns the norm before clipping."""
         grads, replication = self.gradient_pieces()
+        if self.dims.dp == self.dims.world_size and self.cfg.parallel.zero == 0:
+            # Plain data parallelism: every rank holds the whole, identical gradient, so its
+            # own norm is the global one; no all-reduce (a sync point every step). Decided by
+            # the layout alone, so every rank takes the same branch.
+            return clip_grad_norm(grads, self.cfg.optim.grad_clip)
         group = dist.group.WORLD if self.dims.world_size > 1 else None
         return clip_grad_norm(grads, self.cfg.optim.grad_clip, group, replication)
 

@@ -8,8 +8,9 @@ nccl on CUDA), so the peak memory of one variant does not leak into the next.
     .venv/bin/python benchmarks/bench_zero.py --worlds 2 --steps 20 --preset tiny
 
 Step time: median over the timed steps (a barrier before each), the slowest rank's median.
-Peak memory, over 3 further steps (the CPU sampler below is off while steps are timed): on CUDA torch.cuda.max_memory_allocated; on CPU the peak of malloc's bytes in use
-during the steps over those before the model was built (HeapPeak; everything the rank holds:
+Peak memory, over 3 further steps (the CPU sampler below is off while steps are timed): on
+CUDA torch.cuda.max_memory_allocated; on CPU the peak of malloc's bytes in use during those
+steps over those before the model was built (HeapPeak; everything the rank holds:
 model state, activations, communication buffers). For our engines the peak model-state bytes
 the engine accounts for are shown as well.
 """

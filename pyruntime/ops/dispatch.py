@@ -88,3 +88,15 @@ def choose(op: str, requested: str, device: torch.device, candidates: tuple[str,
             return backend
         first_reason = first_reason or reason
     raise BackendUnavailable(f"{op}: no backend available on {device.type}")
+
+
+def autocast_inputs(*tensors):
+    """Under autocast, cast floating inputs to the autocast dtype, as F.linear does, for a
+    GEMM autocast does not see (the Triton path, ops/wgrad.py's DeferrableLinear): bf16
+    activations AND bf16 weights (fp32 master weights keep their gradients: the cast is part
+    of the autograd graph)."""
+    device_type = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from pyruntime.ops import wgrad
-from pyruntime.ops.dispatch import choose
+from pyruntime.ops.dispatch import autocast_inputs, choose
 
 CANDIDATES = ("triton", "reference")
 ACTIVATIONS = ("none", "gelu", "silu")
@@ -78,11 +78,11 @@ class LinearFunction(torch.autograd.Function):
 
         x2d, weight, pre = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
-        defer = need_dw and wgrad.current_store() is not None  # zero bubble's B: dW waits for W
+        store = wgrad.current_store() if need_dw else None  # zero bubble's B: dW waits for W
         dx, dw, db = linear_backward(_rows(dy), x2d, weight, pre, ctx.activation,
-                                     (need_dx, need_dw and not defer, need_db))
-        if defer:  # dy_pre: dy itself, or written over the pre-activation
-            wgrad.dw_or_defer(weight, x2d, _rows(dy) if ctx.activation == "none" else pre)
+                                     (need_dx, need_dw and store is None, need_db))
+        if store is not None:  # dy_pre: dy itself, or written over the pre-activation
+            store.add(weight, x2d, _rows(dy) if ctx.activation == "none" else pre)
         if pre is not None:
             _bump_version(pre)
         if dx is not None:
@@ -110,15 +110,15 @@ class SwiGLULinearFunction(torch.autograd.Function):
 
         x2d, w_gate, w_up, g, u = ctx.saved_tensors
         need_dx, need_dwg, need_dwu = ctx.needs_input_grad
-        defer = wgrad.current_store() is not None  # zero bubble's B: dW waits for W
+        store = wgrad.current_store()  # zero bubble's B: dW waits for W
         dx, dwg, dwu = swiglu_linear_backward(
-            _rows(dh), x2d, w_gate, w_up, g, u, (need_dx, need_dwg and not defer, need_dwu and not defer)
+            _rows(dh), x2d, w_gate, w_up, g, u, (need_dx, need_dwg and store is None, need_dwu and store is None)
         )
-        if defer:  # g, u now hold dg, du
+        if store is not None:  # g, u now hold dg, du
             if need_dwg:
-                wgrad.dw_or_defer(w_gate, x2d, g)
+                store.add(w_gate, x2d, g)
             if need_dwu:
-                wgrad.dw_or_defer(w_up, x2d, u)
+                store.add(w_up, x2d, u)
         _bump_version(g)
         _bump_version(u)
         if dx is not None:
@@ -141,24 +141,13 @@ def _same_dtype(op: str, *tensors) -> None:
         raise ValueError(f"{op}: the Triton path needs one dtype for all inputs, got {sorted(map(str, dtypes))}")
 
 
-def _autocast_inputs(*tensors):
-    """Under autocast, cast floating inputs to the autocast dtype, as F.linear does, so the
-    Triton path sees bf16 activations AND bf16 weights (fp32 master weights keep their
-    gradients: the cast is part of the autograd graph)."""
-    device_type = next(t for t in tensors if t is not None).device.type
-    if not torch.is_autocast_enabled(device_type):
-        return tensors
-    dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
-
-
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            activation: str = "none", backend: str = "auto") -> torch.Tensor:
     """act(x @ weight^T + bias) for x (..., in), weight (out, in), bias (out,) or None.
     backend: "auto" | "triton" | "reference" (see pyruntime.ops.dispatch)."""
     _check_linear(x, weight, bias, activation)
     if choose("linear", backend, x.device, candidates=CANDIDATES) == "triton":
-        x, weight, bias = _autocast_inputs(x, weight, bias)
+        x, weight, bias = autocast_inputs(x, weight, bias)
         _same_dtype("linear", x, weight, bias)
         return LinearFunction.apply(x, weight, bias, activation)
     return linear_reference(x, weight, bias, activation)
@@ -171,7 +160,7 @@ def swiglu_linear(x: torch.Tensor, w_gate: torch.Tensor, w_up: torch.Tensor, bac
         raise ValueError(f"swiglu_linear: x {tuple(x.shape)}, w_gate {tuple(w_gate.shape)} and "
                          f"w_up {tuple(w_up.shape)} do not match (weights are (out, in))")
     if choose("swiglu_linear", backend, x.device, candidates=CANDIDATES) == "triton":
-        x, w_gate, w_up = _autocast_inputs(x, w_gate, w_up)
+        x, w_gate, w_up = autocast_inputs(x, w_gate, w_up)
         _same_dtype("swiglu_linear", x, w_gate, w_up)
         return SwiGLULinearFunction.apply(x, w_gate, w_up)
     return swiglu_linear_reference(x, w_gate, w_up)

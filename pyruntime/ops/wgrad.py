@@ -31,6 +31,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from pyruntime.ops.dispatch import autocast_inputs
+
 _state = threading.local()
 
 
@@ -110,16 +112,6 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def dw_or_defer(weight: torch.Tensor, x2d: torch.Tensor, dy2d: torch.Tensor) -> torch.Tensor | None:
-    """In a GEMM's backward: dW = dy2d^T @ x2d now, or None with the GEMM stashed when a
-    deferring() backward is running."""
-    store = current_store()
-    if store is not None:
-        store.add(weight, x2d, dy2d)
-        return None
-    return dy2d.t().mm(x2d)
-
-
 class DeferrableLinear(torch.autograd.Function):
     """y = x @ W^T + b whose dW can wait for W (the reference GEMM of the zero-bubble split)."""
 
@@ -134,7 +126,11 @@ class DeferrableLinear(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad
         dx = dy.matmul(weight) if need_dx else None
-        dw = dw_or_defer(weight, _rows(x), _rows(dy)) if need_dw else None
+        dw, store = None, current_store()
+        if need_dw and store is not None:  # zero bubble's B: stashed for W
+            store.add(weight, _rows(x), _rows(dy))
+        elif need_dw:
+            dw = _rows(dy).t().mm(_rows(x))
         db = _rows(dy).sum(0) if need_db and ctx.has_bias else None
         return dx, dw, db
 
@@ -145,14 +141,7 @@ def deferrable_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     the autocast copy and W's gradient flows back through the cast."""
     if not forward_is_deferrable() or not torch.is_grad_enabled():
         return F.linear(x, weight, bias)
-    device_type = x.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x, weight = x.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
-        with torch.autocast(device_type, enabled=False):
-            return DeferrableLinear.apply(x, weight, bias)
-    return DeferrableLinear.apply(x, weight, bias)
+    return DeferrableLinear.apply(*autocast_inputs(x, weight, bias))
 
 
 def _linear_forward(self: nn.Linear, x: torch.Tensor) -> torch.Tensor:

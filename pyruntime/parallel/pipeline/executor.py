@@ -27,8 +27,9 @@ backward in W). Activations and their graphs are dropped as soon as the last
 backward that needs them has run.
 
 Data parallelism composes through the engine (parallel/data.py): gradient collectives are
-armed only for each chunk's last weight-gradient action of the step, so buckets / ZeRO units
-are reduced once per step, while the remaining backward still runs.
+armed only for each chunk's last action that accumulates a parameter's gradient (its last B,
+or with zero bubble its last W for the deferred GEMM weights), so buckets / ZeRO units are
+reduced once per step, while the remaining backward still runs.
 """
 from __future__ import annotations
 
@@ -145,9 +146,10 @@ class PipelineExecutor:
         self.defers = [self.split_backward and not c.is_first for c in self.chunks]
         # Global ranks of the pp peers: batch_isend_irecv takes global ranks.
         self.peer_global = {r: dist.get_global_rank(pp_group, r) for r in range(spec.pp)}
-        self.last_grad_action = self._last_weight_grad_actions()
-        self.last_backward = self._last_backward_actions() if self.split_backward else {}
-        self.deferred_ids: dict[int, set[int]] = {}  # chunk -> ids of parameters W accumulates
+        # chunk -> index of its last action accumulating weight gradients (W with zero bubble:
+        # the deferred GEMM weights) and, with zero bubble, of its last B (the other parameters)
+        self.last_grad_action = self._last_actions("W" if self.split_backward else "B")
+        self.last_backward = self._last_actions("B") if self.split_backward else {}
         # [begin, end) of each compute action and of each run of comm actions (one batch)
         self.segments: list[tuple[int, int]] = []
         for i, a in enumerate(self.actions):
@@ -164,19 +166,9 @@ class PipelineExecutor:
         self.chunk_params = [c.parameters_of_chunk() for c in self.chunks]
         self.record = StepRecord()
 
-    def _last_weight_grad_actions(self) -> dict[int, int]:
-        """Index of each chunk's last action that accumulates weight gradients (W with a
-        zero-bubble schedule: the deferred GEMM weights; the rest accumulate in B, see
-        _last_backward_actions)."""
-        kind = "W" if self.split_backward else "B"
-        last = {}
-        for i, a in enumerate(self.actions):
-            if a.kind == kind:
-                last[a.chunk] = i
-        return last
-
-    def _last_backward_actions(self) -> dict[int, int]:
-        return {a.chunk: i for i, a in enumerate(self.actions) if a.kind == "B"}
+    def _last_actions(self, kind: str) -> dict[int, int]:
+        """Index of each chunk's last action of `kind`."""
+        return {a.chunk: i for i, a in enumerate(self.actions) if a.kind == kind}
 
     # -- one step ----------------------------------------------------------------------------
     def run_step(self, micro: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
@@ -194,7 +186,7 @@ class PipelineExecutor:
         self.t0 = time.perf_counter()
         if self.engine is not None:
             self.engine.begin_pipeline_step()
-        self.deferred_ids = {}
+        self.deferred_ids: dict[int, set[int]] = {}  # chunk -> ids of the parameters W accumulates
         self.posted_ahead: set[int] = set()  # action indices of receives already posted
         for k, (begin, end) in enumerate(self.segments):
             if self.actions[begin].is_comm:
@@ -273,21 +265,19 @@ class PipelineExecutor:
         if grad is None:
             raise PipelineError(f"pipeline: rank {self.spec.pp_rank} B(mb={a.microbatch}, chunk={a.chunk}) "
                                 "ran before its output gradient was received")
-        needs_input_grad = not chunk.is_first
-        if self.split_backward:
-            if needs_input_grad:  # one backward, the GEMMs' weight gradients stashed for W
-                slot.deferred = wgrad.WeightGradStore()
-                with wgrad.deferring(slot.deferred):
-                    torch.autograd.backward(slot.output, grad)
-                slot.input_grad = slot.input.grad
-                if a.chunk not in self.deferred_ids:
-                    self.deferred_ids[a.chunk] = slot.deferred.params()
-                self._release(slot)  # the graph is gone: W needs only the stash
+        if self.split_backward and chunk.is_first:
+            return  # no input gradient to send: W runs the whole backward
+        if self.split_backward:  # one backward, the GEMMs' weight gradients stashed for W
+            slot.deferred = wgrad.WeightGradStore()
+            with wgrad.deferring(slot.deferred):
+                torch.autograd.backward(slot.output, grad)
+            if a.chunk not in self.deferred_ids:  # the same GEMMs every micro-batch
+                self.deferred_ids[a.chunk] = slot.deferred.params()
         else:
             torch.autograd.backward(slot.output, grad)
-            if needs_input_grad:
-                slot.input_grad = slot.input.grad
-            self._release(slot)
+        if not chunk.is_first:
+            slot.input_grad = slot.input.grad
+        self._release(slot)  # the graph is gone (with zero bubble W needs only the stash)
 
     def _weight_grad(self, a: Action) -> None:
         slot = self._slot(a)

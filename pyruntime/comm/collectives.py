@@ -92,6 +92,15 @@ class Pending:
         self._work, self._debug, self._finish, self._keep = work, debug, finish, keep
         self.done = False
 
+    def is_completed(self) -> bool:
+        """Whether wait() would return without blocking on the backend. Under the debug delay
+        only a waited collective counts, so the delay still exposes a missing wait()."""
+        if self.done:
+            return True
+        if self._debug.enabled:
+            return False
+        return self._work is None or self._work.is_completed()
+
     def wait(self) -> None:
         if self.done:
             return
@@ -103,6 +112,20 @@ class Pending:
         self.done = True
         self._work = self._finish = None
         self._keep = ()
+
+
+class _Works:
+    """Several backend works that complete together."""
+
+    def __init__(self, works: list):
+        self.works = works
+
+    def is_completed(self) -> bool:
+        return all(w.is_completed() for w in self.works)
+
+    def wait(self) -> None:
+        for w in self.works:
+            w.wait()
 
 
 def _all_gather_into(out, inp, group, async_op):
@@ -123,6 +146,7 @@ class Collectives:
         self.group, self.stats, self.debug = group, stats, debug
         self.size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
+        self.global_ranks = dist.get_process_group_ranks(group)
 
     def all_reduce_avg(self, tensor: torch.Tensor) -> Pending:
         """tensor <- mean of tensor over the group, in place, once wait() returns."""
@@ -136,23 +160,51 @@ class Collectives:
         tensor.fill_(float("nan"))  # the backend reads `scratch`; a premature reader sees NaN
         return Pending(work, self.debug, lambda: tensor.copy_(scratch), keep=(scratch,))
 
-    def reduce_scatter_avg(self, out: torch.Tensor, inp: torch.Tensor) -> Pending:
+    def reduce_scatter_avg(self, out: torch.Tensor, inp: torch.Tensor, *, scratch_input: bool = False) -> Pending:
         """out <- this rank's 1/size slice of the mean of inp over the group.
-        inp: (size * n,), out: (n,); inp must stay untouched until wait()."""
+        inp: (size * n,), out: (n,); inp must stay untouched until wait().
+
+        scratch_input=True: the caller gives inp up (its contents are undefined afterwards).
+        On CPU (gloo) the reduction then runs in place: gloo implements a reduce-scatter as
+        a clone of the input, an all-reduce of the clone and a copy of the slice on wait(),
+        so in place saves the clone (a whole input-sized buffer held while the collective is
+        in flight), and the all-reduce's completion can be polled (Pending.is_completed;
+        gloo's reduce-scatter work only completes in wait()). The bytes counted are the
+        reduce-scatter's either way (see the module docstring)."""
         if inp.numel() != out.numel() * self.size:
             raise ValueError(f"reduce_scatter: input of {inp.numel()} elements does not split into "
                              f"{self.size} outputs of {out.numel()}")
         self.stats.record("reduce_scatter", inp.numel() * inp.element_size())
+        if scratch_input and inp.device.type == "cpu":
+            self.debug.pause()
+            work = dist.all_reduce(inp, op=dist.ReduceOp.AVG, group=self.group, async_op=True)
+            if self.debug.enabled:
+                out.fill_(float("nan"))  # a premature reader sees NaN
+            mine = inp[self.rank * out.numel():(self.rank + 1) * out.numel()]
+            return Pending(work, self.debug, lambda: out.copy_(mine), keep=(out, inp))
         return self._issue(out, inp, lambda dst: _reduce_scatter_into(dst, inp, dist.ReduceOp.AVG, self.group, True))
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor) -> Pending:
         """out <- the concatenation of every rank's inp, in rank order.
-        inp: (n,), out: (size * n,); inp must stay untouched until wait()."""
+        inp: (n,), out: (size * n,); inp must stay untouched until wait().
+
+        On CPU (gloo) it runs as one broadcast per rank into its slice of out: gloo's own
+        all-gather receives into a temporary buffer the size of out and copies from it at the
+        end, so a prefetched all-gather would hold a unit twice while compute runs; the
+        broadcasts write in place and move the same bytes."""
         if out.numel() != inp.numel() * self.size:
             raise ValueError(f"all_gather: output of {out.numel()} elements does not hold "
                              f"{self.size} inputs of {inp.numel()}")
         self.stats.record("all_gather", out.numel() * out.element_size())
+        if out.device.type == "cpu":
+            return self._issue(out, inp, lambda dst: self._broadcast_slices(dst, inp))
         return self._issue(out, inp, lambda dst: _all_gather_into(dst, inp, self.group, True))
+
+    def _broadcast_slices(self, out: torch.Tensor, inp: torch.Tensor) -> "_Works":
+        n = inp.numel()
+        out[self.rank * n:(self.rank + 1) * n].copy_(inp)
+        return _Works([dist.broadcast(out[r * n:(r + 1) * n], src=src, group=self.group, async_op=True)
+                       for r, src in enumerate(self.global_ranks)])
 
     def _issue(self, out: torch.Tensor, inp: torch.Tensor, launch: Callable[[torch.Tensor], object]) -> Pending:
         self.debug.pause()

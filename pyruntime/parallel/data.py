@@ -80,11 +80,13 @@ def grad_or_zeros(p: nn.Parameter) -> torch.Tensor:
 class GradReadyTracker:
     """Calls on_ready(i) once per armed backward, as soon as every parameter of group i has
     accumulated its gradient (post-accumulate-grad hooks). flush() fires the groups that did
-    not complete (a parameter without a gradient), in order."""
+    not complete (a parameter without a gradient), in order. on_grad(), if given, runs at
+    every gradient accumulation, armed or not (the ZeRO engines reap finished collectives)."""
 
-    def __init__(self, groups: Sequence[Sequence[nn.Parameter]], on_ready: Callable[[int], None]):
+    def __init__(self, groups: Sequence[Sequence[nn.Parameter]], on_ready: Callable[[int], None],
+                 on_grad: Callable[[], None] | None = None):
         self.sizes = [len(g) for g in groups]
-        self.on_ready = on_ready
+        self.on_ready, self.on_grad = on_ready, on_grad
         self.armed = False
         self.armed_params: set[int] = set()
         self.seen: list[set[int]] = [set() for _ in groups]
@@ -104,6 +106,8 @@ class GradReadyTracker:
         self.armed_params.update(id(p) for p in params)
 
     def _hook(self, i: int, j: int, param: nn.Parameter) -> None:
+        if self.on_grad is not None:
+            self.on_grad()
         if self.fired[i] or not (self.armed or id(param) in self.armed_params):
             return
         self.seen[i].add(j)

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from pyruntime.comm.collectives import CommDebug
+from pyruntime.comm.collectives import CommDebug, Collectives, Pending
 from pyruntime.comm.tp import all_gather_into
 from pyruntime.config import OptimConfig
 from pyruntime.ops.adamw import DecayMask, adamw_step
@@ -82,6 +82,7 @@ class ShardedAdamW:
         self.exp_avg_sq = torch.zeros_like(self.master)
         self._grads: list[torch.Tensor | None] = [None] * len(groups)  # grad_per_group
         self._flat_grad: torch.Tensor | None = None
+        self._written: set[int] = set()  # groups whose shard holds a reduction since zero_grad
         segments = [self._copy_in(g, rank) for g in groups]
         if grad_per_group:
             self.decays = [DecayMask.from_segments(g.layout.shard_numel, seg, self.device)
@@ -115,6 +116,16 @@ class ShardedAdamW:
             self._flat_grad = torch.zeros_like(self.master)
         return self.groups[i].shard(self._flat_grad)
 
+    def grad_destination(self, i: int) -> tuple[torch.Tensor, bool]:
+        """Where group i's next reduced gradient goes: (its gradient shard, True) for the first
+        reduction since zero_grad, which overwrites it (a per-group shard is then allocated
+        without zeroing); (the shard, False) afterwards, when a reduction must be added."""
+        first = i not in self._written
+        self._written.add(i)
+        if first and self.grad_per_group and self._grads[i] is None:
+            self._grads[i] = torch.empty(self.groups[i].layout.shard_numel, device=self.device)
+        return self.group_grad(i), first
+
     def held_grads(self) -> list[torch.Tensor]:
         return [g for g in self._grads if g is not None] + ([self._flat_grad] if self._flat_grad is not None else [])
 
@@ -137,6 +148,7 @@ class ShardedAdamW:
             self.after_step()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
+        self._written = set()
         if set_to_none:
             self._grads, self._flat_grad = [None] * len(self.groups), None
         for grad in self.held_grads():
@@ -201,6 +213,50 @@ class ShardedAdamW:
                     src = entry[key].reshape(-1)[piece.tensor_offset:piece.tensor_offset + piece.numel]
                     g.shard(getattr(self, attr))[piece.shard_offset:piece.shard_offset + piece.numel].copy_(src)
         self.steps = steps
+
+
+class GradientReductions:
+    """The reduce-scatters of flat gradients into a ShardedAdamW's gradient shards, oldest
+    first. A group's first reduction of a step lands straight in its shard; a later one
+    (gradient accumulation) lands in a partial buffer that is added on completion.
+
+    reap() completes the ones the backend has already finished without blocking: called from
+    the backward's hooks, it drops each flat gradient copy as soon as its collective is done
+    instead of when the next one is issued (the copy is a whole bucket / unit of fp32, so this
+    lowers the backward's peak memory)."""
+
+    def __init__(self, comm: Collectives, optimizer: ShardedAdamW):
+        self.comm, self.optimizer = comm, optimizer
+        # (collective, gradient shard, partial result to add to it or None, bytes held)
+        self.items: list[tuple[Pending, torch.Tensor, torch.Tensor | None, int]] = []
+
+    def issue(self, i: int, flat: torch.Tensor) -> None:
+        """Reduce-scatter (mean over dp) the flat gradients of group i; flat is given up (a
+        packed copy the caller no longer reads) and referenced until the collective completes."""
+        shard, first = self.optimizer.grad_destination(i)
+        out = shard if first else torch.empty_like(shard)
+        held = (flat.numel() + (0 if first else out.numel())) * flat.element_size()
+        pending = self.comm.reduce_scatter_avg(out, flat, scratch_input=True)
+        self.items.append((pending, shard, None if first else out, held))
+
+    def _complete_oldest(self) -> None:
+        pending, shard, partial, _ = self.items.pop(0)
+        pending.wait()
+        if partial is not None:
+            shard.add_(partial)
+
+    def drain(self, keep: int = 0) -> None:
+        """Complete the oldest until at most `keep` remain (waiting for them)."""
+        while len(self.items) > keep:
+            self._complete_oldest()
+
+    def reap(self) -> None:
+        """Complete, oldest first, those that are already done; never blocks."""
+        while self.items and self.items[0][0].is_completed():
+            self._complete_oldest()
+
+    def bytes_held(self) -> int:
+        return sum(item[3] for item in self.items)
 
 
 class ShardedCheckpointing:

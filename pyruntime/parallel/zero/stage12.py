@@ -14,8 +14,12 @@ size, the same volume as DDP's all-reduce.
   earlier ones without communication, as DDP) and reduce-scatters once, on the last one.
 - ZeRO-2 keeps no full-size gradient: on every micro-batch each bucket is reduce-scattered as
   soon as it is complete and the parameters' .grad is dropped right after packing, so besides
-  the bucket being packed at most MAX_IN_FLIGHT flat copies exist; the reduced slices add into the
-  gradient shard. That trades one reduce-scatter per micro-batch for the memory.
+  the bucket being packed at most MAX_IN_FLIGHT flat copies exist; a bucket's first reduction of
+  the step lands in its shard slice, later ones are added to it. That trades one reduce-scatter
+  per micro-batch for the memory.
+
+A flat copy is dropped as soon as its reduce-scatter is done: every gradient hook completes the
+finished ones without blocking (sharded.GradientReductions.reap).
 """
 from __future__ import annotations
 
@@ -25,13 +29,13 @@ from typing import Iterator
 import torch
 import torch.nn as nn
 
-from pyruntime.comm.collectives import Collectives, Pending
+from pyruntime.comm.collectives import Collectives
 from pyruntime.config import OptimConfig
 from pyruntime.ops.flat import flat_pack, flat_unpack
 from pyruntime.parallel.accounting import ModelStateBytes, storage_bytes
 from pyruntime.parallel.data import (ALIGN, DataParallelEngine, GradReadyTracker, Replicas, gradient_buckets,
                                      grad_or_zeros, trainable_params)
-from pyruntime.parallel.zero.sharded import ShardedAdamW, ShardedCheckpointing, plan_groups
+from pyruntime.parallel.zero.sharded import GradientReductions, ShardedAdamW, ShardedCheckpointing, plan_groups
 
 # ZeRO-2/3: reduce-scatters (each holding a bucket- or unit-sized flat gradient) in flight when
 # the next one is issued. The previous one is completed just before the next is packed: it has
@@ -53,9 +57,8 @@ class ZeroBucketEngine(ShardedCheckpointing, DataParallelEngine):
                                  after_step=self._publish)
         super().__init__(model, optimizer, comm)
         self.stage, self.bucket_bytes = stage, bucket_bytes
-        self.tracker = GradReadyTracker([g.params for g in self.groups], self._reduce)
-        # (pending reduce-scatter, gradient shard slice, partial result to add to it or None)
-        self.pending: list[tuple[Pending, torch.Tensor, torch.Tensor | None]] = []
+        self.reductions = GradientReductions(comm, optimizer)
+        self.tracker = GradReadyTracker([g.params for g in self.groups], self._reduce, on_grad=self.reductions.reap)
 
     def describe(self) -> str:
         return (f"ZeRO-{self.stage}: dp {self.comm.size}, {len(self.groups)} gradient bucket(s) of <= "
@@ -68,32 +71,20 @@ class ZeroBucketEngine(ShardedCheckpointing, DataParallelEngine):
         yield
         self.tracker.flush()
         if self.stage == 2:  # nothing full-size outlives the micro-batch
-            self._drain(0)
+            self.reductions.drain()
 
     def _reduce(self, i: int) -> None:
         group = self.groups[i]
         if self.stage == 2:
-            self._drain(MAX_IN_FLIGHT - 1)
+            self.reductions.drain(MAX_IN_FLIGHT - 1)
         flat = flat_pack([grad_or_zeros(p) for p in group.params], group.layout)
-        shard = self.optimizer.group_grad(i)
-        if self.stage == 1:  # once per step, into the zeroed shard
-            self.pending.append((self.comm.reduce_scatter_avg(shard, flat), shard, None))
-            return
-        for p in group.params:
-            p.grad = None  # the flat copy is all that remains of this bucket's gradients
-        partial = torch.empty_like(shard)
-        self.pending.append((self.comm.reduce_scatter_avg(partial, flat), shard, partial))
-
-    def _drain(self, keep: int) -> None:
-        """Complete the oldest pending reduce-scatters until at most `keep` remain."""
-        while len(self.pending) > keep:
-            pending, shard, partial = self.pending.pop(0)
-            pending.wait()
-            if partial is not None:
-                shard.add_(partial)
+        if self.stage == 2:
+            for p in group.params:
+                p.grad = None  # the flat copy is all that remains of this bucket's gradients
+        self.reductions.issue(i, flat)  # ZeRO-1: once per step, so straight into the shard
 
     def finish_gradient_sync(self) -> None:
-        self._drain(0)
+        self.reductions.drain()
         super().finish_gradient_sync()
 
     def gradient_pieces(self, replicas: Replicas | None = None) -> tuple[list[torch.Tensor], list[int]]:

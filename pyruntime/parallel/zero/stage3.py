@@ -16,8 +16,10 @@ Per micro-batch:
             i - 1 (reverse order); when the last gradient of unit i has accumulated
             (post-accumulate-grad hooks), pack the gradients into one fp32 flat buffer, drop
             the .grad tensors and the gathered parameters, and issue the reduce-scatter (mean
-            over dp) while the backward of earlier units still runs; the reduced slice is
-            added to the rank's fp32 gradient shard.
+            over dp) while the backward of earlier units still runs, into the rank's fp32
+            gradient shard of the unit (added to it on later micro-batches). Every gradient
+            hook completes the reduce-scatters already finished, without blocking, so a
+            unit's flat copy goes as soon as its collective is done.
 The optimizer (sharded.ShardedAdamW: fused AdamW over the fp32 master shard) then needs no
 communication: the next forward gathers the updated shards. Per micro-batch that moves
 2x the parameters (minus the last unit) in all-gathers and 1x in reduce-scatters.
@@ -39,7 +41,8 @@ from pyruntime.config import OptimConfig
 from pyruntime.ops.flat import flat_pack
 from pyruntime.parallel.accounting import ModelStateBytes, mb, storage_bytes
 from pyruntime.parallel.data import ALIGN, DataParallelEngine, GradReadyTracker, Replicas, grad_or_zeros
-from pyruntime.parallel.zero.sharded import FlatGroup, ShardedAdamW, ShardedCheckpointing, plan_groups
+from pyruntime.parallel.zero.sharded import (FlatGroup, GradientReductions, ShardedAdamW, ShardedCheckpointing,
+                                             plan_groups)
 from pyruntime.parallel.zero.stage12 import MAX_IN_FLIGHT
 
 
@@ -121,8 +124,8 @@ class FullyShardedEngine(ShardedCheckpointing, DataParallelEngine):
         device = optimizer.master.device
         self.compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.units = [_Unit(g, mods, self.compute_dtype, device) for g, mods in zip(groups, modules)]
-        self.tracker = GradReadyTracker([g.params for g in groups], self._reduce)
-        self.pending: list[tuple[Pending, torch.Tensor, torch.Tensor, int]] = []
+        self.reductions = GradientReductions(comm, optimizer)
+        self.tracker = GradReadyTracker([g.params for g in groups], self._reduce, on_grad=self.reductions.reap)
         self.peak_live = 0  # bytes beyond the shards: gathered units, unsharded grads, buffers in flight
         for i, unit in enumerate(self.units):
             unit.modules[0].register_forward_pre_hook(functools.partial(self._pre_forward, i))
@@ -159,6 +162,7 @@ class FullyShardedEngine(ShardedCheckpointing, DataParallelEngine):
         self.units[i].free()
 
     def _pre_backward(self, i: int, _grad: torch.Tensor) -> None:
+        self.reductions.reap()
         self._gather(i, wait=True)
         if i > 0:
             self._gather(i - 1, wait=False)
@@ -167,25 +171,18 @@ class FullyShardedEngine(ShardedCheckpointing, DataParallelEngine):
         """All of unit i's gradients have accumulated: reduce-scatter them, free the unit."""
         group = self.units[i].group
         self.units[i].free()  # its backward is over: every parameter's gradient has accumulated
-        self._drain(MAX_IN_FLIGHT - 1)  # the previous unit's reduce-scatter had this unit's backward to run
+        # The previous unit's reduce-scatter had this unit's backward to run (and was reaped
+        # already if it finished).
+        self.reductions.drain(MAX_IN_FLIGHT - 1)
         grads = [grad_or_zeros(p) for p in group.params]
         flat = flat_pack(grads, group.layout).float()  # reduced in fp32 also when computed in bf16
         self._observe(transient=storage_bytes(grads) + flat.numel() * 4)
         for p in group.params:
             p.grad = None
-        shard = self.optimizer.group_grad(i)
-        partial = torch.empty_like(shard)
-        nbytes = (flat.numel() + partial.numel()) * 4
-        self.pending.append((self.comm.reduce_scatter_avg(partial, flat), shard, partial, nbytes))
-
-    def _drain(self, keep: int) -> None:
-        while len(self.pending) > keep:
-            pending, shard, partial, _ = self.pending.pop(0)
-            pending.wait()
-            shard.add_(partial)
+        self.reductions.issue(i, flat)
 
     def _observe(self, transient: int = 0) -> None:
-        live = sum(u.nbytes for u in self.units if u.allocated) + sum(n for *_, n in self.pending)
+        live = sum(u.nbytes for u in self.units if u.allocated) + self.reductions.bytes_held()
         self.peak_live = max(self.peak_live, live + transient)
 
     # -- the engine interface --------------------------------------------------------------
@@ -196,7 +193,7 @@ class FullyShardedEngine(ShardedCheckpointing, DataParallelEngine):
         self.tracker.flush()
         for unit in self.units:
             unit.free()
-        self._drain(0)
+        self.reductions.drain()
 
     def after_pipeline_action(self) -> None:
         # Units are gathered again by the next action's hooks; between actions only the
@@ -209,7 +206,7 @@ class FullyShardedEngine(ShardedCheckpointing, DataParallelEngine):
         self.after_pipeline_action()
 
     def finish_gradient_sync(self) -> None:
-        self._drain(0)
+        self.reductions.drain()
         super().finish_gradient_sync()
 
     def gradient_pieces(self, replicas: Replicas | None = None) -> tuple[list[torch.Tensor], list[int]]:

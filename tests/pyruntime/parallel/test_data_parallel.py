@@ -2,6 +2,7 @@
 the bytes each step communicates, overlap with backward, the debug delay that catches a
 missing wait, the comm layer itself, and bad input. The spawned worlds are in conftest.py."""
 import json
+import time
 
 import pytest
 import torch
@@ -129,6 +130,27 @@ def test_debug_mode_hides_every_result_until_wait(world1):
     assert bool(out.isnan().all())
     pending.wait()
     assert torch.equal(out, torch.ones(3))
+
+
+def test_reduce_scatter_of_a_scratch_input_runs_in_place_and_can_be_polled(world1):
+    """CPU: an all-reduce in place of gloo's clone + all-reduce; its completion is observable
+    (gloo's own reduce-scatter work only completes inside wait()), the result the same."""
+    stats = CommStats()
+    comm = Collectives(world1, stats)
+    inp, out = torch.arange(6.0), torch.zeros(6)
+    pending = comm.reduce_scatter_avg(out, inp, scratch_input=True)
+    deadline = time.monotonic() + 30
+    while not pending.is_completed() and time.monotonic() < deadline:
+        time.sleep(0.001)
+    assert pending.is_completed()  # before wait(): polled, not forced
+    pending.wait()
+    assert torch.equal(out, torch.arange(6.0)) and stats.take()["comm_reduce_scatter_bytes"] == 24
+    debug = Collectives(world1, CommStats(), CommDebug(delay_s=0.001))
+    out = torch.zeros(3)
+    pending = debug.reduce_scatter_avg(out, torch.ones(3), scratch_input=True)
+    assert bool(out.isnan().all()) and not pending.is_completed()  # under the delay: only once waited
+    pending.wait()
+    assert pending.is_completed() and torch.equal(out, torch.ones(3))
 
 
 def test_collective_size_mismatch_and_bad_delay_are_refused(world1):

@@ -3,6 +3,7 @@ stage, the model-state bytes each rank holds against the unsharded figure, and Z
 mechanics (sharded storage, gather/free, parity with plain AdamW) on a world-1 group in this
 process. Loss parity for every stage is in test_data_parallel.py (same spawned worlds)."""
 import copy
+import time
 
 import pytest
 import torch
@@ -192,6 +193,27 @@ def test_gradient_pieces_split_by_parameter_when_other_axes_replicate(comm):
     whole, ones = engine.gradient_pieces(lambda p: 1)
     assert [g.data_ptr() for g in whole] == [g.data_ptr() for g in engine.optimizer.held_grads()]
     assert ones == [1] * len(engine.units)
+
+
+def test_gradient_reductions_overwrite_first_then_add_and_free_finished_copies(comm):
+    """A group's first reduction of a step lands in its (unzeroed) shard, later ones add to it;
+    reap() completes finished collectives without a wait, so their flat copies go early."""
+    model = _model()
+    engine = FullyShardedEngine(model, comm, OptimConfig())
+    reductions, n = engine.reductions, engine.units[1].group.layout.shard_numel
+    reductions.issue(1, torch.full((n,), 2.0))
+    assert reductions.bytes_held() == 4 * n  # the flat copy only: the result goes to the shard
+    reductions.issue(1, torch.full((n,), 3.0))
+    assert reductions.bytes_held() == 4 * n + 8 * n  # plus the second one's partial result
+    deadline = time.monotonic() + 30
+    while reductions.items and time.monotonic() < deadline:
+        reductions.reap()
+    assert torch.equal(engine.optimizer.group_grad(1), torch.full((n,), 5.0))
+    assert engine.optimizer.held_grads() == [engine.optimizer.group_grad(1)]  # no other shard made
+    engine.optimizer.zero_grad()
+    reductions.issue(1, torch.full((n,), 7.0))
+    reductions.drain()
+    assert torch.equal(engine.optimizer.group_grad(1), torch.full((n,), 7.0))
 
 
 def test_bad_unit_lists_and_stages_are_refused(comm):

@@ -2,9 +2,9 @@
 delay.
 
     comm = Collectives(group, CommStats(), CommDebug.from_env())
-    pending = comm.all_reduce_avg(flat)        # issued now (async_op=True), runs in the background
+    pending = comm.all_reduce_sum(flat)        # issued now (async_op=True), runs in the background
     ...                                        # compute overlaps with it
-    pending.wait()                             # flat now holds the mean over the group
+    pending.wait()                             # flat now holds the sum over the group
 
 Every gradient / parameter collective of data parallelism and ZeRO goes through here, so:
 
@@ -148,15 +148,17 @@ class Collectives:
         self.rank = dist.get_rank(group)
         self.global_ranks = dist.get_process_group_ranks(group)
 
-    def all_reduce_avg(self, tensor: torch.Tensor) -> Pending:
-        """tensor <- mean of tensor over the group, in place, once wait() returns."""
+    def all_reduce_sum(self, tensor: torch.Tensor) -> Pending:
+        """tensor <- sum of tensor over the group, in place, once wait() returns. (DDP divides
+        by dp where it copies the gradients in, so the sum is the mean without a pass of its
+        own; gloo's AVG is a sum plus one.)"""
         self.stats.record("all_reduce", tensor.numel() * tensor.element_size())
         self.debug.pause()
         if not self.debug.enabled:
-            return Pending(dist.all_reduce(tensor, op=dist.ReduceOp.AVG, group=self.group, async_op=True),
+            return Pending(dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=self.group, async_op=True),
                            self.debug, keep=(tensor,))
         scratch = tensor.clone()
-        work = dist.all_reduce(scratch, op=dist.ReduceOp.AVG, group=self.group, async_op=True)
+        work = dist.all_reduce(scratch, op=dist.ReduceOp.SUM, group=self.group, async_op=True)
         tensor.fill_(float("nan"))  # the backend reads `scratch`; a premature reader sees NaN
         return Pending(work, self.debug, lambda: tensor.copy_(scratch), keep=(scratch,))
 

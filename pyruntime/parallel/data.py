@@ -11,13 +11,17 @@
 
 DDP (`--zero 0`): parameters are taken in reverse registration order (their gradients arrive
 roughly that way in backward) and grouped into buckets of at most bucket_mb
-(ops.flat.plan_buckets; the first one at most 1 MB, so communication starts early). On the
-last micro-batch, a post-accumulate-grad hook counts the gradients of each bucket; when a
-bucket's last one has accumulated, its gradients are packed into one flat buffer (the C++
-flat_pack) and its all-reduce (mean over dp) is issued asynchronously, so it runs while the
-backward of earlier layers still computes. The earlier micro-batches of gradient
-accumulation communicate nothing. finish_gradient_sync() waits for each bucket and unpacks
-the averaged gradients into .grad.
+(ops.flat.plan_buckets; the first one at most 1 MB, so communication starts early). Each
+bucket owns one flat buffer (laid out by the C++ planner, allocated once) and each
+parameter's first gradient of a step is moved into it by its post-accumulate-grad hook, the
+.grad becoming a view into the buffer; later micro-batches accumulate in place there. So
+what backward produces is what is all-reduced, and the reduced result is the .grad: no
+pack / unpack copies (as DDP, which also keeps its buckets). On the last micro-batch the
+hook divides each gradient by dp (in the copy when there is one) and counts the gradients
+of each bucket; when a bucket's last one has accumulated, its all-reduce (a sum, so the
+mean over dp) is issued asynchronously, in place, so it runs
+while the backward of earlier layers still computes. The earlier micro-batches of gradient
+accumulation communicate nothing. finish_gradient_sync() waits for each bucket.
 
 The engine only sees the parameters of the model it is given and the dp group of `dims`, so
 it composes with pipeline stages (a subset of layers) and with tp (dp is never the world).
@@ -26,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -35,7 +38,7 @@ import torch.nn as nn
 from pyruntime.comm.collectives import CommDebug, CommStats, Collectives, Pending
 from pyruntime.config import Config, ConfigError, OptimConfig
 from pyruntime.mesh import ParallelDims
-from pyruntime.ops.flat import FlatLayout, flat_pack, flat_unpack, plan_buckets, plan_flat_layout
+from pyruntime.ops.flat import FlatLayout, plan_buckets, plan_flat_layout
 from pyruntime.parallel.accounting import ModelStateBytes, storage_bytes
 from pyruntime.train.metrics import say
 from pyruntime.train.optim import build_adamw
@@ -80,11 +83,13 @@ def grad_or_zeros(p: nn.Parameter) -> torch.Tensor:
 class GradReadyTracker:
     """Calls on_ready(i) once per armed backward, as soon as every parameter of group i has
     accumulated its gradient (post-accumulate-grad hooks). flush() fires the groups that did
-    not complete (a parameter without a gradient), in order. on_grad(), if given, runs at
-    every gradient accumulation, armed or not (the ZeRO engines reap finished collectives)."""
+    not complete (a parameter without a gradient), in order. on_grad(i, j, counted), if
+    given, runs at every gradient accumulation of parameter j of group i, before on_ready;
+    counted: this accumulation is the step's last for it (armed), i.e. the one that counts
+    (DDP moves the gradient into its bucket; the ZeRO engines reap finished collectives)."""
 
     def __init__(self, groups: Sequence[Sequence[nn.Parameter]], on_ready: Callable[[int], None],
-                 on_grad: Callable[[], None] | None = None):
+                 on_grad: Callable[[int, int, bool], None] | None = None):
         self.sizes = [len(g) for g in groups]
         self.on_ready, self.on_grad = on_ready, on_grad
         self.armed = False
@@ -106,9 +111,10 @@ class GradReadyTracker:
         self.armed_params.update(id(p) for p in params)
 
     def _hook(self, i: int, j: int, param: nn.Parameter) -> None:
+        counted = not self.fired[i] and (self.armed or id(param) in self.armed_params)
         if self.on_grad is not None:
-            self.on_grad()
-        if self.fired[i] or not (self.armed or id(param) in self.armed_params):
+            self.on_grad(i, j, counted)
+        if not counted:
             return
         self.seen[i].add(j)
         if len(self.seen[i]) == self.sizes[i]:
@@ -251,10 +257,42 @@ class DataParallelEngine:
         return {**held.fields(), **(self.comm.stats.take() if self.comm else {})}
 
 
-@dataclass
 class _Bucket:
-    params: list[nn.Parameter]
-    layout: FlatLayout
+    """A bucket's flat gradient buffer (layout order, padding zero) and each parameter's view
+    into it."""
+
+    def __init__(self, params: list[nn.Parameter], layout: FlatLayout):
+        self.params, self.layout = params, layout
+        self.flat = torch.zeros(layout.total_numel, dtype=params[0].dtype, device=params[0].device)
+        self.views = [self.flat[offset:offset + p.numel()].view_as(p) for p, offset in zip(params, layout.offsets)]
+        self.scaled: set[int] = set()  # parameters whose gradient is final (scaled) this step
+
+    @torch.no_grad()
+    def take(self, j: int, scale: float | None) -> None:
+        """Make parameter j's .grad its view into `flat`, holding the gradient it has (zeros if
+        none); scale given: that gradient is final for the step, multiply it by `scale` (in the
+        copy when there is one, so it costs no pass of its own)."""
+        p, view = self.params[j], self.views[j]
+        grad = p.grad
+        if grad is not None and grad.data_ptr() == view.data_ptr():
+            if scale is not None:
+                view.mul_(scale)  # accumulated in place over earlier micro-batches
+        elif grad is None:
+            view.zero_()
+        elif scale is None:
+            view.copy_(grad)
+        else:
+            torch.mul(grad, scale, out=view)
+        p.grad = view
+        if scale is not None:
+            self.scaled.add(j)
+
+    def finalize(self, scale: float) -> None:
+        """Scale the gradients no counted accumulation reached (zeros where there is none)."""
+        for j in range(len(self.params)):
+            if j not in self.scaled:
+                self.take(j, scale)
+        self.scaled.clear()
 
 
 class BucketedDataParallel(DataParallelEngine):
@@ -265,8 +303,11 @@ class BucketedDataParallel(DataParallelEngine):
         self.buckets = [_Bucket(params, plan_flat_layout([p.numel() for p in params], world_size=1, align=ALIGN))
                         for params in gradient_buckets(self.params, bucket_bytes)]
         self.bucket_bytes = bucket_bytes
-        self.tracker = GradReadyTracker([b.params for b in self.buckets], self._launch)
-        self.pending: list[tuple[_Bucket, torch.Tensor, Pending]] = []
+        # Every new gradient moves into its bucket (later ones accumulate there); the step's
+        # last one is divided by dp on the way, so the all-reduce is a sum.
+        self.scale = 1.0 / comm.size
+        self.tracker = GradReadyTracker([b.params for b in self.buckets], self._launch, on_grad=self._take)
+        self.pending: list[Pending] = []
 
     def describe(self) -> str:
         return (f"data parallel: dp {self.comm.size}, {len(self.buckets)} gradient bucket(s) of <= "
@@ -278,15 +319,17 @@ class BucketedDataParallel(DataParallelEngine):
         yield
         self.tracker.flush()
 
+    def _take(self, i: int, j: int, last: bool) -> None:
+        self.buckets[i].take(j, self.scale if last else None)
+
     def _launch(self, i: int) -> None:
         bucket = self.buckets[i]
-        flat = flat_pack([grad_or_zeros(p) for p in bucket.params], bucket.layout)
-        self.pending.append((bucket, flat, self.comm.all_reduce_avg(flat)))
+        bucket.finalize(self.scale)  # e.g. zeros for a parameter without a gradient (other ranks may have one)
+        self.pending.append(self.comm.all_reduce_sum(bucket.flat))
 
     def finish_gradient_sync(self) -> None:
-        for bucket, flat, pending in self.pending:
+        for pending in self.pending:
             pending.wait()
-            flat_unpack(flat, [p.grad for p in bucket.params], bucket.layout)
         self.pending = []
         super().finish_gradient_sync()
 

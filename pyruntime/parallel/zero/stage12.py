@@ -58,7 +58,8 @@ class ZeroBucketEngine(ShardedCheckpointing, DataParallelEngine):
         super().__init__(model, optimizer, comm)
         self.stage, self.bucket_bytes = stage, bucket_bytes
         self.reductions = GradientReductions(comm, optimizer)
-        self.tracker = GradReadyTracker([g.params for g in self.groups], self._reduce, on_grad=self.reductions.reap)
+        self.tracker = GradReadyTracker([g.params for g in self.groups], self._reduce,
+                                        on_grad=lambda *_: self.reductions.reap())
 
     def describe(self) -> str:
         return (f"ZeRO-{self.stage}: dp {self.comm.size}, {len(self.groups)} gradient bucket(s) of <= "

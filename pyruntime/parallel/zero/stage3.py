@@ -125,7 +125,8 @@ class FullyShardedEngine(ShardedCheckpointing, DataParallelEngine):
         self.compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
         self.units = [_Unit(g, mods, self.compute_dtype, device) for g, mods in zip(groups, modules)]
         self.reductions = GradientReductions(comm, optimizer)
-        self.tracker = GradReadyTracker([g.params for g in groups], self._reduce, on_grad=self.reductions.reap)
+        self.tracker = GradReadyTracker([g.params for g in groups], self._reduce,
+                                        on_grad=lambda *_: self.reductions.reap())
         self.peak_live = 0  # bytes beyond the shards: gathered units, unsharded grads, buffers in flight
         for i, unit in enumerate(self.units):
             unit.modules[0].register_forward_pre_hook(functools.partial(self._pre_forward, i))

@@ -10,10 +10,10 @@ import torch.distributed as dist
 
 from pyruntime.cli import main
 from pyruntime.comm.collectives import DEBUG_DELAY_ENV, CommDebug, CommStats, Collectives
-from pyruntime.config import ConfigError, ParallelConfig
+from pyruntime.config import ConfigError, OptimConfig, ParallelConfig
 from pyruntime.mesh import Launch, init_distributed
 from pyruntime.model import Transformer
-from pyruntime.parallel.data import FIRST_BUCKET_BYTES, gradient_buckets
+from pyruntime.parallel.data import FIRST_BUCKET_BYTES, BucketedDataParallel, gradient_buckets
 
 from dp_cases import VARIANTS, ZEROS, assert_losses_match
 from helpers import TEST_MODEL
@@ -102,7 +102,7 @@ def world1():
 def test_stats_count_logical_bytes_and_take_resets(world1):
     stats = CommStats()
     comm = Collectives(world1, stats)
-    comm.all_reduce_avg(torch.ones(10)).wait()
+    comm.all_reduce_sum(torch.ones(10)).wait()
     comm.reduce_scatter_avg(torch.empty(6), torch.ones(6)).wait()
     comm.all_gather(torch.empty(6, dtype=torch.float64), torch.ones(6, dtype=torch.float64)).wait()
     taken = stats.take()
@@ -115,7 +115,7 @@ def test_stats_count_logical_bytes_and_take_resets(world1):
 def test_debug_mode_hides_every_result_until_wait(world1):
     comm = Collectives(world1, CommStats(), CommDebug(delay_s=0.001))
     t = torch.arange(4.0)
-    pending = comm.all_reduce_avg(t)
+    pending = comm.all_reduce_sum(t)
     assert bool(t.isnan().all())  # a reader that forgot to wait sees NaN
     pending.wait()
     assert torch.equal(t, torch.arange(4.0))
@@ -151,6 +151,44 @@ def test_reduce_scatter_of_a_scratch_input_runs_in_place_and_can_be_polled(world
     assert bool(out.isnan().all()) and not pending.is_completed()  # under the delay: only once waited
     pending.wait()
     assert pending.is_completed() and torch.equal(out, torch.ones(3))
+
+
+def test_gradients_live_in_the_buckets_accumulate_there_and_are_divided_once(world1):
+    """--zero 0: each new gradient is moved into its bucket (the .grad becomes a view), later
+    micro-batches accumulate in place, the step's last accumulation divides by dp and the
+    all-reduce sums the bucket itself. On one rank the sum is the identity, so with the
+    divisor of dp 2 every gradient must come out as half a plain backward's: also one that
+    only an earlier micro-batch produced, and zeros for one no micro-batch produced."""
+    torch.manual_seed(0)
+    plain = Transformer(TEST_MODEL)
+    model = Transformer(TEST_MODEL)
+    model.load_state_dict(plain.state_dict())
+    engine = BucketedDataParallel(model, Collectives(world1, CommStats()), OptimConfig(), bucket_bytes=20_000)
+    engine.scale = 0.5  # as with dp 2
+    assert len(engine.buckets) > 2
+    xs = [torch.randint(0, TEST_MODEL.vocab_size, (2, 8), generator=torch.Generator().manual_seed(i))
+          for i in range(2)]
+    skipped = (model.layers["0"].self_attn.q_proj.weight, plain.layers["0"].self_attn.q_proj.weight)
+    # step 0: every parameter in every micro-batch; step 1: `skipped` only in the first one;
+    # step 2: `skipped` in none
+    for step, skip_in in enumerate([(), (1,), (0, 1)]):
+        for i, x in enumerate(xs):
+            for p in skipped:
+                p.requires_grad_(i not in skip_in)
+            with engine.micro_batch(last=i == 1):
+                model(x).logsumexp(-1).mean().backward()
+            plain(x).logsumexp(-1).mean().backward()
+        engine.finish_gradient_sync()
+        for bucket in engine.buckets:
+            assert all(p.grad.data_ptr() == view.data_ptr() for p, view in zip(bucket.params, bucket.views))
+            assert not bucket.scaled
+        for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+            want = torch.zeros_like(p) if q.grad is None else 0.5 * q.grad
+            torch.testing.assert_close(p.grad, want, rtol=1e-6, atol=1e-7, msg=f"step {step}: {name}")
+        engine.optimizer.zero_grad(set_to_none=True)
+        plain.zero_grad(set_to_none=True)
+    for p in skipped:
+        p.requires_grad_(True)
 
 
 def test_collective_size_mismatch_and_bad_delay_are_refused(world1):

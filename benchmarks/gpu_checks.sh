@@ -5,16 +5,18 @@
 #     bash benchmarks/gpu_checks.sh            # on the GPU machine; logs under $OUT (or ./gpu_out)
 #     GPU_CHECKS_SMALL=1 bash benchmarks/gpu_checks.sh   # tiny sizes: checks the plumbing on CPU
 #
-# Steps (each under its own time limit, so one slow step cannot eat the lease; the whole
-# script stays under ~9 minutes):
+# Steps (each under its own time limit, so one slow step cannot eat the lease; the limits
+# add up to 590 s, under the device tool's 600 s per call):
 #   1. environment: GPU, driver, torch / triton versions, commit
 #   2. build pyruntime._C in place with the CUDA sources (flat_pack kernel)
 #   3. measured ceilings: device-to-device copy bandwidth, bf16 matmul TFLOP/s (random data)
 #   4. kernel and op tests on CUDA: Triton kernels compiled for real, bf16 included
 #   5. bench tp: fused GEMM+bias+GeLU / SwiGLU vs eager, GEMM vs torch.matmul, vocab-parallel
 #      cross-entropy time and peak memory vs F.cross_entropy (7B shapes, tp 1, 2, 8)
-#   6. bench flat: flat pack / unpack (CUDA kernel) and the fused AdamW (Triton) vs torch
-#   7. single-GPU training throughput and MFU (bf16 autocast, 1b preset)
+#   6. bench overlap: exposed sequence-parallel communication of the overlapped tp GEMMs at
+#      7B MLP shapes, tp 8 and 2, the peers stood in for by copies on a second stream
+#   7. bench flat: flat pack / unpack (CUDA kernel) and the fused AdamW (Triton) vs torch
+#   8. single-GPU training throughput and MFU (bf16 autocast, 1b preset)
 # Output: $OUT/gpu_checks.log (everything) and $OUT/results.md (the tables, for
 # benchmarks/RESULTS.md). Record the figures there with device, date, commit and command.
 set -u -o pipefail
@@ -45,26 +47,30 @@ step() {
 
 if [ "$SMALL" = 1 ]; then
     TP_ARGS=(--tp 1,2 --tokens 64 --hidden 64 --ffn 96 --vocab 300 --repeat 2 --warmup 1)
+    OVERLAP_ARGS=(--tokens 64 --hidden 64 --ffn 96 --repeat 2 --warmup 1)
+    OVERLAP_TPS=(2)
     FLAT_ARGS=(--preset tiny --repeat 2)
     TRAIN_ARGS=(--preset tiny --steps 4 --seq-len 64 --global-batch 4 --micro-batch 2 --log-every 2)
     CEIL_N=512
     TESTS=(tests/triton_kernels/test_adamw.py)
 else
     TP_ARGS=(--tp 1,2,8)
+    OVERLAP_ARGS=()
+    OVERLAP_TPS=(8 2)
     FLAT_ARGS=(--preset 1b)
     TRAIN_ARGS=(--preset 1b --steps 12 --seq-len 2048 --global-batch 8 --micro-batch 4 --log-every 2)
     CEIL_N=8192
     TESTS=(tests/triton_kernels tests/pyruntime/ops tests/pyruntime/model)
 fi
 
-step environment 60 bash -c "nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total \
+step environment 20 bash -c "nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,memory.total \
     --format=csv 2>/dev/null || echo 'no nvidia-smi'; git rev-parse --short HEAD 2>/dev/null; date -u; \
     $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \
 \"triton\", triton.__version__, \"device\", torch.cuda.get_device_name() if torch.cuda.is_available() else \"cpu\")'"
 
-step build 240 env MAX_JOBS="$(nproc)" "$PY" setup.py -q build_ext --inplace
+step build 150 env MAX_JOBS="$(nproc)" "$PY" setup.py -q build_ext --inplace
 
-step ceilings 90 "$PY" - "$CEIL_N" <<'EOF'
+step ceilings 40 "$PY" - "$CEIL_N" <<'EOF'
 import sys
 import torch
 n = int(sys.argv[1])
@@ -96,11 +102,14 @@ s = timed(lambda: a @ b)
 print(f"ceiling: {n}^3 {dt} matmul {2 * n**3 / s / 1e12:.1f} TFLOP/s (random data)")
 EOF
 
-step tests-cuda 200 "$PY" -m pytest -q -x -p no:cacheprovider "${TESTS[@]}"
+step tests-cuda 110 "$PY" -m pytest -q -x -p no:cacheprovider "${TESTS[@]}"
 
-step bench-tp 170 "$PY" -m pyruntime bench tp "${TP_ARGS[@]}" --markdown
-step bench-flat 60 "$PY" -m pyruntime bench flat "${FLAT_ARGS[@]}"
-step train-1gpu 120 "$PY" -m pyruntime train "${TRAIN_ARGS[@]}" --eval-every 0 --out "$OUT/train"
+step bench-tp 120 "$PY" -m pyruntime bench tp "${TP_ARGS[@]}" --markdown
+for tp in "${OVERLAP_TPS[@]}"; do
+    step "bench-overlap-tp$tp" 30 "$PY" -m pyruntime bench overlap --tp "$tp" "${OVERLAP_ARGS[@]}" --markdown
+done
+step bench-flat 30 "$PY" -m pyruntime bench flat "${FLAT_ARGS[@]}"
+step train-1gpu 60 "$PY" -m pyruntime train "${TRAIN_ARGS[@]}" --eval-every 0 --out "$OUT/train"
 
 # The Markdown tables and the lines worth keeping, for benchmarks/RESULTS.md.
 {

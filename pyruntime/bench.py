@@ -1,7 +1,9 @@
 """Microbenchmarks: `python -m pyruntime bench tp [options]` (or benchmarks/bench_tp.py),
 `bench pp [options]` (benchmarks/bench_pipeline.py: pipeline step time vs
 torch.distributed.pipelining on 2 gloo ranks), `bench zero` (benchmarks/bench_zero.py: ZeRO
-vs DDP / FSDP2), `bench flat` (benchmarks/bench_flat.py), `bench all` (each with defaults), and
+vs DDP / FSDP2), `bench flat` (benchmarks/bench_flat.py), `bench overlap`
+(benchmarks/bench_overlap.py: communication the tp overlap leaves exposed, on one device),
+`bench all` (each with defaults), and
 the one benchmark harness they share (benchmarks/harness.py re-exports it: benchmarks/ is
 not an installed package, so the harness lives in the package that the CLI can import).
 
@@ -317,7 +319,7 @@ def run_script(name: str, argv: list[str]) -> int:
 
 
 # Suites with their own options and processes, run from benchmarks/ (see each script's --help).
-SCRIPTS = {"pp": "bench_pipeline", "zero": "bench_zero", "flat": "bench_flat"}
+SCRIPTS = {"pp": "bench_pipeline", "zero": "bench_zero", "flat": "bench_flat", "overlap": "bench_overlap"}
 
 
 def run(argv: list[str]) -> int:
@@ -331,7 +333,8 @@ def run(argv: list[str]) -> int:
     parser.add_argument("suite", choices=["tp", *SCRIPTS, "all"],
                         help="tp: the kernels of the tensor-parallel layers; pp: pipeline step time vs "
                              "torch.distributed.pipelining on 2 gloo ranks; zero: ZeRO-0/3 vs DDP/FSDP2; "
-                             "flat: flat-buffer ops and the fused AdamW; all: every suite with its "
+                             "flat: flat-buffer ops and the fused AdamW; overlap: exposed sequence-parallel "
+                             "communication on one device, peers stood in for by copies; all: every suite with its "
                              "defaults (`bench pp --help` etc. for a suite's options)")
     parser.add_argument("--tp", type=_int_list, help="tp degrees, e.g. 1,2,8 (default 1,2,8)")
     parser.add_argument("--tokens", type=int, help="rows M (default 8192 on CUDA, 256 on CPU)")

@@ -1,4 +1,4 @@
-"""The other microbenchmark suites users run (`python -m pyruntime bench tp|zero|flat`), each
+"""The other microbenchmark suites users run (`python -m pyruntime bench tp|zero|flat|overlap`), each
 at its smallest: they run, print a row per kernel / variant with a ratio, and refuse bad input.
 Speed is never asserted in tests."""
 from pyruntime.bench import run
@@ -26,6 +26,24 @@ def test_bench_zero_against_ddp_and_fsdp2(capsys):
     variants = [" ".join(r[1:4]) if r[1] == "ours" else " ".join(r[1:3]) for r in rows]
     assert variants == ["ours --zero 0", "torch DDP", "ours --zero 3", "torch FSDP2"], rows
     assert all(r[5].endswith("x") and float(r[5][:-1]) > 0 for r in rows if r[1] == "ours")  # torch/ours
+
+
+def test_bench_overlap_checks_its_stand_in_and_reports_every_case(capsys):
+    """The stand-in peers (copies on a worker thread here) feed the layers' own overlap code;
+    the run first checks its results against the plain ops, then times the four cases."""
+    assert run(["overlap", "--tp", "2", "--tokens", "32", "--hidden", "16", "--ffn", "24", "--chunks", "3",
+                "--repeat", "1", "--warmup", "0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    for case in ("all-gather + GEMM fwd ", "GEMM + reduce-scatter fwd ", "all-gather + GEMM fwd+bwd",
+                 "GEMM + reduce-scatter fwd+bwd"):
+        row = [line for line in lines if line.startswith(case)]
+        assert len(row) == 1 and row[0].rstrip().endswith("%"), (case, lines)
+        assert row[0].split()[-7] == ("3" if "bwd" not in case else "6"), row  # transfers: one per chunk and pass
+
+
+def test_bench_overlap_refuses_shapes_tp_does_not_divide(capsys):
+    assert run(["overlap", "--tp", "3", "--tokens", "32", "--ffn", "24"]) == 2
+    assert "sequence length 32 is not divisible by tp 3" in capsys.readouterr().err
 
 
 def test_unknown_suite_is_refused(capsys):

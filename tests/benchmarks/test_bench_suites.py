@@ -1,4 +1,4 @@
-"""The other microbenchmark suites users run (`python -m pyruntime bench tp|zero|flat|overlap`), each
+"""The other microbenchmark suites users run (`python -m pyruntime bench tp|zero|flat|overlap|tpstep`), each
 at its smallest: they run, print a row per kernel / variant with a ratio, and refuse bad input.
 Speed is never asserted in tests."""
 from pyruntime.bench import run
@@ -44,6 +44,21 @@ def test_bench_overlap_checks_its_stand_in_and_reports_every_case(capsys):
 def test_bench_overlap_refuses_shapes_tp_does_not_divide(capsys):
     assert run(["overlap", "--tp", "3", "--tokens", "32", "--ffn", "24"]) == 2
     assert "sequence length 32 is not divisible by tp 3" in capsys.readouterr().err
+
+
+def test_bench_tpstep_checks_loss_and_norm_then_times_both(capsys):
+    assert run(["tpstep", "--tp", "2", "--preset", "tiny", "--seq-len", "16", "--batch", "2", "--steps", "1",
+                "--warmup", "0"]) == 0
+    out = capsys.readouterr().out
+    loss_ours, loss_torch = (float(v) for v in out.split("check: loss ")[1].split(",")[0].split(" vs "))
+    assert abs(loss_ours - loss_torch) <= 1e-5
+    rows = [line for line in out.splitlines() if line.startswith("apply_tp vs parallelize_module")]
+    assert [r.split()[3] for r in rows] == ["fwd+bwd", "step"] and all(r.rstrip().endswith("x") for r in rows)
+
+
+def test_bench_tpstep_refuses_a_tp_the_heads_do_not_divide(capsys):
+    assert run(["tpstep", "--tp", "3", "--preset", "tiny"]) == 2
+    assert "bench tpstep:" in capsys.readouterr().err
 
 
 def test_unknown_suite_is_refused(capsys):

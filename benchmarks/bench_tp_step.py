@@ -1,0 +1,266 @@
+"""Tensor parallelism against PyTorch's own: training-step time of our apply_tp (Megatron
+column/row-parallel layers, fused q/k/v and gate/up GEMMs, vocab-parallel embedding and
+cross-entropy) vs torch.distributed.tensor.parallel.parallelize_module with ColwiseParallel /
+RowwiseParallel (q, k, v, gate, up column-wise; o, down row-wise; the embedding row-wise over
+the vocabulary; the LM head column-wise with loss_parallel, so neither side gathers the
+logits), on `--tp` gloo ranks on CPU, same model, same weights, same batch, same loss, same
+clipping and AdamW. Same as `python -m pyruntime bench tpstep`.
+
+    .venv/bin/python benchmarks/bench_tp_step.py                  # "small" preset, tp 2
+    .venv/bin/python benchmarks/bench_tp_step.py --tp 4 --steps 20 --markdown
+
+What is timed: one full step after a barrier: forward, loss, backward ("fwd+bwd"), then the
+global-norm clip (our clip_grad_norm on both sides: one all-reduce of the squared norms of
+the local pieces, tp-replicated parameters counted once) and the AdamW step + zero_grad
+(build_adamw on both sides; PyTorch's parameters are DTensors). A step's time is the slowest
+rank's. Ours and PyTorch's steps alternate one by one in the same processes (who goes first
+alternating), so machine noise hits both alike; torch/ours is the median over those pairs of
+back-to-back steps of their ratio (> 1: ours is faster). A check step first compares the
+loss (within 1e-5) and the gradient norm (within 1e-4 relative) and refuses to time if they
+differ.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+# One thread per rank: the ranks share the cores of CI; set before torch starts its pools.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+import torch.multiprocessing as mp  # noqa: E402
+
+LOSS_TOL = 1e-5
+NORM_TOL = 1e-4
+
+
+def _config(args):
+    from pyruntime.config import PRESETS, Config, DataConfig, ParallelConfig, TrainConfig
+
+    cfg = Config(train=TrainConfig(preset=args.preset, seed=args.seed, quiet=True),
+                 model=dataclasses.replace(PRESETS[args.preset]),
+                 data=DataConfig(seq_len=args.seq_len, micro_batch=args.batch, global_batch=args.batch),
+                 parallel=ParallelConfig(tp=args.tp))
+    cfg.validate()
+    cfg.model.validate_tp(args.tp)
+    return cfg
+
+
+def _build_ours(cfg, dims, device):
+    """The Trainer's tp path at dp = pp = 1: apply_tp, vocab-parallel loss, the engine's AdamW."""
+    import functools
+
+    from pyruntime.parallel.data import apply_data_parallel
+    from pyruntime.parallel.tensor import apply_tp, tp_replicas, vocab_parallel_cross_entropy
+    from pyruntime.train.trainer import build_model
+
+    model = build_model(cfg, device)
+    apply_tp(model, dims)
+    loss_fn = functools.partial(vocab_parallel_cross_entropy, tp_group=dims.group("tp"),
+                                vocab_size=cfg.model.vocab_size, backend=cfg.model.kernels)
+    engine = apply_data_parallel(model, dims, cfg)
+    grads = lambda: engine.gradient_pieces(lambda p: tp_replicas(p, dims.tp))  # noqa: E731
+    return model, loss_fn, engine.optimizer, grads
+
+
+def torch_tp_plan(n_layers: int) -> dict:
+    """PyTorch's tensor-parallel plan for the reference model (module names as HF Llama)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+
+    plan = {"embed_tokens": RowwiseParallel(input_layouts=Replicate()),
+            "lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)}
+    for i in range(n_layers):
+        for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
+            plan[f"layers.{i}.{name}"] = ColwiseParallel()
+        for name in ("self_attn.o_proj", "mlp.down_proj"):
+            plan[f"layers.{i}.{name}"] = RowwiseParallel()
+    return plan
+
+
+def _build_torch(cfg, dims, device):
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
+
+    from pyruntime.train.optim import build_adamw
+    from pyruntime.train.trainer import build_model, lm_loss
+
+    model = build_model(cfg, device)
+    parallelize_module(model, dims.mesh["tp"], torch_tp_plan(cfg.model.n_layers))
+    optimizer = build_adamw(model.named_parameters(), cfg.optim)
+
+    def loss_fn(logits, targets):
+        with loss_parallel():
+            return lm_loss(logits, targets)
+
+    def grads():
+        """Local pieces and their replication: a gradient's placement can differ from its
+        parameter's (the row-wise embedding's gradient comes back replicated)."""
+        pieces, counts = [], []
+        for p in model.parameters():
+            if p.grad is None:
+                continue
+            if isinstance(p.grad, DTensor):
+                pieces.append(p.grad.to_local())
+                counts.append(dims.tp if all(pl.is_replicate() for pl in p.grad.placements) else 1)
+            else:
+                pieces.append(p.grad)
+                counts.append(dims.tp)
+        return pieces, counts
+
+    def backward(loss):
+        with loss_parallel():  # the vocab-sharded cross-entropy's backward
+            loss.backward()
+    return model, loss_fn, optimizer, grads, backward
+
+
+def _pair_on_rank(args, dims, device) -> dict:
+    from pyruntime.train.optim import clip_grad_norm
+
+    cfg = _config(args)
+    gen = torch.Generator().manual_seed(args.seed)
+    toks = torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq_len + 1), generator=gen)
+    x, y = toks[:, :-1].contiguous(), toks[:, 1:].contiguous()
+    model_o, loss_o, opt_o, grads_o = _build_ours(cfg, dims, device)
+    model_t, loss_t, opt_t, grads_t, backward_t = _build_torch(cfg, dims, device)
+    world, clip = dist.group.WORLD, cfg.optim.grad_clip
+    sides = {
+        "ours": (lambda: loss_o(model_o(x), y), lambda loss: loss.backward(), grads_o, opt_o),
+        "torch": (lambda: loss_t(model_t(x), y), backward_t, grads_t, opt_t),
+    }
+
+    def fwd_bwd(side: str) -> float:
+        forward, backward, _, _ = sides[side]
+        loss = forward()
+        backward(loss)
+        loss = loss.detach()
+        return float(loss.full_tensor() if hasattr(loss, "full_tensor") else loss)  # torch's: a DTensor
+
+    def update(side: str, do_clip: bool = True) -> float:
+        _, _, grads, opt = sides[side]
+        pieces, counts = grads()
+        norm = clip_grad_norm(pieces, clip if do_clip else 0.0, world, counts)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(norm)
+
+    # -- the check step: same loss and gradient norm (the layouts of the weights differ:
+    # ours fuses q/k/v and gate/up); no optimizer step, so the weights stay equal --------
+    check = {}
+    for side in sides:
+        check[f"loss_{side}"] = fwd_bwd(side)
+        pieces, counts = sides[side][2]()
+        check[f"norm_{side}"] = float(clip_grad_norm(pieces, 0.0, world, counts))
+        sides[side][3].zero_grad(set_to_none=True)
+    if not abs(check["loss_ours"] - check["loss_torch"]) <= LOSS_TOL:
+        raise AssertionError(f"first-step loss ours {check['loss_ours']:.8f} vs torch {check['loss_torch']:.8f}")
+    if not abs(check["norm_ours"] - check["norm_torch"]) <= NORM_TOL * check["norm_torch"]:
+        raise AssertionError(f"gradient norm ours {check['norm_ours']:.6g} vs torch {check['norm_torch']:.6g}")
+
+    times = {"ours": [], "torch": []}  # (fwd+bwd s, full step s)
+    order = ("ours", "torch")
+    for step in range(args.warmup + args.steps):
+        for side in order if step % 2 == 0 else order[::-1]:
+            dist.barrier()
+            t0 = time.perf_counter()
+            fwd_bwd(side)
+            t1 = time.perf_counter()
+            update(side)
+            t2 = time.perf_counter()
+            if step >= args.warmup:
+                times[side].append((t1 - t0, t2 - t0))
+    return {"check": check, "times": times}
+
+
+def _entry(rank, world, store_path, queue, args):
+    try:
+        from pyruntime.mesh import ParallelDims
+
+        dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=600))
+        dims = ParallelDims(1, 1, world, world).build_mesh("cpu")
+        mine = _pair_on_rank(args, dims, torch.device("cpu"))
+        everything = [None] * world
+        dist.all_gather_object(everything, mine)
+        queue.put((rank, everything if rank == 0 else None))
+    except BaseException:  # noqa: BLE001 - reported by the parent
+        queue.put((rank, traceback.format_exc()))
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def run_benchmark(args, timeout_s: float = 900.0) -> list[dict]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_entry, args=(r, args.tp, os.path.join(tmp, "store"), queue, args))
+                 for r in range(args.tp)]
+        for p in procs:
+            p.start()
+        results = dict(queue.get(timeout=timeout_s) for _ in procs)
+        for p in procs:
+            p.join()
+    failed = [r for r in results.values() if isinstance(r, str)]
+    if failed:
+        raise RuntimeError(f"bench tpstep failed:\n{failed[0]}")
+    return results[0]
+
+
+def summarise(per_rank: list[dict]) -> dict:
+    n = len(per_rank[0]["times"]["ours"])
+
+    def slowest(side: str, which: int) -> list[float]:
+        return [max(r["times"][side][i][which] for r in per_rank) for i in range(n)]
+
+    out = {"check": per_rank[0]["check"]}
+    for which, label in ((0, "fwd+bwd"), (1, "step")):
+        ours, theirs = slowest("ours", which), slowest("torch", which)
+        out[label] = {"ours": statistics.median(ours), "torch": statistics.median(theirs),
+                      "ratio": statistics.median(t / o for o, t in zip(ours, theirs))}
+    return out
+
+
+def main(argv=None) -> int:
+    from pyruntime.bench import table_lines
+
+    parser = argparse.ArgumentParser(prog="pyruntime bench tpstep", description=__doc__.splitlines()[0])
+    parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--preset", default="small")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args(argv)
+    if torch.cuda.is_available():
+        print("bench tpstep runs the ranks on gloo/CPU (one GPU cannot host several NCCL ranks)")
+    try:
+        _config(args)
+    except ValueError as e:  # ConfigError: e.g. tp not dividing the heads
+        print(f"bench tpstep: {e}", file=sys.stderr)
+        return 2
+    r = summarise(run_benchmark(args))
+    c = r["check"]
+    print(f"bench tpstep | preset {args.preset} | batch {args.batch} x {args.seq_len} | tp {args.tp} on "
+          f"{args.tp} gloo ranks, {os.cpu_count()} cores | median of {args.steps} steps after {args.warmup} "
+          f"warm-up, ours and torch alternating | check: loss {c['loss_ours']:.6f} vs {c['loss_torch']:.6f}, "
+          f"grad norm {c['norm_ours']:.6g} vs {c['norm_torch']:.6g}")
+    head = ["what", "timed", "ours ms", "torch ms", "torch/ours"]
+    body = [["apply_tp vs parallelize_module", label, f"{r[label]['ours'] * 1e3:.1f}",
+             f"{r[label]['torch'] * 1e3:.1f}", f"{r[label]['ratio']:.2f}x"] for label in ("fwd+bwd", "step")]
+    print("\n".join(table_lines(head, body, args.markdown)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,8 +10,8 @@ from pyruntime.ops import BackendUnavailable
 from pyruntime.ops.adamw import DecayMask, adamw_step
 from pyruntime.ops.flat import flat_pack, plan_flat_layout
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
+from kernel_testing import DEVICE, needs_triton
+
 # Matrices (decayed) and vectors (not), odd sizes so alignment gaps sit between them.
 SHAPES = [(7, 5), (13,), (3, 33), (1,), (64, 2), (29,)]
 HYPER = {"betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}

@@ -2,7 +2,6 @@
 against the reference and against F.cross_entropy on the unsharded logits; the shards'
 padding, targets outside a shard, the in-place gradient; the single-device cross_entropy;
 dispatch; and an sm_90 compile check."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -16,9 +15,8 @@ from pyruntime.ops import BackendUnavailable, cross_entropy, vocab_parallel_ce_g
 from pyruntime.ops import dispatch
 from pyruntime.ops.cross_entropy import CANDIDATES, cross_entropy_reference
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton interpreter has no bf16")
+from kernel_testing import DEVICE, cuda_only, needs_triton
+
 BACKENDS = [pytest.param("triton", marks=needs_triton), "reference"]
 
 # Stats and losses are fp32 math on the same rounded inputs: tight for every dtype. The

@@ -1,7 +1,6 @@
 """Fused GEMM + bias + activation and fused SwiGLU projection: the Triton path (interpreted on
 CPU, see tests/conftest.py) against the PyTorch reference, outputs and gradients; the GEMM
 on transposed views; dispatch; and an sm_90 compile check of every kernel."""
-import importlib.util
 import json
 import subprocess
 import sys
@@ -14,9 +13,8 @@ from pyruntime.ops import BackendUnavailable, linear, swiglu_linear
 from pyruntime.ops import dispatch
 from pyruntime.ops.linear import CANDIDATES, LinearFunction, linear_reference, swiglu_linear_reference
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton interpreter has no bf16")
+from kernel_testing import DEVICE, cuda_only, needs_triton
+
 
 # Both paths see the same fp32 products of the same inputs; Triton rounds once at the store
 # while the reference rounds after the GEMM, the bias and the activation, so fp16 differs by

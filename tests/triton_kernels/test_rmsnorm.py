@@ -1,6 +1,5 @@
 """RMSNorm: the Triton path (interpreted on CPU, see tests/conftest.py) against the PyTorch
 reference, outputs and gradients; and how rms_norm dispatches between them."""
-import importlib.util
 
 import pytest
 import torch
@@ -9,9 +8,8 @@ from pyruntime.ops import BackendUnavailable, rms_norm
 from pyruntime.ops import dispatch
 from pyruntime.ops.rmsnorm import CANDIDATES, RMSNormFunction, rms_norm_reference
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton interpreter has no bf16")
+from kernel_testing import DEVICE, cuda_only, needs_triton, output_and_grads
+
 
 # Forward fp16 is bit-exact (both paths round the normalised row to fp16 before scaling);
 # the tolerances cover the backward, where Triton stays in fp32 and autograd rounds to fp16
@@ -36,11 +34,7 @@ def _inputs(shape, dtype, seed=0):
 
 def _run(backend, x, w, dy, eps=1e-6):
     """Output and (dx, dw) of rms_norm on fresh leaves."""
-    x = x.clone().requires_grad_(True)
-    w = w.clone().requires_grad_(True)
-    y = rms_norm(x, w, eps=eps, backend=backend)
-    y.backward(dy)
-    return y.detach(), x.grad, w.grad
+    return output_and_grads(lambda x_, w_: rms_norm(x_, w_, eps=eps, backend=backend), (x, w), dy)
 
 
 @needs_triton

@@ -1,6 +1,5 @@
 """SwiGLU: the Triton path (interpreted on CPU, see tests/conftest.py) against the PyTorch
 reference F.silu(a) * b, outputs and gradients; and how swiglu dispatches between them."""
-import importlib.util
 
 import pytest
 import torch
@@ -9,9 +8,8 @@ from pyruntime.ops import BackendUnavailable, swiglu
 from pyruntime.ops import dispatch
 from pyruntime.ops.swiglu import CANDIDATES, SwiGLUFunction, swiglu_reference
 
-DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton not installed")
-cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="the Triton interpreter has no bf16")
+from kernel_testing import DEVICE, cuda_only, needs_triton, output_and_grads
+
 
 # Triton computes in fp32 and rounds once; the reference rounds after silu and after the
 # product (and autograd after each backward op), so fp16 differs by a few ulps.
@@ -31,11 +29,7 @@ def _inputs(shape, dtype, seed=0):
 
 
 def _run(backend, a, b, dc):
-    a = a.clone().requires_grad_(True)
-    b = b.clone().requires_grad_(True)
-    c = swiglu(a, b, backend=backend)
-    c.backward(dc)
-    return c.detach(), a.grad, b.grad
+    return output_and_grads(lambda a_, b_: swiglu(a_, b_, backend=backend), (a, b), dc)
 
 
 @needs_triton

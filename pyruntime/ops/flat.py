@@ -25,6 +25,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
+from pyruntime.core import load_core
 from pyruntime.ops.dispatch import choose
 
 
@@ -45,12 +46,7 @@ class Bucket(NamedTuple):
 
 
 def _core():
-    try:
-        from pyruntime import _C
-    except ImportError as e:  # pragma: no cover - depends on the build
-        raise ImportError(f"the flat layout planner needs pyruntime._C ({e}); "
-                          "run `pip install --no-build-isolation -e .`") from e
-    return _C
+    return load_core("the flat layout planner")
 
 
 def _ints(name: str, values: Sequence[int]) -> list[int]:

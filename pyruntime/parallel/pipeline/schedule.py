@@ -46,6 +46,8 @@ import re
 from dataclasses import dataclass, field, replace
 from typing import Sequence, Union
 
+from pyruntime.core import load_core
+
 SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved", "zb")
 COMPUTE_KINDS = ("F", "B", "W")
 COMM_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
@@ -119,13 +121,7 @@ class SimResult:
 
 
 def _core():
-    try:
-        import torch  # noqa: F401  (loads libc10, which pyruntime._C links against)
-        from pyruntime import _C
-    except ImportError as e:  # pragma: no cover - depends on the build
-        raise ImportError(f"pipeline schedules need pyruntime._C ({e}); "
-                          "run `pip install --no-build-isolation -e .`") from e
-    return _C
+    return load_core("pipeline schedules")
 
 
 def _to_core(C, actions: Schedule):

@@ -1,18 +1,20 @@
 """Data parallelism and ZeRO against PyTorch's own: step time of `--zero 0` vs
 torch.nn.parallel.DistributedDataParallel, and of `--zero 3` vs FSDP2 (fully_shard per block
 and at the root), with peak memory per rank; same model, same global batch, same AdamW and
-gradient clipping. Every (world size, variant) runs in a fresh spawned world (gloo on CPU,
-nccl on CUDA), so the peak memory of one variant does not leak into the next.
+gradient clipping (gloo on CPU, nccl on CUDA).
 
     .venv/bin/python benchmarks/bench_zero.py                       # 2 and 4 ranks, "small" preset
     .venv/bin/python benchmarks/bench_zero.py --worlds 2 --steps 20 --preset tiny
 
-Step time: median over the timed steps (a barrier before each), the slowest rank's median.
-Peak memory, over 3 further steps (the CPU sampler below is off while steps are timed): on
-CUDA torch.cuda.max_memory_allocated; on CPU the peak of malloc's bytes in use during those
-steps over those before the model was built (HeapPeak; everything the rank holds:
-model state, activations, communication buffers). For our engines the peak model-state bytes
-the engine accounts for are shown as well.
+Step time: ours and PyTorch's variant are built side by side in one world and their steps
+alternate one by one (who goes first alternating too, a barrier before each), so machine
+noise hits both alike; a step's time is its slowest rank's; the table shows each side's
+median and torch/ours, the median over the back-to-back pairs of steps of their ratio.
+Peak memory: each variant alone in a fresh world (so no other variant's tensors count), over
+MEMORY_STEPS steps after a first one: on CUDA torch.cuda.max_memory_allocated; on CPU the peak
+of malloc's bytes in use during those steps over those before the model was built
+(HeapPeak; everything the rank holds: model state, activations, communication buffers).
+For our engines the peak model-state bytes the engine accounts for are shown as well.
 """
 from __future__ import annotations
 
@@ -133,40 +135,66 @@ def _setup(variant: str, cfg, world: int, device: torch.device):
     return None, one_step
 
 
-def bench_rank(rank: int, world: int, variant: str, args) -> dict:
+def _cfg_and_batch(rank: int, world: int, variant: str, args, device):
     from pyruntime.config import PRESETS, Config, DataConfig, ParallelConfig
 
-    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
-    _warm_imports()
-    heap = HeapPeak() if device.type == "cpu" else None
-    base = heap.now() if heap else 0
     model_cfg = dataclasses.replace(PRESETS[args.preset])
     cfg = Config(model=model_cfg, data=DataConfig(seq_len=args.seq_len, global_batch=args.global_batch,
                                                   micro_batch=args.global_batch // world),
                  parallel=ParallelConfig(dp=world, zero=3 if "zero 3" in variant else 0))
-    engine, one_step = _setup(variant, cfg, world, device)
     gen = torch.Generator().manual_seed(rank)
     x = torch.randint(0, model_cfg.vocab_size, (args.global_batch // world, args.seq_len + 1), generator=gen)
-    x, y = x[:, :-1].to(device), x[:, 1:].to(device)
-    times = []
+    return cfg, x[:, :-1].to(device), x[:, 1:].to(device)
+
+
+def _sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_pair(rank: int, world: int, variants: tuple[str, str], args) -> dict:
+    """Ours and PyTorch's variant built side by side in this world; their steps alternate one
+    by one (who goes first alternating too), a barrier before each, so machine noise hits both
+    alike. Returns each side's step times."""
+    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    steps = {}
+    for variant in variants:
+        cfg, x, y = _cfg_and_batch(rank, world, variant, args, device)
+        one_step = _setup(variant, cfg, world, device)[1]
+        steps[variant] = lambda one_step=one_step, x=x, y=y: one_step(x, y)
+    times = {v: [] for v in variants}
     for step in range(args.warmup + args.steps):
-        dist.barrier()
-        t0 = time.perf_counter()
-        one_step(x, y)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    # Peak memory over separate steps: the sampler thread takes the GIL every 0.2 ms, which
-    # would slow whichever side runs Python during its backward (our hooks), not C++ (DDP's).
+        for variant in variants if step % 2 == 0 else variants[::-1]:
+            dist.barrier()
+            t0 = time.perf_counter()
+            steps[variant]()
+            _sync(device)
+            if step >= args.warmup:
+                times[variant].append(time.perf_counter() - t0)
+    return {"times": times}
+
+
+def memory_rank(rank: int, world: int, variant: str, args) -> dict:
+    """Peak memory of one variant alone in a fresh world (so no other variant's tensors count):
+    MEMORY_STEPS steps after one warm-up step."""
+    device = torch.device("cuda", rank) if torch.cuda.is_available() else torch.device("cpu")
+    _warm_imports()
+    heap = HeapPeak() if device.type == "cpu" else None
+    base = heap.now() if heap else 0
+    cfg, x, y = _cfg_and_batch(rank, world, variant, args, device)
+    engine, one_step = _setup(variant, cfg, world, device)
+    one_step(x, y)  # the optimizer states exist from the first step on
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    if engine is not None:
+        engine.step_metrics()  # start the peak accounting afresh
     with heap or contextlib.nullcontext():
         for _ in range(MEMORY_STEPS):
             one_step(x, y)
-    out = {"step_s": statistics.median(times)}
-    if device.type == "cuda":
-        out["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-    else:
-        out["peak_mb"] = (heap.peak - base) / 2**20
+    _sync(device)
+    out = {"peak_mb": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                       else heap.peak - base) / 2**20}
     if engine is not None:
         rec = engine.step_metrics()
         out["state_mb"] = rec.get("peak_model_state_bytes",
@@ -174,7 +202,7 @@ def bench_rank(rank: int, world: int, variant: str, args) -> dict:
     return out
 
 
-def _entry(rank, world, store_path, queue, variant, args):
+def _entry(rank, world, store_path, queue, job, args):
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     try:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -182,7 +210,9 @@ def _entry(rank, world, store_path, queue, variant, args):
             torch.cuda.set_device(rank)
         dist.init_process_group(backend, store=dist.FileStore(store_path, world), rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=600))
-        queue.put((rank, bench_rank(rank, world, variant, args)))
+        kind, what = job
+        result = time_pair(rank, world, what, args) if kind == "time" else memory_rank(rank, world, what, args)
+        queue.put((rank, result))
     except BaseException:  # noqa: BLE001 - reported by the parent
         queue.put((rank, traceback.format_exc()))
     finally:
@@ -190,11 +220,11 @@ def _entry(rank, world, store_path, queue, variant, args):
             dist.destroy_process_group()
 
 
-def run_variant(world: int, variant: str, args) -> list[dict]:
+def run_world(world: int, job, args) -> list[dict]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_entry, args=(r, world, os.path.join(tmp, "store"), queue, variant, args))
+        procs = [ctx.Process(target=_entry, args=(r, world, os.path.join(tmp, "store"), queue, job, args))
                  for r in range(world)]
         for p in procs:
             p.start()
@@ -203,8 +233,17 @@ def run_variant(world: int, variant: str, args) -> list[dict]:
             p.join()
     failed = [r for r in results.values() if isinstance(r, str)]
     if failed:
-        raise RuntimeError(f"{variant} on {world} ranks failed:\n{failed[0]}")
+        raise RuntimeError(f"{job} on {world} ranks failed:\n{failed[0]}")
     return [results[r] for r in range(world)]
+
+
+def paired_summary(per_rank: list[dict], ours: str, theirs: str) -> dict:
+    """Median step time of each side (a step's time: its slowest rank's) and torch/ours: the
+    median over the back-to-back pairs of steps of their ratio (> 1: ours is faster)."""
+    n = len(per_rank[0]["times"][ours])
+    slowest = {v: [max(r["times"][v][i] for r in per_rank) for i in range(n)] for v in (ours, theirs)}
+    return {"ours_s": statistics.median(slowest[ours]), "torch_s": statistics.median(slowest[theirs]),
+            "ratio": statistics.median(t / o for o, t in zip(slowest[ours], slowest[theirs]))}
 
 
 def main(argv=None) -> int:
@@ -213,32 +252,31 @@ def main(argv=None) -> int:
     parser.add_argument("--preset", default="small")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--global-batch", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps of each side")
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--rounds", type=int, default=2,
-                        help="run the variants this many times, alternating; keep each one's best median")
     args = parser.parse_args(argv)
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores), gloo"
     print(f"bench_zero | preset {args.preset} | global batch {args.global_batch} x {args.seq_len} | {device} | "
-          f"median of {args.steps} steps after {args.warmup} warm-up, best of {args.rounds} round(s); "
-          "torch/ours: step time of DDP / FSDP2 over ours, > 1: ours is faster")
+          f"median of {args.steps} steps after {args.warmup} warm-up, ours and torch alternating step by step; "
+          "torch/ours: median over back-to-back pairs of steps of DDP's / FSDP2's time over ours, > 1: ours is "
+          f"faster | peak memory: each variant alone, {MEMORY_STEPS} steps")
     header = f"{'ranks':>5} {'variant':<14} {'step ms':>9} {'torch/ours':>10} {'peak MB/rank':>13} {'state MB/rank':>14}"
     print(header + "\n" + "-" * len(header), flush=True)
     for world in args.worlds:
-        summary = {}
-        for _ in range(args.rounds):  # a shared machine's load drifts: alternate, keep the best
-            for variant in VARIANTS:
-                per_rank = run_variant(world, variant, args)
-                s = {"step_s": max(r["step_s"] for r in per_rank), "peak_mb": max(r["peak_mb"] for r in per_rank),
-                     "state_mb": max((r.get("state_mb", 0.0) for r in per_rank))}
-                if variant not in summary or s["step_s"] < summary[variant]["step_s"]:
-                    summary[variant] = s
-        for variant, s in summary.items():
-            base = BASELINE_OF.get(variant)
-            # step time of PyTorch's over ours, as in the other suites: > 1, ours is faster
-            ratio = f"{summary[base]['step_s'] / s['step_s']:9.2f}x" if base else f"{'':>10}"
-            state = f"{s['state_mb']:14.1f}" if s["state_mb"] else f"{'':>14}"
-            print(f"{world:>5} {variant:<14} {s['step_s'] * 1e3:9.1f} {ratio} {s['peak_mb']:13.1f} {state}", flush=True)
+        rows = {}
+        for ours, theirs in BASELINE_OF.items():
+            pair = paired_summary(run_world(world, ("time", (ours, theirs)), args), ours, theirs)
+            rows[ours] = {"step_s": pair["ours_s"], "ratio": pair["ratio"]}
+            rows[theirs] = {"step_s": pair["torch_s"]}
+        for variant in VARIANTS:
+            per_rank = run_world(world, ("memory", variant), args)
+            rows[variant]["peak_mb"] = max(r["peak_mb"] for r in per_rank)
+            rows[variant]["state_mb"] = max(r.get("state_mb", 0.0) for r in per_rank)
+        for variant in VARIANTS:
+            r = rows[variant]
+            ratio = f"{r['ratio']:9.2f}x" if "ratio" in r else f"{'':>10}"
+            state = f"{r['state_mb']:14.1f}" if r["state_mb"] else f"{'':>14}"
+            print(f"{world:>5} {variant:<14} {r['step_s'] * 1e3:9.1f} {ratio} {r['peak_mb']:13.1f} {state}", flush=True)
     return 0
 
 

@@ -21,7 +21,7 @@ def test_bench_flat_tiny(capsys):
 
 
 def test_bench_zero_against_ddp_and_fsdp2(capsys):
-    assert run(["zero", "--worlds", "2", "--steps", "1", "--warmup", "0", "--rounds", "1", "--preset", "tiny"]) == 0
+    assert run(["zero", "--worlds", "2", "--steps", "1", "--warmup", "0", "--preset", "tiny"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith("    2 ")]
     variants = [" ".join(r[1:4]) if r[1] == "ours" else " ".join(r[1:3]) for r in rows]
     assert variants == ["ours --zero 0", "torch DDP", "ours --zero 3", "torch FSDP2"], rows

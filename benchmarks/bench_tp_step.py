@@ -4,10 +4,12 @@ cross-entropy) vs torch.distributed.tensor.parallel.parallelize_module with Colw
 RowwiseParallel (q, k, v, gate, up column-wise; o, down row-wise; the embedding row-wise over
 the vocabulary; the LM head column-wise with loss_parallel, so neither side gathers the
 logits), on `--tp` gloo ranks on CPU, same model, same weights, same batch, same loss, same
-clipping and AdamW. Same as `python -m pyruntime bench tpstep`.
+clipping and AdamW. `--sp`: sequence parallelism on both sides (PyTorch's plan as torchtitan's:
+SequenceParallel norms, PrepareModuleInput all-gathers, o / down reduce-scattered). Same as
+`python -m pyruntime bench tpstep`.
 
     .venv/bin/python benchmarks/bench_tp_step.py                  # "small" preset, tp 2
-    .venv/bin/python benchmarks/bench_tp_step.py --tp 4 --steps 20 --markdown
+    .venv/bin/python benchmarks/bench_tp_step.py --tp 4 --sp --steps 20 --markdown
 
 What is timed: one full step after a barrier: forward, loss, backward ("fwd+bwd"), then the
 global-norm clip (our clip_grad_norm on both sides: one all-reduce of the squared norms of
@@ -48,7 +50,7 @@ def _config(args):
     cfg = Config(train=TrainConfig(preset=args.preset, seed=args.seed, quiet=True),
                  model=dataclasses.replace(PRESETS[args.preset]),
                  data=DataConfig(seq_len=args.seq_len, micro_batch=args.batch, global_batch=args.batch),
-                 parallel=ParallelConfig(tp=args.tp))
+                 parallel=ParallelConfig(tp=args.tp, sequence_parallel=args.sp))
     cfg.validate()
     cfg.model.validate_tp(args.tp)
     return cfg
@@ -63,7 +65,7 @@ def _build_ours(cfg, dims, device):
     from pyruntime.train.trainer import build_model
 
     model = build_model(cfg, device)
-    apply_tp(model, dims)
+    apply_tp(model, dims, sequence_parallel=cfg.parallel.sequence_parallel)
     loss_fn = functools.partial(vocab_parallel_cross_entropy, tp_group=dims.group("tp"),
                                 vocab_size=cfg.model.vocab_size, backend=cfg.model.kernels)
     engine = apply_data_parallel(model, dims, cfg)
@@ -71,18 +73,31 @@ def _build_ours(cfg, dims, device):
     return model, loss_fn, engine.optimizer, grads
 
 
-def torch_tp_plan(n_layers: int) -> dict:
-    """PyTorch's tensor-parallel plan for the reference model (module names as HF Llama)."""
+def torch_tp_plan(n_layers: int, sequence_parallel: bool) -> dict:
+    """PyTorch's tensor-parallel plan for the reference model (module names as HF Llama); with
+    sequence parallelism as torchtitan's: norms on sequence shards (SequenceParallel), the
+    attention / MLP inputs all-gathered (PrepareModuleInput), o / down reduce-scattered."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel
+    from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
+                                                   SequenceParallel)
 
-    plan = {"embed_tokens": RowwiseParallel(input_layouts=Replicate()),
-            "lm_head": ColwiseParallel(output_layouts=Shard(-1), use_local_output=False)}
+    seq = Shard(1) if sequence_parallel else Replicate()
+    plan = {"embed_tokens": RowwiseParallel(input_layouts=Replicate(), output_layouts=seq),
+            "lm_head": ColwiseParallel(input_layouts=seq, output_layouts=Shard(-1), use_local_output=False)}
+    if sequence_parallel:
+        plan["norm"] = SequenceParallel()
     for i in range(n_layers):
         for name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj", "mlp.up_proj"):
             plan[f"layers.{i}.{name}"] = ColwiseParallel()
         for name in ("self_attn.o_proj", "mlp.down_proj"):
-            plan[f"layers.{i}.{name}"] = RowwiseParallel()
+            plan[f"layers.{i}.{name}"] = RowwiseParallel(output_layouts=seq)
+        if sequence_parallel:
+            plan[f"layers.{i}.input_layernorm"] = SequenceParallel()
+            plan[f"layers.{i}.post_attention_layernorm"] = SequenceParallel()
+            plan[f"layers.{i}.self_attn"] = PrepareModuleInput(input_layouts=(Shard(1), None, None),
+                                                               desired_input_layouts=(Replicate(), None, None))
+            plan[f"layers.{i}.mlp"] = PrepareModuleInput(input_layouts=(Shard(1),),
+                                                         desired_input_layouts=(Replicate(),))
     return plan
 
 
@@ -94,7 +109,10 @@ def _build_torch(cfg, dims, device):
     from pyruntime.train.trainer import build_model, lm_loss
 
     model = build_model(cfg, device)
-    parallelize_module(model, dims.mesh["tp"], torch_tp_plan(cfg.model.n_layers))
+    sp = cfg.parallel.sequence_parallel
+    parallelize_module(model, dims.mesh["tp"], torch_tp_plan(cfg.model.n_layers, sp))
+    if sp:  # hidden states are local sequence shards: the rotary tables must cover whole sequences
+        model.sequence_shards = dims.tp
     optimizer = build_adamw(model.named_parameters(), cfg.optim)
 
     def loss_fn(logits, targets):
@@ -234,6 +252,7 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(prog="pyruntime bench tpstep", description=__doc__.splitlines()[0])
     parser.add_argument("--tp", type=int, default=2)
+    parser.add_argument("--sp", action="store_true", help="sequence parallelism on both sides")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
@@ -251,7 +270,8 @@ def main(argv=None) -> int:
         return 2
     r = summarise(run_benchmark(args))
     c = r["check"]
-    print(f"bench tpstep | preset {args.preset} | batch {args.batch} x {args.seq_len} | tp {args.tp} on "
+    print(f"bench tpstep | preset {args.preset} | batch {args.batch} x {args.seq_len} | tp {args.tp}"
+          f"{' with sequence parallelism' if args.sp else ''} on "
           f"{args.tp} gloo ranks, {os.cpu_count()} cores | median of {args.steps} steps after {args.warmup} "
           f"warm-up, ours and torch alternating | check: loss {c['loss_ours']:.6f} vs {c['loss_torch']:.6f}, "
           f"grad norm {c['norm_ours']:.6g} vs {c['norm_torch']:.6g}")

@@ -1,6 +1,8 @@
 """The other microbenchmark suites users run (`python -m pyruntime bench tp|zero|flat|overlap|tpstep`), each
 at its smallest: they run, print a row per kernel / variant with a ratio, and refuse bad input.
 Speed is never asserted in tests."""
+import pytest
+
 from pyruntime.bench import run
 
 
@@ -46,9 +48,10 @@ def test_bench_overlap_refuses_shapes_tp_does_not_divide(capsys):
     assert "sequence length 32 is not divisible by tp 3" in capsys.readouterr().err
 
 
-def test_bench_tpstep_checks_loss_and_norm_then_times_both(capsys):
+@pytest.mark.parametrize("sp", [[], ["--sp"]], ids=["tp", "tp+sp"])
+def test_bench_tpstep_checks_loss_and_norm_then_times_both(capsys, sp):
     assert run(["tpstep", "--tp", "2", "--preset", "tiny", "--seq-len", "16", "--batch", "2", "--steps", "1",
-                "--warmup", "0"]) == 0
+                "--warmup", "0", *sp]) == 0
     out = capsys.readouterr().out
     loss_ours, loss_torch = (float(v) for v in out.split("check: loss ")[1].split(",")[0].split(" vs "))
     assert abs(loss_ours - loss_torch) <= 1e-5

@@ -6,7 +6,9 @@ the vocabulary; the LM head column-wise with loss_parallel, so neither side gath
 logits), on `--tp` gloo ranks on CPU, same model, same weights, same batch, same loss, same
 clipping and AdamW. `--sp`: sequence parallelism on both sides (PyTorch's plan as torchtitan's:
 SequenceParallel norms, PrepareModuleInput all-gathers, o / down reduce-scattered). Same as
-`python -m pyruntime bench tpstep`.
+`python -m pyruntime bench tpstep`. `--tp-overlap`: ours also overlaps those collectives with
+the GEMMs in chunks (comm/overlap.py); PyTorch's side stays plain sequence parallelism (its
+async tp needs CUDA symmetric memory).
 
     .venv/bin/python benchmarks/bench_tp_step.py                  # "small" preset, tp 2
     .venv/bin/python benchmarks/bench_tp_step.py --tp 4 --sp --steps 20 --markdown
@@ -50,7 +52,8 @@ def _config(args):
     cfg = Config(train=TrainConfig(preset=args.preset, seed=args.seed, quiet=True),
                  model=dataclasses.replace(PRESETS[args.preset]),
                  data=DataConfig(seq_len=args.seq_len, micro_batch=args.batch, global_batch=args.batch),
-                 parallel=ParallelConfig(tp=args.tp, sequence_parallel=args.sp))
+                 parallel=ParallelConfig(tp=args.tp, sequence_parallel=args.sp or args.tp_overlap,
+                                         tp_overlap=args.tp_overlap))
     cfg.validate()
     cfg.model.validate_tp(args.tp)
     return cfg
@@ -65,7 +68,7 @@ def _build_ours(cfg, dims, device):
     from pyruntime.train.trainer import build_model
 
     model = build_model(cfg, device)
-    apply_tp(model, dims, sequence_parallel=cfg.parallel.sequence_parallel)
+    apply_tp(model, dims, sequence_parallel=cfg.parallel.sequence_parallel, overlap=cfg.parallel.tp_overlap)
     loss_fn = functools.partial(vocab_parallel_cross_entropy, tp_group=dims.group("tp"),
                                 vocab_size=cfg.model.vocab_size, backend=cfg.model.kernels)
     engine = apply_data_parallel(model, dims, cfg)
@@ -253,6 +256,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="pyruntime bench tpstep", description=__doc__.splitlines()[0])
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--sp", action="store_true", help="sequence parallelism on both sides")
+    parser.add_argument("--tp-overlap", action="store_true",
+                        help="ours with chunked all-gather/reduce-scatter overlap (implies --sp; "
+                             "PyTorch's side: plain sp)")
     parser.add_argument("--preset", default="small")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
@@ -271,7 +277,8 @@ def main(argv=None) -> int:
     r = summarise(run_benchmark(args))
     c = r["check"]
     print(f"bench tpstep | preset {args.preset} | batch {args.batch} x {args.seq_len} | tp {args.tp}"
-          f"{' with sequence parallelism' if args.sp else ''} on "
+          f"{' with sequence parallelism' if args.sp or args.tp_overlap else ''}"
+          f"{' (ours overlapped)' if args.tp_overlap else ''} on "
           f"{args.tp} gloo ranks, {os.cpu_count()} cores | median of {args.steps} steps after {args.warmup} "
           f"warm-up, ours and torch alternating | check: loss {c['loss_ours']:.6f} vs {c['loss_torch']:.6f}, "
           f"grad norm {c['norm_ours']:.6g} vs {c['norm_torch']:.6g}")

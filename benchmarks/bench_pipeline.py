@@ -45,9 +45,7 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import traceback
 
 # One thread per rank: 2 ranks share the 2 cores of CI; set before torch starts its pools
 # (spawned ranks inherit the environment).
@@ -55,7 +53,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 # ours -> (PyTorch's schedule class, virtual stages per rank)
@@ -240,7 +237,7 @@ def _pair_on_rank(args: Args, name: str, dims, device) -> dict:
     return {"check": check, "times": times, "records": records, "cfg": cfg}
 
 
-def bench_rank(rank: int, args: Args) -> list[dict] | None:
+def bench_rank(rank: int, world: int, args: Args) -> list[dict] | None:
     """Every schedule pair on this rank; rank 0 returns the summaries."""
     from pyruntime.mesh import ParallelDims
 
@@ -349,46 +346,11 @@ def gap_line(r: dict) -> str:
 # ----------------------------------------------------------------------------- processes
 
 
-def _entry(rank: int, store_path: str, queue, args: Args) -> None:
-    torch.set_num_threads(1)
-    try:
-        dist.init_process_group("gloo", store=dist.FileStore(store_path, PP), rank=rank, world_size=PP,
-                                timeout=datetime.timedelta(seconds=300))
-        queue.put((rank, bench_rank(rank, args)))
-    except BaseException:  # noqa: BLE001 - reported by the parent
-        queue.put((rank, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-
-
 def run_benchmark(args: Args, timeout_s: float = 900.0) -> list[dict]:
     """Spawns the 2 gloo ranks, runs every schedule pair; the summaries (rank 0's)."""
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_entry, args=(r, os.path.join(tmp, "store"), queue, args)) for r in range(PP)]
-        for p in procs:
-            p.start()
-        results, deadline = {}, time.monotonic() + timeout_s
-        try:
-            while len(results) < PP:
-                try:
-                    rank, payload = queue.get(timeout=1.0)
-                except Exception:  # queue.Empty: check that the ranks are alive
-                    dead = [r for r, p in enumerate(procs) if p.exitcode not in (None, 0) and r not in results]
-                    if dead or time.monotonic() > deadline:
-                        raise RuntimeError(f"bench pp: rank(s) {dead} died" if dead else "bench pp: timed out")
-                    continue
-                if isinstance(payload, str):  # a traceback: the peer may now wait forever
-                    raise RuntimeError(f"bench pp: rank {rank} failed:\n{payload}")
-                results[rank] = payload
-        finally:
-            for p in procs:
-                p.join(timeout=10 if len(results) == PP else 1)
-                if p.is_alive():
-                    p.kill()
-    return results[0]
+    from pyruntime.spawn import run_world
+
+    return run_world(PP, bench_rank, args, timeout=timeout_s, name="bench pp")[0]
 
 
 def _header(argv: list[str], args: Args) -> str:

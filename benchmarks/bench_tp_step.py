@@ -27,20 +27,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import os
 import statistics
 import sys
-import tempfile
 import time
-import traceback
 
 # One thread per rank: the ranks share the cores of CI; set before torch starts its pools.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.multiprocessing as mp  # noqa: E402
 
 LOSS_TOL = 1e-5
 NORM_TOL = 1e-4
@@ -201,39 +197,21 @@ def _pair_on_rank(args, dims, device) -> dict:
     return {"check": check, "times": times}
 
 
-def _entry(rank, world, store_path, queue, args):
-    try:
-        from pyruntime.mesh import ParallelDims
+def _rank(rank: int, world: int, args) -> list[dict] | None:
+    """The pair on this rank; rank 0 returns every rank's times."""
+    from pyruntime.mesh import ParallelDims
 
-        dist.init_process_group("gloo", store=dist.FileStore(store_path, world), rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=600))
-        dims = ParallelDims(1, 1, world, world).build_mesh("cpu")
-        mine = _pair_on_rank(args, dims, torch.device("cpu"))
-        everything = [None] * world
-        dist.all_gather_object(everything, mine)
-        queue.put((rank, everything if rank == 0 else None))
-    except BaseException:  # noqa: BLE001 - reported by the parent
-        queue.put((rank, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    dims = ParallelDims(1, 1, world, world).build_mesh("cpu")
+    mine = _pair_on_rank(args, dims, torch.device("cpu"))
+    everything = [None] * world
+    dist.all_gather_object(everything, mine)
+    return everything if rank == 0 else None
 
 
 def run_benchmark(args, timeout_s: float = 900.0) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_entry, args=(r, args.tp, os.path.join(tmp, "store"), queue, args))
-                 for r in range(args.tp)]
-        for p in procs:
-            p.start()
-        results = dict(queue.get(timeout=timeout_s) for _ in procs)
-        for p in procs:
-            p.join()
-    failed = [r for r in results.values() if isinstance(r, str)]
-    if failed:
-        raise RuntimeError(f"bench tpstep failed:\n{failed[0]}")
-    return results[0]
+    from pyruntime.spawn import run_world
+
+    return run_world(args.tp, _rank, args, timeout=timeout_s, name="bench tpstep")[0]
 
 
 def summarise(per_rank: list[dict]) -> dict:

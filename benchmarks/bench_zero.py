@@ -21,19 +21,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime
 import os
 import ctypes
 import statistics
 import sys
-import tempfile
 import threading
 import time
-import traceback
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 MEMORY_STEPS = 3  # steps sampled for the peak, after the timed ones
 VARIANTS = ("ours --zero 0", "torch DDP", "ours --zero 3", "torch FSDP2")
@@ -202,39 +198,17 @@ def memory_rank(rank: int, world: int, variant: str, args) -> dict:
     return out
 
 
-def _entry(rank, world, store_path, queue, job, args):
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    try:
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(rank)
-        dist.init_process_group(backend, store=dist.FileStore(store_path, world), rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=600))
-        kind, what = job
-        result = time_pair(rank, world, what, args) if kind == "time" else memory_rank(rank, world, what, args)
-        queue.put((rank, result))
-    except BaseException:  # noqa: BLE001 - reported by the parent
-        queue.put((rank, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+def _job(rank: int, world: int, job, args):
+    kind, what = job
+    return time_pair(rank, world, what, args) if kind == "time" else memory_rank(rank, world, what, args)
 
 
 def run_world(world: int, job, args) -> list[dict]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    with tempfile.TemporaryDirectory() as tmp:
-        procs = [ctx.Process(target=_entry, args=(r, world, os.path.join(tmp, "store"), queue, job, args))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        results = dict(queue.get(timeout=1800) for _ in range(world))
-        for p in procs:
-            p.join()
-    failed = [r for r in results.values() if isinstance(r, str)]
-    if failed:
-        raise RuntimeError(f"{job} on {world} ranks failed:\n{failed[0]}")
-    return [results[r] for r in range(world)]
+    """One job ("time", (ours, theirs)) or ("memory", variant) on a fresh world of `world` ranks."""
+    from pyruntime.spawn import run_world as spawn
+
+    return spawn(world, _job, job, args, timeout=1800, backend="nccl" if torch.cuda.is_available() else "gloo",
+                 threads=max(1, (os.cpu_count() or 1) // world), name=f"bench zero {job} on {world} ranks")
 
 
 def paired_summary(per_rank: list[dict], ours: str, theirs: str) -> dict:

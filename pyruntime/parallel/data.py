@@ -277,13 +277,14 @@ class _Bucket:
         if grad is not None and grad.data_ptr() == view.data_ptr():
             if scale is not None:
                 view.mul_(scale)  # accumulated in place over earlier micro-batches
-        elif grad is None:
-            view.zero_()
-        elif scale is None:
-            view.copy_(grad)
         else:
-            torch.mul(grad, scale, out=view)
-        p.grad = view
+            if grad is None:
+                view.zero_()
+            elif scale is None:
+                view.copy_(grad)
+            else:
+                torch.mul(grad, scale, out=view)
+            p.grad = view
         if scale is not None:
             self.scaled.add(j)
 

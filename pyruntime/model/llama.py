@@ -135,6 +135,14 @@ class Transformer(nn.Module):
         return self.lm_head(h) if self.lm_head is not None else h  # (B, T, V) or (B, T, C)
 
 
+def reference_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """{name: full shape} of every parameter of the reference model (built on the meta
+    device: nothing is allocated)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {name: tuple(p.shape) for name, p in model.named_parameters()}
+
+
 def count_params(cfg: ModelConfig) -> dict[str, int]:
     """Parameter counts from the shape alone (no model is built)."""
     attn = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.kv_heads)

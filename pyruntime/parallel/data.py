@@ -40,6 +40,7 @@ from pyruntime.config import Config, ConfigError, OptimConfig
 from pyruntime.mesh import ParallelDims
 from pyruntime.ops.flat import FlatLayout, plan_buckets, plan_flat_layout
 from pyruntime.parallel.accounting import ModelStateBytes, storage_bytes
+from pyruntime.parallel.deferred_init import DeferredInit
 from pyruntime.train.metrics import say
 from pyruntime.train.optim import build_adamw
 
@@ -335,11 +336,15 @@ class BucketedDataParallel(DataParallelEngine):
         super().finish_gradient_sync()
 
 
-def apply_data_parallel(model: nn.Module, dims: ParallelDims, cfg: Config, *,
-                        verbose: bool = False) -> DataParallelEngine:
+def apply_data_parallel(model: nn.Module, dims: ParallelDims, cfg: Config, *, verbose: bool = False,
+                        init: DeferredInit | None = None) -> DataParallelEngine:
     """The data-parallel engine of cfg.parallel (zero stage, bucket size) over dims' dp axis.
-    Installs hooks on `model` (and, at ZeRO-3, shards its parameters in place)."""
+    Installs hooks on `model` (and, at ZeRO-3, shards its parameters in place). init: `model`
+    is on the meta device; its parameters are made here (at ZeRO-3 one unit at a time)."""
     par = cfg.parallel
+    fully_sharded = dims.dp > 1 and par.zero == 3
+    if init is not None and not fully_sharded:
+        init.materialize([model])
     if dims.dp == 1:
         if par.zero > 0:
             say(f"--zero {par.zero} with dp 1: nothing to shard over, ZeRO does nothing here", verbose)
@@ -356,4 +361,4 @@ def apply_data_parallel(model: nn.Module, dims: ParallelDims, cfg: Config, *,
         from pyruntime.parallel.zero.stage12 import ZeroBucketEngine
         return ZeroBucketEngine(model, comm, cfg.optim, bucket_bytes, stage=par.zero, kernels=cfg.model.kernels)
     from pyruntime.parallel.zero.stage3 import FullyShardedEngine
-    return FullyShardedEngine(model, comm, cfg.optim, kernels=cfg.model.kernels)
+    return FullyShardedEngine(model, comm, cfg.optim, kernels=cfg.model.kernels, init=init)

@@ -51,7 +51,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from pyruntime.config import ModelConfig
-from pyruntime.model import Transformer
+from pyruntime.model.llama import reference_shapes
 from pyruntime.parallel.tensor.unshard import full_tensors, local_shards, tp_param_specs
 
 FORMAT = "pyruntime-checkpoint"
@@ -74,14 +74,6 @@ class CheckpointError(ValueError):
 
 
 # -- helpers ---------------------------------------------------------------------------------
-def reference_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """{name: full shape} of every parameter of the reference model (built on the meta
-    device: nothing is allocated)."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    return {name: tuple(p.shape) for name, p in model.named_parameters()}
-
-
 def _one_line(e: BaseException) -> str:
     failures = getattr(e, "failures", None)  # DCP's CheckpointException: {rank: (error, traceback)}
     if isinstance(failures, dict) and failures:

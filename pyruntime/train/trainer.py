@@ -24,6 +24,7 @@ from pyruntime.mesh import ParallelDims
 from pyruntime.model import Transformer, count_params, flops_per_token, init_weights
 from pyruntime.comm.overlap import refuse_overlap
 from pyruntime.parallel.data import apply_data_parallel
+from pyruntime.parallel.deferred_init import DeferredInit, check_materialized
 from pyruntime.parallel.pipeline.apply import (build_executor, gather_timeline, pipeline_losses, report_timeline,
                                                split_model)
 from pyruntime.parallel.tensor import apply_tp, tp_replicas, vocab_parallel_cross_entropy
@@ -71,7 +72,10 @@ class Trainer:
         self.sampler = BatchSampler(corpus.train, seq_len=cfg.data.seq_len,
                                     global_batch=cfg.data.global_batch, seed=cfg.train.seed)
         self.val_tokens = corpus.val
-        self.model = build_model(cfg, device)
+        # Built on the meta device and shaped for the layout there; the data-parallel engine
+        # then makes this rank's parameters (parallel/deferred_init.py: never the full model).
+        with torch.device("meta"):
+            self.model = Transformer(cfg.model)
         self.loss_fn = lm_loss
         # Pipeline first: the model keeps only this rank's stages, which tp then shards and
         # dp buckets or shards further; parameter names never change.
@@ -89,7 +93,9 @@ class Trainer:
             self.loss_fn = functools.partial(vocab_parallel_cross_entropy, tp_group=dims.group("tp"),
                                              vocab_size=cfg.model.vocab_size, backend=cfg.model.kernels)
         # After tp (it shards what dp then buckets or shards further); owns the optimizer.
-        self.data_parallel = apply_data_parallel(self.model, dims, cfg, verbose=self.is_logger)
+        init = DeferredInit(self.model, cfg.model, cfg.train.seed, dims.group("tp"), device)
+        self.data_parallel = apply_data_parallel(self.model, dims, cfg, verbose=self.is_logger, init=init)
+        check_materialized(self.model)
         self.optimizer = self.data_parallel.optimizer
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))

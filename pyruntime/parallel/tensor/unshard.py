@@ -129,14 +129,16 @@ def local_shards(model: nn.Module, dims_or_tp_group, full: Mapping[str, torch.Te
     `full` ({reference name: full tensor}, which must hold every name this rank needs, see
     tp_param_specs); a replicated one is `full`'s tensor itself. No communication."""
     group = tp_group_of(dims_or_tp_group)
-    out = {}
-    for spec in tp_param_specs(model):
-        if spec.dim is None:
-            out[spec.local] = full[spec.full[0]]
-            continue
-        blocks = [shard_rows(full[ref].movedim(spec.dim, 0), group, pad=spec.padded) for ref in spec.full]
-        out[spec.local] = torch.cat(blocks).movedim(0, spec.dim).contiguous()
-    return out
+    return {spec.local: local_shard(spec, full, group) for spec in tp_param_specs(model)}
+
+
+def local_shard(spec: TPSpec, full: Mapping[str, torch.Tensor], group: dist.ProcessGroup | None) -> torch.Tensor:
+    """This rank's local tensor of one parameter, cut from `full` ({reference name: full
+    tensor}, holding at least spec.full); a replicated one is `full`'s tensor itself."""
+    if spec.dim is None:
+        return full[spec.full[0]]
+    blocks = [shard_rows(full[ref].movedim(spec.dim, 0), group, pad=spec.padded) for ref in spec.full]
+    return torch.cat(blocks).movedim(0, spec.dim).contiguous()
 
 
 @torch.no_grad()

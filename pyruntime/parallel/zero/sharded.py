@@ -72,10 +72,15 @@ class ShardedAdamW:
 
     def __init__(self, groups: list[FlatGroup], rank: int, cfg: OptimConfig, *, debug: CommDebug,
                  kernels: str = "auto", after_step: Callable[[], None] | None = None,
-                 grad_per_group: bool = False):
+                 grad_per_group: bool = False, device: torch.device | None = None, copy_params: bool = True):
+        """copy_params=False: the master shard stays zero until copy_in(i) is called for each
+        group (ZeRO-3 with deferred init makes one unit's parameters at a time; until then
+        they may be on the meta device, which is why `device` can be given)."""
         self.groups, self.cfg, self.debug, self.after_step = groups, cfg, debug, after_step
-        self.backend, self.grad_per_group = adamw_backend(kernels), grad_per_group
-        self.device = groups[0].params[0].device if groups and groups[0].params else torch.device("cpu")
+        self.backend, self.grad_per_group, self.rank = adamw_backend(kernels), grad_per_group, rank
+        if device is None:
+            device = groups[0].params[0].device if groups and groups[0].params else torch.device("cpu")
+        self.device = device
         numel = sum(g.layout.shard_numel for g in groups)
         self.master = torch.zeros(numel, dtype=torch.float32, device=self.device)
         self.exp_avg = torch.zeros_like(self.master)
@@ -83,7 +88,10 @@ class ShardedAdamW:
         self._grads: list[torch.Tensor | None] = [None] * len(groups)  # grad_per_group
         self._flat_grad: torch.Tensor | None = None
         self._written: set[int] = set()  # groups whose shard holds a reduction since zero_grad
-        segments = [self._copy_in(g, rank) for g in groups]
+        segments = [self._decay_segments(g) for g in groups]
+        if copy_params:
+            for i in range(len(groups)):
+                self.copy_in(i)
         if grad_per_group:
             self.decays = [DecayMask.from_segments(g.layout.shard_numel, seg, self.device)
                            for g, seg in zip(groups, segments)]
@@ -93,18 +101,21 @@ class ShardedAdamW:
         self.param_groups = [{"lr": cfg.lr}]
         self.steps = 0
 
+    def _decay_segments(self, group: FlatGroup) -> list[tuple[int, int]]:
+        """The [begin, end) ranges of this rank's shard of `group` that get weight decay:
+        matrices, not norm weights (as build_adamw)."""
+        return [(piece.shard_offset, piece.shard_offset + piece.numel) for piece in group.layout.pieces(self.rank)
+                if group.params[piece.tensor_index].dim() >= 2]
+
     @torch.no_grad()
-    def _copy_in(self, group: FlatGroup, rank: int) -> list[tuple[int, int]]:
-        """Copy this rank's pieces of the group's parameters into the master shard; return the
-        [begin, end) ranges (within the group's shard) that get weight decay."""
-        master, segments = group.shard(self.master), []
-        for piece in group.layout.pieces(rank):
-            p = group.params[piece.tensor_index]
-            src = p.detach().reshape(-1)[piece.tensor_offset:piece.tensor_offset + piece.numel]
-            master[piece.shard_offset:piece.shard_offset + piece.numel].copy_(src)
-            if p.dim() >= 2:  # decay matrices, not norm weights (as build_adamw)
-                segments.append((piece.shard_offset, piece.shard_offset + piece.numel))
-        return segments
+    def copy_in(self, i: int) -> None:
+        """Copy this rank's pieces of group i's parameters into the master shard."""
+        group = self.groups[i]
+        master = group.shard(self.master)
+        for piece in group.layout.pieces(self.rank):
+            src = group.params[piece.tensor_index].detach().reshape(-1)
+            master[piece.shard_offset:piece.shard_offset + piece.numel].copy_(
+                src[piece.tensor_offset:piece.tensor_offset + piece.numel])
 
     def group_grad(self, i: int) -> torch.Tensor:
         """Group i's fp32 gradient shard, allocated (zeroed) on first use after zero_grad."""

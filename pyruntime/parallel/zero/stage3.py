@@ -41,6 +41,7 @@ from pyruntime.config import OptimConfig
 from pyruntime.ops.flat import flat_pack
 from pyruntime.parallel.accounting import ModelStateBytes, mb, storage_bytes
 from pyruntime.parallel.data import ALIGN, DataParallelEngine, GradReadyTracker, Replicas, grad_or_zeros
+from pyruntime.parallel.deferred_init import DeferredInit
 from pyruntime.parallel.zero.sharded import (FlatGroup, GradientReductions, ShardedAdamW, ShardedCheckpointing,
                                              plan_groups)
 from pyruntime.parallel.zero.stage12 import MAX_IN_FLIGHT
@@ -112,18 +113,28 @@ class FullyShardedEngine(ShardedCheckpointing, DataParallelEngine):
     """--zero 3 (see the module docstring)."""
 
     def __init__(self, model: nn.Module, comm: Collectives, optim_cfg: OptimConfig, *, kernels: str = "auto",
-                 units: list[list[nn.Module]] | None = None):
+                 units: list[list[nn.Module]] | None = None, init: DeferredInit | None = None):
+        """init: `model` was built on the meta device (parallel/deferred_init.py); each unit's
+        parameters are made, copied into this rank's shard and released before the next
+        unit's are made, so the full model never exists on this rank."""
         modules = units if units is not None else transformer_units(model)
         param_lists = [_unit_params(mods) for mods in modules]
         _check_coverage(model, param_lists)
-        groups = plan_groups(param_lists, comm.size, ALIGN)
-        # Built first: it copies this rank's shards out of the full parameters before they go.
+        groups = plan_groups(param_lists, comm.size, ALIGN)  # sizes only: meta parameters will do
+        device = init.device if init is not None else next(p.device for ps in param_lists for p in ps)
         optimizer = ShardedAdamW(groups, comm.rank, optim_cfg, debug=comm.debug, kernels=kernels,
-                                 grad_per_group=True)
-        super().__init__(model, optimizer, comm)
-        device = optimizer.master.device
+                                 grad_per_group=True, device=device, copy_params=False)
         self.compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-        self.units = [_Unit(g, mods, self.compute_dtype, device) for g, mods in zip(groups, modules)]
+        self.units, self.deferred = [], init is not None
+        for i, (group, mods) in enumerate(zip(groups, modules)):
+            if init is not None:
+                init.materialize(mods)
+                group.params = _unit_params(mods)  # the new Parameters, in the same order
+            optimizer.copy_in(i)  # this rank's shard, before the full values go
+            self.units.append(_Unit(group, mods, self.compute_dtype, device))  # releases them
+        if init is not None:
+            init.materialize([model])  # anything outside the units (nothing trainable is)
+        super().__init__(model, optimizer, comm)
         self.reductions = GradientReductions(comm, optimizer)
         self.tracker = GradReadyTracker([g.params for g in groups], self._reduce,
                                         on_grad=lambda *_: self.reductions.reap())
@@ -136,7 +147,8 @@ class FullyShardedEngine(ShardedCheckpointing, DataParallelEngine):
         largest = max((u.nbytes for u in self.units), default=0)
         return (f"ZeRO-3: dp {self.comm.size}, {len(self.units)} units (largest {mb(largest)} gathered, "
                 f"{str(self.compute_dtype).replace('torch.', '')}), next unit prefetched, "
-                f"gradients reduce-scattered during backward")
+                f"gradients reduce-scattered during backward"
+                f"{', parameters made unit by unit from the meta device' if self.deferred else ''}")
 
     # -- hooks -----------------------------------------------------------------------------
     def _gather(self, i: int, wait: bool) -> None:

@@ -13,7 +13,8 @@ from pyruntime.comm.collectives import CommDebug, CommStats, Collectives
 from pyruntime.config import OptimConfig
 from pyruntime.mesh import Launch, init_distributed
 from pyruntime.model import Transformer
-from pyruntime.model.init import init_weights
+from pyruntime.model.init import full_init, init_weights
+from pyruntime.parallel import deferred_init
 from pyruntime.parallel.zero.stage12 import ZeroBucketEngine
 from pyruntime.parallel.zero.stage3 import FullyShardedEngine, transformer_units
 from pyruntime.train.optim import build_adamw, clip_grad_norm
@@ -225,3 +226,37 @@ def test_bad_unit_lists_and_stages_are_refused(comm):
         FullyShardedEngine(_model(), comm, OptimConfig(), units=units + units[:1])
     with pytest.raises(ValueError, match="stages 1 and 2, not 3"):
         ZeroBucketEngine(_model(), comm, OptimConfig(), 1 << 20, stage=3)
+
+
+def _storage_bytes_held(model) -> int:
+    storages = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes()
+                for p in model.parameters() if not p.is_meta}
+    return sum(storages.values())
+
+
+def test_zero3_deferred_init_makes_one_unit_at_a_time(comm, monkeypatch):
+    """A model built on the meta device: each unit is made, cut into the shard and released
+    before the next unit's first value is drawn (so the full model never exists), and the
+    result is the eagerly built and initialised model."""
+    with torch.device("meta"):
+        model = Transformer(TEST_MODEL)
+    held_at_each_draw = []
+
+    def recording_full_init(*args, **kw):
+        held_at_each_draw.append(_storage_bytes_held(model))
+        return full_init(*args, **kw)
+
+    monkeypatch.setattr(deferred_init, "full_init", recording_full_init)
+    init = deferred_init.DeferredInit(model, TEST_MODEL, 3, None, torch.device("cpu"))
+    engine = FullyShardedEngine(model, comm, OptimConfig(), init=init)
+    deferred_init.check_materialized(model)
+    assert len(held_at_each_draw) == len(list(model.parameters()))
+    largest_unit = max(sum(p.numel() * 4 for m in unit for p in m.parameters()) for unit in transformer_units(model))
+    assert largest_unit < sum(p.numel() * 4 for p in model.parameters()) / 2  # the bound below means something
+    assert max(held_at_each_draw) <= largest_unit
+    assert all(p.untyped_storage().nbytes() == 0 for p in model.parameters())
+    plain = _model(seed=3)
+    x = torch.randint(0, TEST_MODEL.vocab_size, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
+    assert engine.optimizer.master.abs().sum() > 0

@@ -1,0 +1,69 @@
+"""Deferred initialisation: the trainer builds the model on the meta device, shapes it for
+the layout (pipeline split, apply_tp) there, and only then gives parameters storage and
+their initial values, so no rank ever holds the full model. The data-parallel engine decides
+when: everything at once where every rank keeps whole (tp-local) parameters (dp 1, DDP,
+ZeRO-1/2), one unit at a time at ZeRO-3, where each unit is cut into the rank's shard and
+released before the next is made (a rank then holds its shards plus one unit, never the
+model: the point of ZeRO-3 for a model that does not fit one device).
+
+A parameter's value is the one the full reference model would give it, cut for this rank:
+model/init.py draws every reference tensor from its own generator seeded by (seed, name),
+and tp_param_specs says which reference tensors a local parameter stacks and how tp cuts
+them (the same table checkpoints use). So every layout starts from the same weights, exactly
+as if the full model had been built, initialised and then split.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from pyruntime.config import ModelConfig
+from pyruntime.model.init import full_init
+from pyruntime.model.llama import reference_shapes
+from pyruntime.parallel.tensor.unshard import local_shard, tp_param_specs
+
+
+class DeferredInit:
+    """Initial values for the parameters of `model`, a (split, tp-sharded) reference model
+    built on the meta device; made on `device` by `materialize`."""
+
+    def __init__(self, model: nn.Module, cfg: ModelConfig, seed: int, tp_group: dist.ProcessGroup | None,
+                 device: torch.device):
+        self.cfg, self.seed, self.tp_group, self.device = cfg, seed, tp_group, device
+        self.specs = {spec.local: spec for spec in tp_param_specs(model)}
+        self.shapes = reference_shapes(cfg)
+        self.names = {id(p): name for name, p in model.named_parameters()}  # of the meta parameters
+
+    def value(self, name: str) -> torch.Tensor:
+        """Parameter `name`'s initial local value (fp32, CPU): its reference tensors drawn in
+        full, one parameter at a time, and cut for this tp rank."""
+        spec = self.specs[name]
+        full = {ref: full_init(ref, torch.Size(self.shapes[ref]), self.cfg, self.seed) for ref in spec.full}
+        return local_shard(spec, full, self.tp_group)
+
+    @torch.no_grad()
+    def materialize(self, modules: Iterable[nn.Module]) -> None:
+        """Give every meta parameter under `modules` storage on self.device holding its initial
+        value. Each becomes a new Parameter (a meta tensor cannot take real data in place), so
+        call this before anything (hooks, optimizers, unit lists) holds the old ones."""
+        made: dict[int, nn.Parameter] = {}  # a parameter shared by two modules stays shared
+        for module in modules:
+            for sub in module.modules():
+                for key, p in list(sub._parameters.items()):
+                    if p is None or not p.is_meta:
+                        continue
+                    if id(p) not in made:
+                        value = self.value(self.names[id(p)]).to(self.device, p.dtype)
+                        made[id(p)] = nn.Parameter(value, requires_grad=p.requires_grad)
+                        made[id(p)].__dict__.update(p.__dict__)  # marks such as tp_sharded
+                    sub._parameters[key] = made[id(p)]
+
+
+def check_materialized(model: nn.Module) -> None:
+    """Raise if any parameter or buffer of `model` is still on the meta device."""
+    left = [name for name, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"deferred init: {', '.join(left[:5])} still on the meta device")

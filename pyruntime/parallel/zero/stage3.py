@@ -113,10 +113,13 @@ class FullyShardedEngine(ShardedCheckpointing, DataParallelEngine):
     """--zero 3 (see the module docstring)."""
 
     def __init__(self, model: nn.Module, comm: Collectives, optim_cfg: OptimConfig, *, kernels: str = "auto",
-                 units: list[list[nn.Module]] | None = None, init: DeferredInit | None = None):
+                 units: list[list[nn.Module]] | None = None, init: DeferredInit | None = None,
+                 compute_dtype: torch.dtype | None = None):
         """init: `model` was built on the meta device (parallel/deferred_init.py); each unit's
         parameters are made, copied into this rank's shard and released before the next
-        unit's are made, so the full model never exists on this rank."""
+        unit's are made, so the full model never exists on this rank. compute_dtype: of the
+        gathered units (default bf16 on CUDA, fp32 otherwise); master weights, gradient
+        shards and moments stay fp32 whatever it is."""
         modules = units if units is not None else transformer_units(model)
         param_lists = [_unit_params(mods) for mods in modules]
         _check_coverage(model, param_lists)
@@ -124,7 +127,7 @@ class FullyShardedEngine(ShardedCheckpointing, DataParallelEngine):
         device = init.device if init is not None else next(p.device for ps in param_lists for p in ps)
         optimizer = ShardedAdamW(groups, comm.rank, optim_cfg, debug=comm.debug, kernels=kernels,
                                  grad_per_group=True, device=device, copy_params=False)
-        self.compute_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.compute_dtype = compute_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.units, self.deferred = [], init is not None
         for i, (group, mods) in enumerate(zip(groups, modules)):
             if init is not None:

@@ -14,6 +14,7 @@ from pyruntime.config import OptimConfig
 from pyruntime.mesh import Launch, init_distributed
 from pyruntime.model import Transformer
 from pyruntime.model.init import full_init, init_weights
+from pyruntime.ops.flat import flat_pack
 from pyruntime.parallel import deferred_init
 from pyruntime.parallel.zero.stage12 import ZeroBucketEngine
 from pyruntime.parallel.zero.stage3 import FullyShardedEngine, transformer_units
@@ -260,3 +261,42 @@ def test_zero3_deferred_init_makes_one_unit_at_a_time(comm, monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(model(x), plain(x), rtol=0, atol=0)
     assert engine.optimizer.master.abs().sum() > 0
+
+
+def test_zero3_bf16_compute_copies_keep_fp32_master_gradients_and_accumulation(comm):
+    """The mixed precision of ZeRO-3 on CUDA, run on CPU: units gathered as bf16 copies of the
+    fp32 master, each micro-batch's bf16 gradients reduced in fp32 and accumulated in fp32,
+    AdamW on the fp32 master. Reference: an unsharded fp32 master copied to a bf16 model for
+    every step, its gradients accumulated in fp32."""
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1)
+    master = _model()
+    model = copy.deepcopy(master)
+    engine = FullyShardedEngine(model, comm, cfg, compute_dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    reference = build_adamw(master.named_parameters(), cfg)
+    gen = torch.Generator().manual_seed(0)
+    for step in range(3):
+        low = copy.deepcopy(master).to(torch.bfloat16)
+        for p in master.parameters():
+            p.grad = torch.zeros_like(p)
+        batches = [torch.randint(0, TEST_MODEL.vocab_size, (2, 8), generator=gen) for _ in range(2)]
+        for i, x in enumerate(batches):
+            with engine.micro_batch(last=i == 1):
+                (model(x).float().logsumexp(-1).mean() / 2).backward()
+            (low(x).float().logsumexp(-1).mean() / 2).backward()
+            for p, q in zip(master.parameters(), low.parameters()):
+                p.grad += q.grad.float()  # accumulated in fp32, as the engine's gradient shard
+                q.grad = None
+        engine.finish_gradient_sync()
+        grads, replication = engine.gradient_pieces()
+        assert {g.dtype for g in grads} == {torch.float32}
+        norm = clip_grad_norm(grads, 0.5, None, replication)
+        torch.testing.assert_close(norm, clip_grad_norm([p.grad for p in master.parameters()], 0.5))
+        engine.optimizer.step()
+        engine.optimizer.zero_grad()
+        reference.step()
+        reference.zero_grad()
+    names, ref = {id(p): n for n, p in model.named_parameters()}, dict(master.named_parameters())
+    for unit in engine.units:  # world 1: a unit's shard is its whole flat buffer
+        want = flat_pack([ref[names[id(p)]].detach() for p in unit.group.params], unit.group.layout)
+        torch.testing.assert_close(unit.group.shard(engine.optimizer.master), want, rtol=1e-5, atol=1e-7)

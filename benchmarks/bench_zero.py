@@ -15,6 +15,11 @@ MEMORY_STEPS steps after a first one: on CUDA torch.cuda.max_memory_allocated; o
 of malloc's bytes in use during those steps over those before the model was built
 (HeapPeak; everything the rank holds: model state, activations, communication buffers).
 For our engines the peak model-state bytes the engine accounts for are shown as well.
+Setup extra: while the model and its engine are built, the peak over what is held once they
+are (what building needed beyond its result: a whole model, or one unit), ours as the trainer
+does it (on the meta device, parameters made by the engine: at ZeRO-3 one unit at a time)
+and FSDP2 as its documentation does it for large models (meta device, fully_shard, to_empty,
+each shard initialised from the full value); DDP and --zero 0 hold the whole model anyway.
 """
 from __future__ import annotations
 
@@ -93,12 +98,16 @@ def _setup(variant: str, cfg, world: int, device: torch.device):
     from pyruntime.mesh import ParallelDims
     from pyruntime.parallel.data import apply_data_parallel
     from pyruntime.train.optim import build_adamw, clip_grad_norm
+    from pyruntime.model import Transformer
+    from pyruntime.parallel.deferred_init import DeferredInit
     from pyruntime.train.trainer import build_model, lm_loss
 
-    model = build_model(cfg, device)
-    if variant.startswith("ours"):
+    if variant.startswith("ours"):  # as the Trainer: built on meta, made by the engine (ZeRO-3: unit by unit)
+        with torch.device("meta"):
+            model = Transformer(cfg.model)
         dims = ParallelDims(world, 1, 1, world).build_mesh(device.type)
-        engine = apply_data_parallel(model, dims, cfg)
+        init = DeferredInit(model, cfg.model, cfg.train.seed, None, device)
+        engine = apply_data_parallel(model, dims, cfg, init=init)
 
         def one_step(x, y):
             with engine.micro_batch(last=True):
@@ -113,14 +122,10 @@ def _setup(variant: str, cfg, world: int, device: torch.device):
             engine.optimizer.zero_grad(set_to_none=True)
         return engine, one_step
     if variant == "torch DDP":
-        model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=cfg.parallel.bucket_mb)
+        model = torch.nn.parallel.DistributedDataParallel(build_model(cfg, device),
+                                                          bucket_cap_mb=cfg.parallel.bucket_mb)
     else:
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
-        mesh = init_device_mesh(device.type, (world,))
-        for layer in model.layers.values():
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model = _fsdp2_model(cfg, world, device)
     optimizer = build_adamw(model.named_parameters(), cfg.optim)
 
     def one_step(x, y):
@@ -129,6 +134,30 @@ def _setup(variant: str, cfg, world: int, device: torch.device):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return None, one_step
+
+
+@torch.no_grad()
+def _fsdp2_model(cfg, world: int, device: torch.device):
+    """FSDP2 as its documentation builds a large model: on the meta device, fully_shard per
+    block and at the root, to_empty, then each parameter's shard initialised (here from the
+    same full values as ours, each rank drawing the full tensor and keeping its slice)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import distribute_tensor
+
+    from pyruntime.model import Transformer, full_init
+
+    mesh = init_device_mesh(device.type, (world,))
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    for layer in model.layers.values():
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    model.to_empty(device=device)
+    for name, p in model.named_parameters():
+        full = full_init(name, p.shape, cfg.model, cfg.train.seed).to(device)
+        p.to_local().copy_(distribute_tensor(full, mesh, p.placements, src_data_rank=None).to_local())
+    return model
 
 
 def _cfg_and_batch(rank: int, world: int, variant: str, args, device):
@@ -178,7 +207,14 @@ def memory_rank(rank: int, world: int, variant: str, args) -> dict:
     heap = HeapPeak() if device.type == "cpu" else None
     base = heap.now() if heap else 0
     cfg, x, y = _cfg_and_batch(rank, world, variant, args, device)
-    engine, one_step = _setup(variant, cfg, world, device)
+    with heap or contextlib.nullcontext():
+        engine, one_step = _setup(variant, cfg, world, device)
+    _sync(device)
+    if device.type == "cuda":
+        setup_peak, setup_held = torch.cuda.max_memory_allocated(device), torch.cuda.memory_allocated(device)
+    else:
+        setup_peak, setup_held = heap.peak - base, heap.now() - base
+    heap = HeapPeak() if device.type == "cpu" else None
     one_step(x, y)  # the optimizer states exist from the first step on
     _sync(device)
     if device.type == "cuda":
@@ -190,7 +226,7 @@ def memory_rank(rank: int, world: int, variant: str, args) -> dict:
             one_step(x, y)
     _sync(device)
     out = {"peak_mb": (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
-                       else heap.peak - base) / 2**20}
+                       else heap.peak - base) / 2**20, "setup_extra_mb": (setup_peak - setup_held) / 2**20}
     if engine is not None:
         rec = engine.step_metrics()
         out["state_mb"] = rec.get("peak_model_state_bytes",
@@ -234,7 +270,8 @@ def main(argv=None) -> int:
           f"median of {args.steps} steps after {args.warmup} warm-up, ours and torch alternating step by step; "
           "torch/ours: median over back-to-back pairs of steps of DDP's / FSDP2's time over ours, > 1: ours is "
           f"faster | peak memory: each variant alone, {MEMORY_STEPS} steps")
-    header = f"{'ranks':>5} {'variant':<14} {'step ms':>9} {'torch/ours':>10} {'peak MB/rank':>13} {'state MB/rank':>14}"
+    header = (f"{'ranks':>5} {'variant':<14} {'step ms':>9} {'torch/ours':>10} {'peak MB/rank':>13} "
+              f"{'state MB/rank':>14} {'setup extra MB':>14}")
     print(header + "\n" + "-" * len(header), flush=True)
     for world in args.worlds:
         rows = {}
@@ -246,11 +283,13 @@ def main(argv=None) -> int:
             per_rank = run_world(world, ("memory", variant), args)
             rows[variant]["peak_mb"] = max(r["peak_mb"] for r in per_rank)
             rows[variant]["state_mb"] = max(r.get("state_mb", 0.0) for r in per_rank)
+            rows[variant]["setup_extra_mb"] = max(r["setup_extra_mb"] for r in per_rank)
         for variant in VARIANTS:
             r = rows[variant]
             ratio = f"{r['ratio']:9.2f}x" if "ratio" in r else f"{'':>10}"
             state = f"{r['state_mb']:14.1f}" if r["state_mb"] else f"{'':>14}"
-            print(f"{world:>5} {variant:<14} {r['step_s'] * 1e3:9.1f} {ratio} {r['peak_mb']:13.1f} {state}", flush=True)
+            print(f"{world:>5} {variant:<14} {r['step_s'] * 1e3:9.1f} {ratio} {r['peak_mb']:13.1f} {state} "
+                  f"{r['setup_extra_mb']:14.1f}", flush=True)
     return 0
 
 

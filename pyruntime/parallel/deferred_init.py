@@ -2,9 +2,11 @@
 the layout (pipeline split, apply_tp) there, and only then gives parameters storage and
 their initial values, so no rank ever holds the full model. The data-parallel engine decides
 when: everything at once where every rank keeps whole (tp-local) parameters (dp 1, DDP,
-ZeRO-1/2), one unit at a time at ZeRO-3, where each unit is cut into the rank's shard and
-released before the next is made (a rank then holds its shards plus one unit, never the
-model: the point of ZeRO-3 for a model that does not fit one device).
+ZeRO-1/2); at ZeRO-3 the rank's shard of each parameter is copied from its value, drawn one
+parameter at a time and only where the shard holds a piece of it, and the parameters
+themselves get no values (they become views of unit buffers gathered from the shards): a
+rank holds its shards plus one parameter, never a unit or the model, the point of ZeRO-3
+for a model that does not fit one device.
 
 A parameter's value is the one the full reference model would give it, cut for this rank:
 model/init.py draws every reference tensor from its own generator seeded by (seed, name),
@@ -45,10 +47,12 @@ class DeferredInit:
         return local_shard(spec, full, self.tp_group)
 
     @torch.no_grad()
-    def materialize(self, modules: Iterable[nn.Module]) -> None:
+    def materialize(self, modules: Iterable[nn.Module], values: bool = True) -> None:
         """Give every meta parameter under `modules` storage on self.device holding its initial
         value. Each becomes a new Parameter (a meta tensor cannot take real data in place), so
-        call this before anything (hooks, optimizers, unit lists) holds the old ones."""
+        call this before anything (hooks, optimizers, unit lists) holds the old ones.
+        values=False: placeholders of the right shape, dtype and device backed by one element
+        (ZeRO-3 gives them their storage, views of a unit buffer, right after)."""
         made: dict[int, nn.Parameter] = {}  # a parameter shared by two modules stays shared
         for module in modules:
             for sub in module.modules():
@@ -56,7 +60,8 @@ class DeferredInit:
                     if p is None or not p.is_meta:
                         continue
                     if id(p) not in made:
-                        value = self.value(self.names[id(p)]).to(self.device, p.dtype)
+                        value = (self.value(self.names[id(p)]).to(self.device, p.dtype) if values else
+                                 torch.empty((), device=self.device, dtype=p.dtype).expand(p.shape))
                         made[id(p)] = nn.Parameter(value, requires_grad=p.requires_grad)
                         made[id(p)].__dict__.update(p.__dict__)  # marks such as tp_sharded
                     sub._parameters[key] = made[id(p)]

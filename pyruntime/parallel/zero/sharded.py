@@ -108,12 +108,17 @@ class ShardedAdamW:
                 if group.params[piece.tensor_index].dim() >= 2]
 
     @torch.no_grad()
-    def copy_in(self, i: int) -> None:
-        """Copy this rank's pieces of group i's parameters into the master shard."""
+    def copy_in(self, i: int, values: Sequence[Callable[[], torch.Tensor]] | None = None) -> None:
+        """Copy this rank's pieces of group i's parameters into the master shard; with
+        `values`, from values[j]() instead of parameter j (called only for the parameters
+        this rank's shard holds a piece of, once each, one value alive at a time)."""
         group = self.groups[i]
         master = group.shard(self.master)
+        current, src = None, None
         for piece in group.layout.pieces(self.rank):
-            src = group.params[piece.tensor_index].detach().reshape(-1)
+            if piece.tensor_index != current:
+                current, src = piece.tensor_index, None  # the previous value goes before the next is drawn
+                src = (values[current]() if values is not None else group.params[current].detach()).reshape(-1)
             master[piece.shard_offset:piece.shard_offset + piece.numel].copy_(
                 src[piece.tensor_offset:piece.tensor_offset + piece.numel])
 

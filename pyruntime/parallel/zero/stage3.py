@@ -115,9 +115,9 @@ class FullyShardedEngine(ShardedCheckpointing, DataParallelEngine):
     def __init__(self, model: nn.Module, comm: Collectives, optim_cfg: OptimConfig, *, kernels: str = "auto",
                  units: list[list[nn.Module]] | None = None, init: DeferredInit | None = None,
                  compute_dtype: torch.dtype | None = None):
-        """init: `model` was built on the meta device (parallel/deferred_init.py); each unit's
-        parameters are made, copied into this rank's shard and released before the next
-        unit's are made, so the full model never exists on this rank. compute_dtype: of the
+        """init: `model` was built on the meta device (parallel/deferred_init.py); the rank's
+        shard of each parameter is copied from its initial value, drawn one parameter at a
+        time, so neither the model nor a whole unit is ever made here. compute_dtype: of the
         gathered units (default bf16 on CUDA, fp32 otherwise); master weights, gradient
         shards and moments stay fp32 whatever it is."""
         modules = units if units is not None else transformer_units(model)
@@ -130,11 +130,15 @@ class FullyShardedEngine(ShardedCheckpointing, DataParallelEngine):
         self.compute_dtype = compute_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
         self.units, self.deferred = [], init is not None
         for i, (group, mods) in enumerate(zip(groups, modules)):
-            if init is not None:
-                init.materialize(mods)
+            if init is None:
+                optimizer.copy_in(i)  # this rank's shard, before the full values go
+            else:  # straight from the initial values, one parameter at a time; only those
+                # overlapping this rank's shard are drawn. The parameters then need no values:
+                # placeholders, whose data _Unit makes views of the (released) unit buffer.
+                optimizer.copy_in(i, [functools.partial(init.value, init.names[id(p)]) for p in group.params])
+                init.materialize(mods, values=False)
                 group.params = _unit_params(mods)  # the new Parameters, in the same order
-            optimizer.copy_in(i)  # this rank's shard, before the full values go
-            self.units.append(_Unit(group, mods, self.compute_dtype, device))  # releases them
+            self.units.append(_Unit(group, mods, self.compute_dtype, device))
         if init is not None:
             init.materialize([model])  # anything outside the units (nothing trainable is)
         super().__init__(model, optimizer, comm)
@@ -151,7 +155,7 @@ class FullyShardedEngine(ShardedCheckpointing, DataParallelEngine):
         return (f"ZeRO-3: dp {self.comm.size}, {len(self.units)} units (largest {mb(largest)} gathered, "
                 f"{str(self.compute_dtype).replace('torch.', '')}), next unit prefetched, "
                 f"gradients reduce-scattered during backward"
-                f"{', parameters made unit by unit from the meta device' if self.deferred else ''}")
+                f"{', parameters initialised shard by shard from the meta device' if self.deferred else ''}")
 
     # -- hooks -----------------------------------------------------------------------------
     def _gather(self, i: int, wait: bool) -> None:

@@ -235,10 +235,10 @@ def _storage_bytes_held(model) -> int:
     return sum(storages.values())
 
 
-def test_zero3_deferred_init_makes_one_unit_at_a_time(comm, monkeypatch):
-    """A model built on the meta device: each unit is made, cut into the shard and released
-    before the next unit's first value is drawn (so the full model never exists), and the
-    result is the eagerly built and initialised model."""
+def test_zero3_deferred_init_draws_one_parameter_at_a_time_into_the_shard(comm, monkeypatch):
+    """A model built on the meta device: each parameter's value is drawn and copied into the
+    shard while the model holds no parameter values at all (neither the model nor a unit is
+    ever made), and the result is the eagerly built and initialised model."""
     with torch.device("meta"):
         model = Transformer(TEST_MODEL)
     held_at_each_draw = []
@@ -252,9 +252,8 @@ def test_zero3_deferred_init_makes_one_unit_at_a_time(comm, monkeypatch):
     engine = FullyShardedEngine(model, comm, OptimConfig(), init=init)
     deferred_init.check_materialized(model)
     assert len(held_at_each_draw) == len(list(model.parameters()))
-    largest_unit = max(sum(p.numel() * 4 for m in unit for p in m.parameters()) for unit in transformer_units(model))
-    assert largest_unit < sum(p.numel() * 4 for p in model.parameters()) / 2  # the bound below means something
-    assert max(held_at_each_draw) <= largest_unit
+    n_params = len(list(model.parameters()))
+    assert max(held_at_each_draw) <= 4 * n_params  # placeholders of one element each
     assert all(p.untyped_storage().nbytes() == 0 for p in model.parameters())
     plain = _model(seed=3)
     x = torch.randint(0, TEST_MODEL.vocab_size, (2, 8))

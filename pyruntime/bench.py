@@ -4,7 +4,8 @@ torch.distributed.pipelining on 2 gloo ranks), `bench zero` (benchmarks/bench_ze
 vs DDP / FSDP2), `bench flat` (benchmarks/bench_flat.py), `bench overlap`
 (benchmarks/bench_overlap.py: communication the tp overlap leaves exposed, on one device),
 `bench tpstep` (benchmarks/bench_tp_step.py: a tp training step vs PyTorch's
-parallelize_module on gloo ranks), `bench all` (each with defaults), and
+parallelize_module on gloo ranks), `bench initmem` (benchmarks/bench_init_memory.py: peak
+memory of building a ZeRO-3 model, deferred vs eager), `bench all` (each with defaults), and
 the one benchmark harness they share (benchmarks/harness.py re-exports it: benchmarks/ is
 not an installed package, so the harness lives in the package that the CLI can import).
 
@@ -321,7 +322,7 @@ def run_script(name: str, argv: list[str]) -> int:
 
 # Suites with their own options and processes, run from benchmarks/ (see each script's --help).
 SCRIPTS = {"pp": "bench_pipeline", "zero": "bench_zero", "flat": "bench_flat", "overlap": "bench_overlap",
-           "tpstep": "bench_tp_step"}
+           "tpstep": "bench_tp_step", "initmem": "bench_init_memory"}
 
 
 def run(argv: list[str]) -> int:
@@ -337,7 +338,8 @@ def run(argv: list[str]) -> int:
                              "torch.distributed.pipelining on 2 gloo ranks; zero: ZeRO-0/3 vs DDP/FSDP2; "
                              "flat: flat-buffer ops and the fused AdamW; overlap: exposed sequence-parallel "
                              "communication on one device, peers stood in for by copies; tpstep: training step "
-                             "under tp vs parallelize_module on gloo ranks; all: every suite with its "
+                             "under tp vs parallelize_module on gloo ranks; initmem: peak memory of building a "
+                             "ZeRO-3 model, deferred vs eager; all: every suite with its "
                              "defaults (`bench pp --help` etc. for a suite's options)")
     parser.add_argument("--tp", type=_int_list, help="tp degrees, e.g. 1,2,8 (default 1,2,8)")
     parser.add_argument("--tokens", type=int, help="rows M (default 8192 on CUDA, 256 on CPU)")

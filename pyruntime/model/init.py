@@ -35,7 +35,7 @@ def full_init(name: str, shape: torch.Size, cfg: ModelConfig, seed: int) -> torc
     std = init_std(name, cfg)
     if std is None:
         return torch.ones(shape)
-    return torch.randn(shape, generator=param_generator(seed, name)) * std
+    return torch.randn(shape, generator=param_generator(seed, name)).mul_(std)  # in place: no second full-size tensor
 
 
 @torch.no_grad()

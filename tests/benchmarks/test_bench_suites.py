@@ -1,4 +1,4 @@
-"""The other microbenchmark suites users run (`python -m pyruntime bench tp|zero|flat|overlap|tpstep`), each
+"""The other microbenchmark suites users run (`python -m pyruntime bench tp|zero|flat|overlap|tpstep|initmem`), each
 at its smallest: they run, print a row per kernel / variant with a ratio, and refuse bad input.
 Speed is never asserted in tests."""
 import pytest
@@ -67,3 +67,9 @@ def test_bench_tpstep_refuses_a_tp_the_heads_do_not_divide(capsys):
 def test_unknown_suite_is_refused(capsys):
     assert run(["nope"]) == 2
     assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+def test_bench_initmem_builds_both_ways(capsys):
+    assert run(["initmem", "--dp", "2", "--dim", "64", "--layers", "2", "--ffn", "96", "--vocab", "256"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("deferred", "eager"))]
+    assert [r[0] for r in rows] == ["deferred", "eager"] and all(len(r) == 4 for r in rows), rows

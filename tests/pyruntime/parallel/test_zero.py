@@ -149,6 +149,19 @@ def test_zero3_shards_storage_gathers_for_forward_and_frees_after(comm):
     assert engine.peak_live <= 2 * max(u.nbytes for u in engine.units)  # current + prefetched
 
 
+def _clip_and_step_both(engine, reference, reference_model) -> None:
+    """The engine's fp32 gradient shards clipped at 0.5 (their global norm equal to the
+    reference model's), then both optimizers step."""
+    engine.finish_gradient_sync()
+    grads, replication = engine.gradient_pieces()
+    assert {g.dtype for g in grads} == {torch.float32}
+    norm = clip_grad_norm(grads, 0.5, None, replication)
+    torch.testing.assert_close(norm, clip_grad_norm([p.grad for p in reference_model.parameters()], 0.5))
+    for optimizer in (engine.optimizer, reference):
+        optimizer.step()
+        optimizer.zero_grad()
+
+
 def test_zero3_steps_match_plain_adamw(comm):
     """Gradient accumulation, clipping and three AdamW steps on the sharded engine against
     torch.optim.AdamW on an unsharded copy (one rank: the shard is the whole model)."""
@@ -164,14 +177,7 @@ def test_zero3_steps_match_plain_adamw(comm):
             with engine.micro_batch(last=i == 1):
                 (model(x).logsumexp(-1).mean() / 2).backward()
             (plain(x).logsumexp(-1).mean() / 2).backward()
-        engine.finish_gradient_sync()
-        grads, replication = engine.gradient_pieces()
-        norm = clip_grad_norm(grads, 0.5, None, replication)
-        torch.testing.assert_close(norm, clip_grad_norm([p.grad for p in plain.parameters()], 0.5))
-        engine.optimizer.step()
-        engine.optimizer.zero_grad()
-        reference.step()
-        reference.zero_grad()
+        _clip_and_step_both(engine, reference, plain)
     full = torch.cat([p.detach().reshape(-1) for p in plain.parameters()])
     with torch.no_grad():
         for unit in engine.units:
@@ -286,15 +292,7 @@ def test_zero3_bf16_compute_copies_keep_fp32_master_gradients_and_accumulation(c
             for p, q in zip(master.parameters(), low.parameters()):
                 p.grad += q.grad.float()  # accumulated in fp32, as the engine's gradient shard
                 q.grad = None
-        engine.finish_gradient_sync()
-        grads, replication = engine.gradient_pieces()
-        assert {g.dtype for g in grads} == {torch.float32}
-        norm = clip_grad_norm(grads, 0.5, None, replication)
-        torch.testing.assert_close(norm, clip_grad_norm([p.grad for p in master.parameters()], 0.5))
-        engine.optimizer.step()
-        engine.optimizer.zero_grad()
-        reference.step()
-        reference.zero_grad()
+        _clip_and_step_both(engine, reference, master)
     names, ref = {id(p): n for n, p in model.named_parameters()}, dict(master.named_parameters())
     for unit in engine.units:  # world 1: a unit's shard is its whole flat buffer
         want = flat_pack([ref[names[id(p)]].detach() for p in unit.group.params], unit.group.layout)

@@ -45,8 +45,10 @@ def world_run(rank: int, world_size: int, out_dir: str) -> dict:
     ckpt, st_saver, st_zero3 = out / "ckpt", out / "saver.safetensors", out / "zero3.safetensors"
     corpus = open_corpus(config(out_dir))
 
-    def trainer(**parallel) -> Trainer:
+    def trainer(resume: Path | None = None, **parallel) -> Trainer:
         cfg = config(out_dir, **parallel)
+        if resume is not None:  # built as --resume builds it: no initial values drawn
+            cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=str(resume)))
         dims = ParallelDims(cfg.parallel.dp, 1, cfg.parallel.tp, world_size).build_mesh("cpu")
         return Trainer(cfg, dims, torch.device("cpu"), rank=rank, corpus=corpus)
 
@@ -56,11 +58,11 @@ def world_run(rank: int, world_size: int, out_dir: str) -> dict:
     save_checkpoint(t, ckpt, SAVE_AT)
     export_safetensors(t, st_saver)
 
-    t = trainer(**SAVER)  # same layout: must continue bit for bit
+    t = trainer(resume=ckpt, **SAVER)  # same layout: must continue bit for bit
     res["saver_resumed"] = losses(t, load_checkpoint(t, ckpt), STEPS)
 
     for name, parallel in RESUMERS.items():
-        t = trainer(**parallel)
+        t = trainer(resume=ckpt / f"step_{SAVE_AT}", **parallel)
         start = load_checkpoint(t, ckpt / f"step_{SAVE_AT}")
         if name == "dp4_zero3":  # a ZeRO-3 save, which the test process loads single-process
             res[name] = losses(t, start, SECOND_SAVE)

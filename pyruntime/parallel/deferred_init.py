@@ -33,8 +33,11 @@ class DeferredInit:
     built on the meta device; made on `device` by `materialize`."""
 
     def __init__(self, model: nn.Module, cfg: ModelConfig, seed: int, tp_group: dist.ProcessGroup | None,
-                 device: torch.device):
-        self.cfg, self.seed, self.tp_group, self.device = cfg, seed, tp_group, device
+                 device: torch.device, *, draw: bool = True):
+        """draw=False: a checkpoint will overwrite every value (--resume), so none is drawn:
+        parameters start at zero (ZeRO-3's master shard too), which saves drawing a large
+        model's worth of random numbers at every restart."""
+        self.cfg, self.seed, self.tp_group, self.device, self.draws = cfg, seed, tp_group, device, draw
         self.specs = {spec.local: spec for spec in tp_param_specs(model)}
         self.shapes = reference_shapes(cfg)
         self.names = {id(p): name for name, p in model.named_parameters()}  # of the meta parameters
@@ -60,8 +63,12 @@ class DeferredInit:
                     if p is None or not p.is_meta:
                         continue
                     if id(p) not in made:
-                        value = (self.value(self.names[id(p)]).to(self.device, p.dtype) if values else
-                                 torch.empty((), device=self.device, dtype=p.dtype).expand(p.shape))
+                        if not values:
+                            value = torch.empty((), device=self.device, dtype=p.dtype).expand(p.shape)
+                        elif not self.draws:
+                            value = torch.zeros(p.shape, device=self.device, dtype=p.dtype)
+                        else:
+                            value = self.value(self.names[id(p)]).to(self.device, p.dtype)
                         made[id(p)] = nn.Parameter(value, requires_grad=p.requires_grad)
                         made[id(p)].__dict__.update(p.__dict__)  # marks such as tp_sharded
                     sub._parameters[key] = made[id(p)]

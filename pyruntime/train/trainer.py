@@ -93,7 +93,8 @@ class Trainer:
             self.loss_fn = functools.partial(vocab_parallel_cross_entropy, tp_group=dims.group("tp"),
                                              vocab_size=cfg.model.vocab_size, backend=cfg.model.kernels)
         # After tp (it shards what dp then buckets or shards further); owns the optimizer.
-        init = DeferredInit(self.model, cfg.model, cfg.train.seed, dims.group("tp"), device)
+        init = DeferredInit(self.model, cfg.model, cfg.train.seed, dims.group("tp"), device,
+                            draw=not cfg.train.resume)  # fit() loads every value from the checkpoint
         self.data_parallel = apply_data_parallel(self.model, dims, cfg, verbose=self.is_logger, init=init)
         check_materialized(self.model)
         self.optimizer = self.data_parallel.optimizer

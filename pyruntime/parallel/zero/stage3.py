@@ -133,9 +133,11 @@ class FullyShardedEngine(ShardedCheckpointing, DataParallelEngine):
             if init is None:
                 optimizer.copy_in(i)  # this rank's shard, before the full values go
             else:  # straight from the initial values, one parameter at a time; only those
-                # overlapping this rank's shard are drawn. The parameters then need no values:
+                # overlapping this rank's shard are drawn (none when a checkpoint will be
+                # loaded: the master shard stays zero). The parameters then need no values:
                 # placeholders, whose data _Unit makes views of the (released) unit buffer.
-                optimizer.copy_in(i, [functools.partial(init.value, init.names[id(p)]) for p in group.params])
+                if init.draws:
+                    optimizer.copy_in(i, [functools.partial(init.value, init.names[id(p)]) for p in group.params])
                 init.materialize(mods, values=False)
                 group.params = _unit_params(mods)  # the new Parameters, in the same order
             self.units.append(_Unit(group, mods, self.compute_dtype, device))

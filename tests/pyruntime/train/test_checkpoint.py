@@ -15,6 +15,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 
 from pyruntime.mesh import Launch, ParallelDims, init_distributed
+from pyruntime.parallel import deferred_init
 from pyruntime.train import checkpoint as ckpt_mod
 from pyruntime.train.checkpoint import (CheckpointError, export_safetensors, import_safetensors, load_checkpoint,
                                         save_checkpoint)
@@ -83,6 +84,24 @@ def test_single_process_resume_is_exact_and_restores_rng(out, dims, reference):
     assert load_checkpoint(t, out / "exact") == SAVE_AT
     assert torch.equal(torch.get_rng_state(), rng)
     assert losses(t, SAVE_AT, STEPS) == reference[SAVE_AT:]  # bit for bit
+
+
+def test_resume_draws_no_initial_values(out, dims, reference, monkeypatch):
+    """With --resume the checkpoint overwrites every value, so the trainer draws none (a
+    large model's worth of random numbers at every restart) and still continues exactly."""
+    t = single(out, dims)
+    losses(t, 0, SAVE_AT)
+    path = save_checkpoint(t, out / "no_draws", SAVE_AT)
+
+    def no_draws(*_args, **_kw):
+        raise AssertionError("an initial value was drawn although a checkpoint is loaded")
+
+    monkeypatch.setattr(deferred_init, "full_init", no_draws)
+    t = Trainer(dataclasses.replace(config(out), train=dataclasses.replace(config(out).train, resume=str(path))),
+                dims, torch.device("cpu"))
+    assert all(torch.count_nonzero(p) == 0 for p in t.model.parameters())
+    assert load_checkpoint(t, path) == SAVE_AT
+    assert losses(t, SAVE_AT, STEPS) == reference[SAVE_AT:]
 
 
 def test_same_layout_multi_rank_resume_is_exact(world, reference):

@@ -19,9 +19,9 @@ what backward produces is what is all-reduced, and the reduced result is the .gr
 pack / unpack copies (as DDP, which also keeps its buckets). On the last micro-batch the
 hook divides each gradient by dp (in the copy when there is one) and counts the gradients
 of each bucket; when a bucket's last one has accumulated, its all-reduce (a sum, so the
-mean over dp) is issued asynchronously, in place, so it runs
-while the backward of earlier layers still computes. The earlier micro-batches of gradient
-accumulation communicate nothing. finish_gradient_sync() waits for each bucket.
+mean over dp) is issued asynchronously, in place, so it runs while the backward of earlier
+layers still computes. The earlier micro-batches of gradient accumulation communicate
+nothing. finish_gradient_sync() waits for each bucket.
 
 The engine only sees the parameters of the model it is given and the dp group of `dims`, so
 it composes with pipeline stages (a subset of layers) and with tp (dp is never the world).

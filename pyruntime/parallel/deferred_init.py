@@ -42,10 +42,10 @@ class DeferredInit:
         self.shapes = reference_shapes(cfg)
         self.names = {id(p): name for name, p in model.named_parameters()}  # of the meta parameters
 
-    def value(self, name: str) -> torch.Tensor:
-        """Parameter `name`'s initial local value (fp32, CPU): its reference tensors drawn in
-        full, one parameter at a time, and cut for this tp rank."""
-        spec = self.specs[name]
+    def value(self, p: nn.Parameter) -> torch.Tensor:
+        """The initial local value (fp32, CPU) of p, one of the model's meta parameters: its
+        reference tensors drawn in full, one parameter at a time, and cut for this tp rank."""
+        spec = self.specs[self.names[id(p)]]
         full = {ref: full_init(ref, torch.Size(self.shapes[ref]), self.cfg, self.seed) for ref in spec.full}
         return local_shard(spec, full, self.tp_group)
 
@@ -68,7 +68,7 @@ class DeferredInit:
                         elif not self.draws:
                             value = torch.zeros(p.shape, device=self.device, dtype=p.dtype)
                         else:
-                            value = self.value(self.names[id(p)]).to(self.device, p.dtype)
+                            value = self.value(p).to(self.device, p.dtype)
                         made[id(p)] = nn.Parameter(value, requires_grad=p.requires_grad)
                         made[id(p)].__dict__.update(p.__dict__)  # marks such as tp_sharded
                     sub._parameters[key] = made[id(p)]

@@ -137,7 +137,7 @@ class FullyShardedEngine(ShardedCheckpointing, DataParallelEngine):
                 # loaded: the master shard stays zero). The parameters then need no values:
                 # placeholders, whose data _Unit makes views of the (released) unit buffer.
                 if init.draws:
-                    optimizer.copy_in(i, [functools.partial(init.value, init.names[id(p)]) for p in group.params])
+                    optimizer.copy_in(i, [functools.partial(init.value, p) for p in group.params])
                 init.materialize(mods, values=False)
                 group.params = _unit_params(mods)  # the new Parameters, in the same order
             self.units.append(_Unit(group, mods, self.compute_dtype, device))

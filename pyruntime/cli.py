@@ -74,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     sched.add_argument("--virtual-stages", type=int, default=1, help="chunks per rank (interleaved)")
     sched.add_argument("--png", help="write the Gantt chart here")
     sched.add_argument("--trace", help="write a Chrome trace (Perfetto) here")
-    bench = sub.add_parser("bench", help="kernel microbenchmarks, e.g. `bench tp --markdown`")
+    # add_help=False: `bench --help` and `bench SUITE --help` reach the suite runner (pyruntime/bench/)
+    bench = sub.add_parser("bench", add_help=False, help="microbenchmarks side by side with PyTorch "
+                           "(`bench --help` lists the suites)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     demo = sub.add_parser("demo", help="train the tiny preset on the embedded corpus")
     demo.add_argument("--steps", type=int, default=200)
@@ -172,6 +174,10 @@ def run_schedule(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the suites parse their own options, --help included
+        from pyruntime.bench import run
+        return run(argv[1:])
     try:
         args = build_parser().parse_args(argv)
         if args.command == "train":

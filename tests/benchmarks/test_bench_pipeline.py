@@ -1,18 +1,10 @@
-"""benchmarks/bench_pipeline.py (`python -m pyruntime bench pp`) at its smallest: the tiny
+"""pyruntime/bench/pp.py (`python -m pyruntime bench pp`) at its smallest: the tiny
 model, 4 micro-batches of 16 tokens, one timed step. Checks what the benchmark promises
 besides speed (speed is never asserted in tests): on every schedule pair our executor and
 torch.distributed.pipelining get the same first-step loss and gradients, and the table and
 the bubble lines come out. One spawned world of 2 gloo ranks, a few seconds."""
-import sys
-from pathlib import Path
-
-# The benchmark is a script in benchmarks/, not a package module; spawned ranks import it
-# by name from the sys.path they inherit. Appended: nothing of the test tree is shadowed.
-sys.path.append(str(Path(__file__).resolve().parents[2] / "benchmarks"))
-
-import bench_pipeline  # noqa: E402
-
-from pyruntime.bench import run  # noqa: E402
+from pyruntime.bench import pp as bench_pipeline
+from pyruntime.bench import run
 
 
 def test_same_loss_and_gradients_as_torch_pipelining_and_table():

@@ -64,9 +64,20 @@ def test_bench_tpstep_refuses_a_tp_the_heads_do_not_divide(capsys):
     assert "bench tpstep:" in capsys.readouterr().err
 
 
-def test_unknown_suite_is_refused(capsys):
+def test_unknown_suite_is_refused_in_one_line(capsys):
     assert run(["nope"]) == 2
-    assert "invalid choice: 'nope'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no suite 'nope'" in err and "tp, pp, zero" in err
+
+
+def test_bench_help_lists_every_suite(capsys):
+    from pyruntime.bench import SUITES
+    from pyruntime.cli import main
+
+    assert main(["bench", "--help"]) == 0
+    out = capsys.readouterr().out
+    for suite in SUITES:
+        assert any(line.split()[:1] == [suite] and len(line.split()) > 3 for line in out.splitlines()), suite
 
 
 def test_bench_initmem_builds_both_ways(capsys):

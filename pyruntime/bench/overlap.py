@@ -5,8 +5,8 @@ worker thread, as gloo's), so no second GPU is needed. The code timed is the lay
 row-parallel one, forward and forward + backward); only the two raw collectives it calls are
 swapped for the stand-ins while this runs.
 
-    .venv/bin/python benchmarks/bench_overlap.py                 # 7B MLP shapes at tp 8 on CUDA
-    .venv/bin/python benchmarks/bench_overlap.py --tp 2 --chunks 4 --markdown
+    python -m pyruntime bench overlap                 # 7B MLP shapes at tp 8 on CUDA
+    python -m pyruntime bench overlap --tp 2 --chunks 4 --markdown
 
 Per case, each a median over timed runs:
   compute    the same chunked code with transfers that move nothing (the GEMMs alone)
@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from pyruntime.bench import _header, table_lines
+from pyruntime.bench.harness import header, table_lines
 from pyruntime.comm import overlap
 
 
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[args.dtype]
     reason = unavailable_reason("triton", device, explicit=False)
     backend = "triton" if reason is None else "reference"
-    print("\n".join(_header(["overlap", *(argv if argv is not None else sys.argv[1:])], backend, reason)[:3]))
+    print("\n".join(header(["overlap", *(argv if argv is not None else sys.argv[1:])], backend, reason)[:3]))
     print(f"peers stood in for by {'copies on a second CUDA stream' if on_cuda else 'copies on a worker thread'}; "
           f"GEMMs: {backend} path; tp {args.tp}, {args.chunks} chunks", flush=True)
     if not on_cuda:

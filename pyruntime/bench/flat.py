@@ -4,8 +4,8 @@ torch._foreach_copy_ into views of a flat buffer, and the fused AdamW step over 
 buffer (Triton on CUDA, the flat PyTorch reference on CPU) vs torch.optim.AdamW over the list
 of tensors (foreach=True, and fused=True on CUDA).
 
-    .venv/bin/python benchmarks/bench_flat.py                  # "small" on CPU, "1b" on CUDA
-    .venv/bin/python benchmarks/bench_flat.py --preset tiny --repeat 50
+    python -m pyruntime bench flat                  # "small" on CPU, "1b" on CUDA
+    python -m pyruntime bench flat --preset tiny --repeat 50
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from harness import compare, print_table
+from pyruntime.bench.harness import compare, print_table
 from pyruntime.config import PRESETS
 from pyruntime.model import Transformer
 from pyruntime.ops.adamw import DecayMask, adamw_step

@@ -3,8 +3,8 @@ torch.nn.parallel.DistributedDataParallel, and of `--zero 3` vs FSDP2 (fully_sha
 and at the root), with peak memory per rank; same model, same global batch, same AdamW and
 gradient clipping (gloo on CPU, nccl on CUDA).
 
-    .venv/bin/python benchmarks/bench_zero.py                       # 2 and 4 ranks, "small" preset
-    .venv/bin/python benchmarks/bench_zero.py --worlds 2 --steps 20 --preset tiny
+    python -m pyruntime bench zero                       # 2 and 4 ranks, "small" preset
+    python -m pyruntime bench zero --worlds 2 --steps 20 --preset tiny
 
 Step time: ours and PyTorch's variant are built side by side in one world and their steps
 alternate one by one (who goes first alternating too, a barrier before each), so machine

@@ -3,8 +3,8 @@ trainer's way: meta device, each parameter drawn straight into the rank's shard)
 eager (the whole model built and initialised on every rank, then sharded), each in a fresh
 world of gloo ranks on CPU.
 
-    .venv/bin/python -m pyruntime bench initmem --dp 4       # or benchmarks/bench_init_memory.py
-    .venv/bin/python benchmarks/bench_init_memory.py --dp 2 --dim 1024 --layers 16 --vocab 32000
+    .venv/bin/python -m pyruntime bench initmem --dp 4
+    python -m pyruntime bench initmem --dp 2 --dim 1024 --layers 16 --vocab 32000
 
 Peak: the rank's VmHWM (peak resident set) after the build over the one before it; held:
 VmRSS after it. Both include the AdamW moments and master shard the engine allocates.

@@ -4,9 +4,9 @@ ScheduleInterleaved1F1B, on 2 ranks (gloo on CPU), same model, same weights, sam
 micro-batches, same loss, same optimizer; with our measured bubble per rank beside the
 simulated one. Same as `python -m pyruntime bench pp`.
 
-    .venv/bin/python benchmarks/bench_pipeline.py                 # "small" preset, 8 micro-batches
-    .venv/bin/python benchmarks/bench_pipeline.py --markdown      # table for benchmarks/RESULTS.md
-    .venv/bin/python benchmarks/bench_pipeline.py --schedules 1f1b --steps 30
+    python -m pyruntime bench pp                 # "small" preset, 8 micro-batches
+    python -m pyruntime bench pp --markdown      # table for benchmarks/RESULTS.md
+    python -m pyruntime bench pp --schedules 1f1b --steps 30
 
 What is timed (the same work on both sides): one full training step after a barrier:
 the schedule's forward + backward over all micro-batches (ours: PipelineExecutor.run_step;
@@ -327,7 +327,7 @@ def format_table(rows: list[dict], markdown: bool = False) -> str:
              f"{r['ours_pp_ms']:.1f}", f"{r['torch_pp_ms']:.1f}", f"{r['pp_ratio']:.2f}x",
              " ".join(f"{b:.3f}" for b in r["bubble"]), " ".join(f"{b:.3f}" for b in r["sim_bubble"])]
             for r in rows]
-    from pyruntime.bench import table_lines
+    from pyruntime.bench.harness import table_lines
     return "\n".join(table_lines(head, body, markdown))
 
 

@@ -10,8 +10,8 @@ SequenceParallel norms, PrepareModuleInput all-gathers, o / down reduce-scattere
 the GEMMs in chunks (comm/overlap.py); PyTorch's side stays plain sequence parallelism (its
 async tp needs CUDA symmetric memory).
 
-    .venv/bin/python benchmarks/bench_tp_step.py                  # "small" preset, tp 2
-    .venv/bin/python benchmarks/bench_tp_step.py --tp 4 --sp --steps 20 --markdown
+    python -m pyruntime bench tpstep                  # "small" preset, tp 2
+    python -m pyruntime bench tpstep --tp 4 --sp --steps 20 --markdown
 
 What is timed: one full step after a barrier: forward, loss, backward ("fwd+bwd"), then the
 global-norm clip (our clip_grad_norm on both sides: one all-reduce of the squared norms of
@@ -229,7 +229,7 @@ def summarise(per_rank: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
-    from pyruntime.bench import table_lines
+    from pyruntime.bench.harness import table_lines
 
     parser = argparse.ArgumentParser(prog="pyruntime bench tpstep", description=__doc__.splitlines()[0])
     parser.add_argument("--tp", type=int, default=2)

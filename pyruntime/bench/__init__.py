@@ -1,0 +1,48 @@
+"""Microbenchmarks, each side by side with the PyTorch equivalent in the same run:
+`python -m pyruntime bench SUITE [options]` (`bench SUITE --help` for a suite's options,
+`bench all` runs every suite with its defaults). Every suite is a module of this package
+with a `main(argv) -> exit code`; they share `harness.py` (median timing, tables, header).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# suite -> (module of this package, one line on what it measures and against what)
+SUITES: dict[str, tuple[str, str]] = {
+    "tp": ("tp", "kernels of the tensor-parallel layers (fused GEMM+epilogue, SwiGLU, vocab-parallel "
+                 "cross-entropy) vs eager PyTorch / F.cross_entropy, one device"),
+    "pp": ("pp", "pipeline step time per schedule vs torch.distributed.pipelining, 2 gloo ranks"),
+    "zero": ("zero", "ZeRO-0 / ZeRO-3 step time and memory vs torch DDP / FSDP2, gloo ranks"),
+    "flat": ("flat", "flat pack / unpack vs torch.cat / _foreach_copy_, fused AdamW vs torch.optim.AdamW"),
+    "overlap": ("overlap", "communication the overlapped tp GEMMs leave exposed, one device (peers stood in by copies)"),
+    "tpstep": ("tpstep", "tp training step vs PyTorch's parallelize_module (DTensor), gloo ranks"),
+    "initmem": ("initmem", "peak memory of building a ZeRO-3 model, deferred vs eager init, gloo ranks"),
+}
+
+
+def suites_help() -> str:
+    width = max(map(len, SUITES))
+    return "\n".join(f"  {name.ljust(width)}  {text}" for name, (_, text) in SUITES.items()) + \
+        f"\n  {'all'.ljust(width)}  every suite above with its defaults, one after another"
+
+
+def run(argv: list[str]) -> int:
+    """Entry of `python -m pyruntime bench SUITE ...` (argv: the words after "bench")."""
+    if argv[:1] == ["all"] and len(argv) == 1:
+        return max(run([suite]) for suite in SUITES)
+    if argv[:1] and argv[0] in SUITES:
+        module = importlib.import_module(f"pyruntime.bench.{SUITES[argv[0]][0]}")
+        return module.main(argv[1:])
+    parser = argparse.ArgumentParser(prog="pyruntime bench", formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     description=__doc__.split("\n\n")[0], epilog="suites:\n" + suites_help())
+    parser.add_argument("suite", help="the suite to run (listed below)")
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0 if argv else 2
+    if argv[0] not in SUITES and argv[0] != "all":
+        print(f"pyruntime bench: no suite '{argv[0]}'; the suites are {', '.join(SUITES)}, all", file=sys.stderr)
+        return 2
+    print(f"pyruntime bench: 'all' takes no options, got {' '.join(argv[1:])}", file=sys.stderr)
+    return 2

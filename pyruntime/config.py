@@ -40,6 +40,30 @@ class ModelConfig:
     """RMSNorm epsilon."""
     kernels: str = "auto"
     """Kernel backend for the model's ops: auto | triton | cpp | reference (ops/dispatch.py)."""
+    head_size: int | None = None
+    """Width of one attention head (Hugging Face's head_dim); None means dim // n_heads."""
+    rope_scaling: str | None = None
+    """Rotary frequency scaling: None, "linear" (positions / rope_factor) or "llama3" (Llama 3.1's
+    long-context rule, by wavelength: model/llama.py rope_frequencies)."""
+    rope_factor: float = 1.0
+    """Scaling factor of rope_scaling."""
+    rope_low_freq_factor: float = 1.0
+    """llama3 scaling: wavelengths above original_max / this are divided by rope_factor."""
+    rope_high_freq_factor: float = 4.0
+    """llama3 scaling: wavelengths below original_max / this are kept; between, interpolated."""
+    rope_original_max_seq_len: int = 8192
+    """llama3 scaling: the context length the model was pre-trained with."""
+    qkv_bias: bool = False
+    """Biases on the q, k and v projections (Qwen2; Llama's attention_bias)."""
+    o_bias: bool = False
+    """Bias on the attention output projection (Llama's attention_bias)."""
+    mlp_bias: bool = False
+    """Biases on the gate, up and down projections (Llama's mlp_bias)."""
+    tie_embeddings: bool = False
+    """The LM head is the embedding matrix: one parameter (Llama 3.2 1B/3B, small Qwen2)."""
+    sliding_window: int | None = None
+    """Each token attends to at most this many tokens, itself included (Mistral); None: all."""
+
 
     @property
     def kv_heads(self) -> int:
@@ -47,14 +71,25 @@ class ModelConfig:
 
     @property
     def head_dim(self) -> int:
-        return self.dim // self.n_heads
+        return self.head_size if self.head_size is not None else self.dim // self.n_heads
 
     def validate(self) -> None:
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
-        if self.dim % self.n_heads:
+        if self.head_size is None and self.dim % self.n_heads:
             raise ConfigError(f"model.dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.head_size is not None and self.head_size < 1:
+            raise ConfigError(f"model.head_size must be >= 1, got {self.head_size}")
+        if self.rope_scaling not in (None, "linear", "llama3"):
+            raise ConfigError(f"model.rope_scaling '{self.rope_scaling}' is not supported; use linear or llama3")
+        if self.rope_scaling is not None and not self.rope_factor > 0:
+            raise ConfigError(f"model.rope_factor must be > 0, got {self.rope_factor}")
+        if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
+            raise ConfigError(f"model.rope_high_freq_factor {self.rope_high_freq_factor} must exceed "
+                              f"rope_low_freq_factor {self.rope_low_freq_factor} > 0")
+        if self.sliding_window is not None and self.sliding_window < 1:
+            raise ConfigError(f"model.sliding_window must be >= 1, got {self.sliding_window}")
         if self.head_dim % 2:
             raise ConfigError(f"head dim {self.head_dim} must be even for rotary embeddings")
         if self.kv_heads < 1 or self.n_heads % self.kv_heads:

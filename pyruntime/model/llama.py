@@ -12,6 +12,8 @@ unmodified model afterwards (parallel/), which relies on these things:
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -30,12 +32,40 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps, backend=self.kernels)
 
 
-def rotary_tables(seq_len: int, head_dim: int, theta: float, device, dtype):
-    """cos/sin tables (T, head_dim) in the rotate-half layout used by Hugging Face's Llama."""
+def rope_frequencies(head_dim: int, theta: float, cfg: ModelConfig | None = None, device=None) -> torch.Tensor:
+    """Inverse frequencies (head_dim / 2,), with cfg's rope_scaling applied (as Hugging Face's
+    rope init functions: "linear" divides them all by the factor; "llama3" divides only long
+    wavelengths and interpolates the middle band, so short-range position signal is kept)."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(seq_len, device=device, dtype=torch.float32), inv_freq)  # (T, hd/2)
+    kind = cfg.rope_scaling if cfg is not None else None
+    if kind == "linear":
+        return inv_freq / cfg.rope_factor
+    if kind == "llama3":
+        old_len, factor = cfg.rope_original_max_seq_len, cfg.rope_factor
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < old_len / high) & ~(wavelen > old_len / low)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+def rotary_tables(seq_len: int, head_dim: int, theta: float, device, dtype, cfg: ModelConfig | None = None,
+                  start: int = 0):
+    """cos/sin tables (T, head_dim) for positions start .. start + seq_len - 1, in the
+    rotate-half layout used by Hugging Face's Llama; cfg supplies rope scaling."""
+    inv_freq = rope_frequencies(head_dim, theta, cfg, device)
+    positions = torch.arange(start, start + seq_len, device=device, dtype=torch.float32)
+    angles = torch.outer(positions, inv_freq)  # (T, hd/2)
     angles = torch.cat((angles, angles), dim=-1)  # (T, hd)
     return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def model_rotary(cfg: ModelConfig, seq_len: int, device, dtype, start: int = 0):
+    """The model's own cos/sin tables (its head dim, base and scaling)."""
+    return rotary_tables(seq_len, cfg.head_dim, cfg.rope_theta, device, dtype, cfg, start)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -45,19 +75,35 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
-                     sin: torch.Tensor) -> torch.Tensor:
-    """q (B, Hq, T, hd), k and v (B, Hkv, T, hd) -> (B, T, Hq * hd): rotary embeddings, grouped
-    KV heads, causal softmax attention. Shared with the tensor-parallel attention (which
-    passes its own heads), so the math lives in one place."""
-    B, _, T, _ = q.shape
-    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """Causal softmax attention of q (B, Hq, Tq, hd) over k, v (B, Hkv, Tk, hd), Tq <= Tk:
+    the queries are the last Tq positions (Tk - Tq earlier keys: a KV cache). window: a query
+    sees at most this many keys, itself included (Mistral's sliding window). -> (B, Tq, Hq*hd)."""
+    B, _, Tq, _ = q.shape
+    Tk = k.shape[2]
     groups = q.shape[1] // k.shape[1]
     if groups > 1:  # explicit repeat: enable_gqa is not in every torch the runtime supports
         k = k.repeat_interleave(groups, dim=1)
         v = v.repeat_interleave(groups, dim=1)
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, Hq, T, hd)
-    return y.transpose(1, 2).reshape(B, T, -1)
+    if Tq == Tk and (window is None or window >= Tk):
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, Hq, T, hd)
+    else:
+        qpos = torch.arange(Tk - Tq, Tk, device=q.device)[:, None]
+        kpos = torch.arange(Tk, device=q.device)[None, :]
+        allowed = kpos <= qpos
+        if window is not None:
+            allowed &= qpos - kpos < window
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+    return y.transpose(1, 2).reshape(B, Tq, -1)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor,
+                     sin: torch.Tensor, window: int | None = None) -> torch.Tensor:
+    """q (B, Hq, T, hd), k and v (B, Hkv, T, hd) -> (B, T, Hq * hd): rotary embeddings, grouped
+    KV heads, causal softmax attention. Shared with the tensor-parallel attention (which
+    passes its own heads), so the math lives in one place."""
+    q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    return attend(q, k, v, window)
 
 
 class Attention(nn.Module):
@@ -69,18 +115,18 @@ class Attention(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.head_dim = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.head_dim, self.window = cfg.head_dim, cfg.sliding_window
+        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=cfg.o_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hq, T, hd)
         k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)  # (B, Hkv, T, hd)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        return self.o_proj(causal_attention(q, k, v, cos, sin))
+        return self.o_proj(causal_attention(q, k, v, cos, sin, self.window))
 
 
 class MLP(nn.Module):
@@ -89,9 +135,9 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.kernels = cfg.kernels
-        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)
-        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)
+        self.gate_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.dim, cfg.ffn_dim, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.dim, bias=cfg.mlp_bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x), backend=self.kernels))
@@ -120,6 +166,8 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.dim, cfg.norm_eps, cfg.kernels)
         self.lm_head: nn.Linear | None = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:  # one Parameter: one gradient, one optimizer state, one name
+            self.lm_head.weight = self.embed_tokens.weight
         # Hidden states hold 1/sequence_shards of each sequence: tensor parallelism's sequence
         # parallelism sets it to tp. Attention sees whole sequences, so the rotary tables must.
         self.sequence_shards = 1
@@ -127,7 +175,7 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.embed_tokens(x) if self.embed_tokens is not None else x  # (B, T, C)
         T = h.shape[1] * self.sequence_shards
-        cos, sin = rotary_tables(T, self.cfg.head_dim, self.cfg.rope_theta, h.device, h.dtype)
+        cos, sin = model_rotary(self.cfg, T, h.device, h.dtype)
         for layer in self.layers.values():
             h = layer(h, cos, sin)
         if self.norm is not None:
@@ -144,13 +192,16 @@ def reference_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def count_params(cfg: ModelConfig) -> dict[str, int]:
-    """Parameter counts from the shape alone (no model is built)."""
-    attn = cfg.dim * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.kv_heads)
-    mlp = 3 * cfg.dim * cfg.ffn_dim
+    """Parameter counts from the shape alone (no model is built); a tied head counts once."""
+    q, kv = cfg.n_heads * cfg.head_dim, cfg.kv_heads * cfg.head_dim
+    attn = cfg.dim * (2 * q + 2 * kv) + (q + 2 * kv if cfg.qkv_bias else 0) + (cfg.dim if cfg.o_bias else 0)
+    mlp = 3 * cfg.dim * cfg.ffn_dim + ((2 * cfg.ffn_dim + cfg.dim) if cfg.mlp_bias else 0)
     per_layer = attn + mlp + 2 * cfg.dim
     embed = cfg.vocab_size * cfg.dim
-    total = cfg.n_layers * per_layer + 2 * embed + cfg.dim
-    return {"total": total, "embedding": embed, "per_layer": per_layer, "non_embedding": total - embed}
+    total = cfg.n_layers * per_layer + (1 if cfg.tie_embeddings else 2) * embed + cfg.dim
+    # the lookup does no matmul; a tied table still does the head's
+    non_embedding = total if cfg.tie_embeddings else total - embed
+    return {"total": total, "embedding": embed, "per_layer": per_layer, "non_embedding": non_embedding}
 
 
 def flops_per_token(cfg: ModelConfig, seq_len: int) -> float:

@@ -65,7 +65,9 @@ SCALARS = ("train.step", "optim.step")
 DCP_ERRORS = (Exception, dcp.CheckpointException)
 # Fields that change the weights' shapes or the function they compute; kernels and
 # max_seq_len do neither, so a run may change them.
-MODEL_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "rope_theta", "norm_eps")
+MODEL_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "rope_theta", "norm_eps",
+                "head_size", "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+                "rope_original_max_seq_len", "qkv_bias", "o_bias", "mlp_bias", "tie_embeddings", "sliding_window")
 _STEP_DIR = re.compile(r"step_(\d+)$")
 
 

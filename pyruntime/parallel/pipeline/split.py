@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from pyruntime.config import ConfigError, ModelConfig
-from pyruntime.model.llama import count_params, rotary_tables
+from pyruntime.model.llama import count_params, model_rotary
 
 LAYOUTS = ("even", "balanced")
 
@@ -134,7 +134,7 @@ class StageChunk(nn.Module):
         m = self.model
         h = m.embed_tokens(x) if self.is_first else x
         T = h.shape[1] * m.sequence_shards
-        cos, sin = rotary_tables(T, m.cfg.head_dim, m.cfg.rope_theta, h.device, h.dtype)
+        cos, sin = model_rotary(m.cfg, T, h.device, h.dtype)
         for key in self.layer_keys:
             h = m.layers[key](h, cos, sin)
         if self.is_last:

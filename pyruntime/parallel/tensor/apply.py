@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from pyruntime import ops
 from pyruntime.comm.overlap import overlap_supported
 from pyruntime.mesh import ParallelDims
 from pyruntime.model.llama import MLP, Attention, Transformer, causal_attention
@@ -57,7 +58,7 @@ class ParallelAttention(nn.Module):
         super().__init__()
         world = tp_group.size()
         projections = (attn.q_proj, attn.k_proj, attn.v_proj)
-        self.head_dim = attn.head_dim
+        self.head_dim, self.window = attn.head_dim, attn.window
         self.split_sizes = [p.out_features // world for p in projections]  # local q, k, v widths
         self.qkv_proj = ColumnParallelLinear.from_linears(projections, tp_group, **opts.layer_kwargs())
         self.o_proj = RowParallelLinear.from_linear(attn.o_proj, tp_group, **opts.layer_kwargs())
@@ -66,21 +67,28 @@ class ParallelAttention(nn.Module):
         qkv = self.qkv_proj(x)  # (B, T, (Hq + 2 Hkv) hd / tp): whole sequences even under SP
         B, T = qkv.shape[:2]
         q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in qkv.split(self.split_sizes, -1))
-        return self.o_proj(causal_attention(q, k, v, cos, sin))
+        return self.o_proj(causal_attention(q, k, v, cos, sin, self.window))
 
 
 class ParallelMLP(nn.Module):
     """SwiGLU MLP on this rank's hidden units: down(silu(gate(x)) * up(x)) with gate and up
-    made by one column-parallel GEMM and down row-parallel."""
+    made by one column-parallel GEMM and down row-parallel. With biases (mlp_bias) the fused
+    GEMM is a plain column-parallel one (the SwiGLU GEMM has no bias) and ops.swiglu follows."""
 
     def __init__(self, mlp: MLP, tp_group: dist.ProcessGroup, opts: TPOptions):
         super().__init__()
         kw = opts.layer_kwargs()
-        self.gate_up_proj = ColumnParallelSwiGLU.from_linears([mlp.gate_proj, mlp.up_proj], tp_group, **kw)
+        self.biased, self.kernels = mlp.gate_proj.bias is not None, opts.kernels
+        fused = ColumnParallelLinear if self.biased else ColumnParallelSwiGLU
+        self.gate_up_proj = fused.from_linears([mlp.gate_proj, mlp.up_proj], tp_group, **kw)
         self.down_proj = RowParallelLinear.from_linear(mlp.down_proj, tp_group, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.gate_up_proj(x))
+        h = self.gate_up_proj(x)
+        if self.biased:  # local [gate shard | up shard]
+            gate, up = h.chunk(2, dim=-1)
+            h = ops.swiglu(gate, up, backend=self.kernels)
+        return self.down_proj(h)
 
 
 def tp_group_of(dims_or_tp_group: ParallelDims | dist.ProcessGroup) -> dist.ProcessGroup:
@@ -100,7 +108,9 @@ def apply_tp(model: Transformer, dims_or_tp_group: ParallelDims | dist.ProcessGr
     under sequence parallelism). overlap without sequence_parallel is refused with one
     logged warning (there is no sequence collective to overlap)."""
     group = tp_group_of(dims_or_tp_group)
-    model.cfg.validate_tp(group.size())
+    from pyruntime.parallel.validate import check_tp_divides  # the tp rules live there, with the others
+
+    check_tp_divides(model.cfg, group.size())
     opts = TPOptions(sequence_parallel=sequence_parallel, overlap=overlap_supported(overlap, sequence_parallel),
                      overlap_chunks=overlap_chunks, kernels=model.cfg.kernels)
     for block in model.layers.values():
@@ -116,5 +126,7 @@ def apply_tp(model: Transformer, dims_or_tp_group: ParallelDims | dist.ProcessGr
         model.norm = SequenceParallelRMSNorm.from_norm(model.norm, group)
     if model.lm_head is not None:
         model.lm_head = ColumnParallelLinear.from_linear(model.lm_head, group, **opts.layer_kwargs())
+        if model.cfg.tie_embeddings and model.embed_tokens is not None:  # both shard the padded vocab alike
+            model.lm_head.weight = model.embed_tokens.weight
     model.sequence_shards = group.size() if sequence_parallel else 1
     return model

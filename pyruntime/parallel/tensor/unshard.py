@@ -14,7 +14,7 @@ and a pipeline stage maps just the parameters it holds.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 import torch
@@ -94,7 +94,12 @@ def tp_param_specs(model: nn.Module) -> list[TPSpec]:
         elif isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)) \
                 and name not in fused:
             by_local.update((s.local, s) for s in _layer_specs(prefix, module))
-    return [by_local.get(name, TPSpec(name, (name,))) for name, _ in model.named_parameters()]
+    specs = [by_local.get(name, TPSpec(name, (name,))) for name, _ in model.named_parameters()]
+    if getattr(getattr(model, "cfg", None), "tie_embeddings", False):
+        # A pipeline stage holding the head but not the embedding holds the tied matrix under
+        # the head's name; its reference tensor is still the one embedding.
+        specs = [replace(s, full=("embed_tokens.weight",)) if s.full == ("lm_head.weight",) else s for s in specs]
+    return specs
 
 
 def _gather_spec(local: torch.Tensor, spec: TPSpec, group: dist.ProcessGroup) -> dict[str, torch.Tensor]:

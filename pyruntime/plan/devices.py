@@ -1,0 +1,99 @@
+"""Accelerators the planner knows: memory, peak dense bf16 FLOP/s, and the bandwidth a GPU
+has to its peers inside a node and to other nodes, each figure with its source.
+
+Bandwidths are per GPU and per direction (bytes/s), which is what a ring collective's bus
+bandwidth can reach: NVLink's advertised "900 GB/s" is both directions together, so 450 here;
+inter-node is the GPU's own NIC (one 400 Gb/s NDR port per GPU on a DGX H100 = 50 GB/s).
+Peak FLOP/s are dense (the datasheets' headline figures with sparsity are twice these).
+Explicit --gpu-mem / --tflops / --intra-bw / --inter-bw, or a `--calibrate` profile, replace
+any of them.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from pyruntime.plan.layout import PlanError
+
+GB, TB = 1e9, 1e12
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    memory: float
+    """Bytes of device memory (as sold: GB = 1e9, or GiB where the vendor says so)."""
+    peak_flops: float
+    """Dense bf16 (fp16 where there is no bf16) tensor-core FLOP/s."""
+    intra_bw: float
+    """Bytes/s per direction to a GPU of the same node."""
+    inter_bw: float
+    """Bytes/s per direction to a GPU of another node."""
+    source: str
+    latency: float = 10e-6
+    """Seconds per collective / message before bandwidth counts (a typical NCCL small-message
+    latency; `--calibrate` measures it)."""
+    gemm_efficiency: float = 0.6
+    """Fraction of peak_flops a large training GEMM sustains (MFU reports of Megatron-LM and
+    torchtitan on H100 / A100 are 0.4-0.6 for whole steps); `--calibrate` measures it."""
+
+
+_NDR, _HDR, _EDR = 50 * GB, 25 * GB, 12.5 * GB  # InfiniBand 400 / 200 / 100 Gb/s per GPU
+
+DEVICES: dict[str, Device] = {d.name: d for d in (
+    Device("h100", 80 * GB, 989 * TB, 450 * GB, _NDR,
+           "NVIDIA H100 Tensor Core GPU datasheet (SXM5): 80 GB HBM3, BF16 1,979 TFLOPS with sparsity "
+           "(989 dense), NVLink 900 GB/s; DGX H100: 8x ConnectX-7 400 Gb/s"),
+    Device("h100-nvl", 94 * GB, 835 * TB, 300 * GB, _NDR,
+           "NVIDIA H100 datasheet (H100 NVL): 94 GB, BF16 1,671 TFLOPS with sparsity (835 dense), NVLink bridge "
+           "600 GB/s"),
+    Device("gh200", 96 * GB, 989 * TB, 450 * GB, _NDR,
+           "NVIDIA GH200 Grace Hopper Superchip datasheet: 96 GB HBM3, BF16 1,979 TFLOPS with sparsity "
+           "(989 dense), NVLink 900 GB/s"),
+    Device("h200", 141 * GB, 989 * TB, 450 * GB, _NDR,
+           "NVIDIA H200 Tensor Core GPU datasheet (SXM): 141 GB HBM3e, BF16 1,979 TFLOPS with sparsity "
+           "(989 dense), NVLink 900 GB/s"),
+    Device("a100", 80 * GB, 312 * TB, 300 * GB, _HDR,
+           "NVIDIA A100 Tensor Core GPU datasheet (80GB SXM): BF16 312 TFLOPS dense, NVLink 600 GB/s; "
+           "DGX A100: 8x ConnectX-6 200 Gb/s"),
+    Device("a100-40gb", 40 * GB, 312 * TB, 300 * GB, _HDR,
+           "NVIDIA A100 Tensor Core GPU datasheet (40GB SXM): BF16 312 TFLOPS dense, NVLink 600 GB/s"),
+    Device("v100", 32 * GB, 125 * TB, 150 * GB, _EDR,
+           "NVIDIA V100 datasheet (SXM2 32GB): no bf16; FP16 tensor 125 TFLOPS, NVLink 300 GB/s; "
+           "DGX-1: 4x 100 Gb/s EDR InfiniBand for 8 GPUs (12.5 GB/s per port)"),
+    Device("l40s", 48 * GB, 362 * TB, 32 * GB, _NDR,
+           "NVIDIA L40S datasheet: 48 GB GDDR6, BF16 733 TFLOPS with sparsity (362 dense), no NVLink: "
+           "PCIe Gen4 x16 64 GB/s both directions"),
+    Device("mi300x", 192 * GB, 1307 * TB, 448 * GB, _NDR,
+           "AMD Instinct MI300X datasheet: 192 GB HBM3, BF16 1,307.4 TFLOPS dense, 7 Infinity Fabric links "
+           "of 64 GB/s per direction"),
+)}
+
+
+def device(name: str) -> Device:
+    key = name.lower()
+    if key not in DEVICES:
+        raise PlanError(f"unknown device '{name}'; choose from {', '.join(DEVICES)} "
+                        f"(or give --gpu-mem, --tflops, --intra-bw and --inter-bw)")
+    return DEVICES[key]
+
+
+def custom(base: Device | None, *, memory_gb: float | None = None, tflops: float | None = None,
+           intra_gbs: float | None = None, inter_gbs: float | None = None) -> Device:
+    """base with the explicit figures replacing its own; without a base all four are needed."""
+    given = {"memory": memory_gb and memory_gb * GB, "peak_flops": tflops and tflops * TB,
+             "intra_bw": intra_gbs and intra_gbs * GB, "inter_bw": inter_gbs and inter_gbs * GB}
+    for name, value in given.items():
+        if value is not None and value <= 0:
+            raise PlanError(f"--{name.replace('_', '-')} must be > 0")
+    if base is None:
+        missing = [k for k, v in given.items() if v is None]
+        if missing:
+            raise PlanError("without --device, give --gpu-mem, --tflops, --intra-bw and --inter-bw "
+                            f"(missing: {', '.join(missing)})")
+        return Device("custom", source="given on the command line", **given)
+    changes = {k: v for k, v in given.items() if v is not None}
+    if not changes:
+        return base
+    return dataclasses.replace(base, name=base.name + "*", source=base.source + "; overridden: " + ", ".join(changes),
+                               **changes)

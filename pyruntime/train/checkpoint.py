@@ -376,6 +376,26 @@ def export_safetensors(trainer, path: str | os.PathLike, *, dtype: torch.dtype =
     from safetensors.torch import save_file
 
     path = Path(path)
+    tensors = gather_weights(trainer, dtype)
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.tmp")
+            save_file({(_hf_name(n) if hf_names else n): tensors[n].contiguous() for n in sorted(tensors)},
+                      str(tmp), metadata={"format": "pt", "producer": "pyruntime",
+                                          "model": json.dumps(dataclasses.asdict(trainer.cfg.model))})
+            os.replace(tmp, path)
+        except OSError as e:
+            error = f"cannot write {path}: {_one_line(e)}"
+    _agree(trainer, error, f"export to {path}")  # also: the file exists when any rank returns
+    return path
+
+
+def gather_weights(trainer, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """{reference name: full master weight in `dtype`, CPU} on global rank 0 ({} elsewhere).
+    A collective over the world: pipeline stages send their weights to rank 0 (one sender
+    per stage: its dp 0, tp 0 rank); raises CheckpointError on every rank if one is missing."""
     rank, world = dist.get_rank(), dist.get_world_size()
     full = {name: entry["param"] for name, entry in _full_state(trainer, moments=False).items()}
     sender = trainer.dims.axis_rank("dp") == 0 and trainer.dims.axis_rank("tp") == 0
@@ -391,23 +411,9 @@ def export_safetensors(trainer, path: str | os.PathLike, *, dtype: torch.dtype =
                 buf = torch.empty(shapes[name], dtype=torch.float32, device=_comm_device(trainer))
                 dist.recv(buf, src=src)
                 tensors[name] = buf.to("cpu", dtype)
-    error = None
-    if rank == 0:
-        missing = sorted(set(shapes) - set(tensors))
-        if missing:
-            error = f"export to {path}: no rank sent '{missing[0]}'"
-        else:
-            tmp = path.with_name(f".{path.name}.tmp")
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_file({(_hf_name(n) if hf_names else n): tensors[n].contiguous() for n in sorted(tensors)},
-                          str(tmp), metadata={"format": "pt", "producer": "pyruntime",
-                                              "model": json.dumps(dataclasses.asdict(trainer.cfg.model))})
-                os.replace(tmp, path)
-            except OSError as e:
-                error = f"cannot write {path}: {_one_line(e)}"
-    _agree(trainer, error, f"export to {path}")  # also: the file exists when any rank returns
-    return path
+    missing = sorted(set(shapes) - set(tensors)) if rank == 0 else []
+    _agree(trainer, f"export: no rank sent '{missing[0]}'" if missing else None, "gathering the weights")
+    return tensors
 
 
 def import_safetensors(trainer, path: str | os.PathLike) -> None:

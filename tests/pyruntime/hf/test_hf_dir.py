@@ -1,0 +1,108 @@
+"""Hugging Face directories in and out, one process: config.json + (sharded) safetensors ->
+the reference model computing transformers' logits; export -> from_pretrained with no missing
+or unexpected keys and the same logits; import -> export bit-exact; bad input in one line."""
+import json
+import shutil
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+import transformers  # noqa: E402
+
+from pyruntime.hf.config import HFError  # noqa: E402
+from pyruntime.hf.export import plan_shards, write_hf_dir  # noqa: E402
+from pyruntime.hf.load import HFDir, HFInit  # noqa: E402
+from pyruntime.model import Transformer  # noqa: E402
+from tests.pyruntime.hf.hf_models import BASE, save_hf  # noqa: E402
+
+TOKENS = torch.randint(0, BASE["vocab_size"], (2, 12), generator=torch.Generator().manual_seed(1))
+
+
+def load_ours(path) -> tuple[Transformer, HFInit]:
+    hf = HFDir.open(path, kernels="reference")
+    with torch.device("meta"):
+        model = Transformer(hf.model)
+    init = HFInit(model, hf, None, torch.device("cpu"))
+    init.materialize([model])
+    return model.eval(), init
+
+
+def rel_err(a, b) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("name,shard_kb,dtype", [("llama31_rope_scaling", 20, torch.float32),
+                                                 ("qwen2_bias_tied", 10, torch.bfloat16),
+                                                 ("mistral_sliding_window", None, torch.float16)])
+def test_directory_loads_as_transformers_computes(tmp_path, name, shard_kb, dtype):
+    save_hf(name, tmp_path, shard_kb=shard_kb, dtype=dtype)
+    if shard_kb:
+        assert len(list(tmp_path.glob("model-*.safetensors"))) >= 3
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ours, init = load_ours(tmp_path)
+    # every tensor read once, in the file's dtype (a tied model's table once)
+    assert init.reader.bytes_read == sum(p.numel() for p in ours.parameters()) * dtype.itemsize
+    with torch.no_grad():
+        assert rel_err(ours(TOKENS), ref(TOKENS).logits) < 1e-4
+
+
+@pytest.mark.parametrize("name", ["llama_gqa", "qwen2_bias_tied", "llama_head_dim"])
+def test_export_loads_in_transformers_with_the_same_logits(tmp_path, name):
+    save_hf(name, tmp_path / "in")
+    ours, _ = load_ours(tmp_path / "in")
+    with torch.no_grad():  # move the weights away from the source's, as training would
+        for p in ours.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    out = write_hf_dir(dict(ours.named_parameters()), ours.cfg, tmp_path / "out", max_shard_bytes=30_000)
+    assert (out / "model.safetensors.index.json").is_file()
+    back, info = transformers.AutoModelForCausalLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    with torch.no_grad():
+        assert rel_err(ours(TOKENS), back.eval()(TOKENS).logits) < 1e-5
+
+
+def test_import_then_export_is_bit_exact(tmp_path):
+    from safetensors.torch import load_file
+
+    save_hf("qwen2_bias_tied", tmp_path / "in", dtype=torch.bfloat16)
+    ours, _ = load_ours(tmp_path / "in")
+    out = write_hf_dir(dict(ours.named_parameters()), ours.cfg, tmp_path / "out", dtype="bfloat16",
+                       companions_from=tmp_path / "in")
+    a, b = load_file(tmp_path / "in" / "model.safetensors"), load_file(out / "model.safetensors")
+    assert set(a) == set(b)
+    for k in a:
+        assert a[k].dtype == b[k].dtype == torch.bfloat16 and torch.equal(a[k], b[k]), k
+    assert (out / "generation_config.json").is_file()  # companions travel with the weights
+
+
+def test_plan_shards_respects_the_limit():
+    assert plan_shards({"a": 4, "b": 4, "c": 9, "d": 1}, 8) == [["a", "b"], ["c"], ["d"]]
+
+
+def _edit_config(path, **changes):
+    raw = json.loads((path / "config.json").read_text())
+    raw.update(changes)
+    (path / "config.json").write_text(json.dumps(raw))
+
+
+def test_bad_directories_fail_in_one_line(tmp_path):
+    src = tmp_path / "src"
+    save_hf("llama_gqa", src, shard_kb=20)
+
+    def broken(tag, edit):
+        d = tmp_path / tag
+        shutil.copytree(src, d)
+        edit(d)
+        with pytest.raises(HFError) as e:
+            HFDir.open(d)
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    assert "architectures ['GPT2LMHeadModel']" in broken("arch", lambda d: _edit_config(d, architectures=["GPT2LMHeadModel"]))
+    assert "rope scaling type 'yarn'" in broken(
+        "yarn", lambda d: _edit_config(d, rope_scaling={"rope_type": "yarn", "factor": 2.0}, rope_parameters=None))
+    assert "field 'moe_experts'" in broken("field", lambda d: _edit_config(d, moe_experts=8))
+    assert "hidden_act 'gelu'" in broken("act", lambda d: _edit_config(d, hidden_act="gelu"))
+    assert "names shard model-00002-of" in broken("shard", lambda d: next(d.glob("model-00002-*")).unlink())
+    assert "has shape (97, 32), the model needs (97, 30)" in broken("shape", lambda d: _edit_config(d, hidden_size=30, head_dim=8))

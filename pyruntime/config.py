@@ -1,8 +1,16 @@
 """Configuration: one dataclass per concern, every field documented.
 
 The CLI flags, a JSON/TOML `--config FILE` and the Python API all fill these same objects;
-`Config.validate()` checks everything that can be checked before any process group exists,
-so bad input fails with one line (ConfigError) instead of a hang or a traceback.
+`Config.validate()` checks everything that can be checked from the config alone, before any
+process group exists, so bad input fails with one line (ConfigError) instead of a hang or a
+traceback. The layout's own rules (tp divides the heads, pp splits the layers, ...) are the
+parallelisms' to check: `pyruntime.parallel.validate(cfg)`; this module imports nothing of
+the code it configures (only the stdlib-only schema).
+
+Adding a field: annotate it and write its docstring; its type is then checked (schema.py),
+whatever fills it. A range or an enum is one keyword in the class's `@section(...)` line,
+e.g. `ffn_dim=POSITIVE` or `rope_scaling=one_of("linear", "llama3")` (None always passes for
+`X | None` fields); relations between fields go into the class's `validate()`.
 """
 from __future__ import annotations
 
@@ -11,11 +19,16 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from pyruntime.schema import ConfigError, at_least, between, each, from_table, greater_than, one_of, section
 
-class ConfigError(ValueError):
-    """Bad user input. The CLI prints it as one line and exits with code 2."""
+POSITIVE, NON_NEGATIVE = at_least(1), at_least(0)  # for ints
+PIPELINE_SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved", "zb")
+KERNEL_BACKENDS = ("auto", "triton", "cpp", "reference")  # = ops/dispatch.py BACKENDS
 
 
+@section("model", vocab_size=POSITIVE, dim=POSITIVE, n_layers=POSITIVE, n_heads=POSITIVE, n_kv_heads=POSITIVE,
+         ffn_dim=POSITIVE, max_seq_len=POSITIVE, rope_theta=greater_than(0), norm_eps=greater_than(0),
+         kernels=one_of(*KERNEL_BACKENDS, noun="kernel backend"))
 @dataclass(kw_only=True)
 class ModelConfig:
     """Shape of the Llama-style decoder (pyruntime/model/llama.py)."""
@@ -64,7 +77,6 @@ class ModelConfig:
     sliding_window: int | None = None
     """Each token attends to at most this many tokens, itself included (Mistral); None: all."""
 
-
     @property
     def kv_heads(self) -> int:
         return self.n_heads if self.n_kv_heads is None else self.n_kv_heads
@@ -74,9 +86,6 @@ class ModelConfig:
         return self.head_size if self.head_size is not None else self.dim // self.n_heads
 
     def validate(self) -> None:
-        for name in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
         if self.head_size is None and self.dim % self.n_heads:
             raise ConfigError(f"model.dim {self.dim} is not divisible by n_heads {self.n_heads}")
         if self.head_size is not None and self.head_size < 1:
@@ -94,12 +103,6 @@ class ModelConfig:
             raise ConfigError(f"head dim {self.head_dim} must be even for rotary embeddings")
         if self.kv_heads < 1 or self.n_heads % self.kv_heads:
             raise ConfigError(f"n_heads {self.n_heads} is not divisible by n_kv_heads {self.kv_heads}")
-
-    def validate_tp(self, tp: int) -> None:
-        """Tensor parallelism splits attention by heads and the MLP by hidden units."""
-        for name, size in (("n_heads", self.n_heads), ("n_kv_heads", self.kv_heads), ("ffn_dim", self.ffn_dim)):
-            if size % tp:
-                raise ConfigError(f"tp {tp} does not divide model.{name} {size}")
 
 
 def _preset(dim, n_layers, n_heads, n_kv_heads, ffn_dim, vocab_size=256, max_seq_len=2048):
@@ -119,6 +122,8 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
+@section("data", seq_len=POSITIVE, global_batch=POSITIVE, micro_batch=POSITIVE, max_bytes=POSITIVE,
+         val_fraction=between(0, 1, low_open=True, high_open=True))
 @dataclass(kw_only=True)
 class DataConfig:
     """Where tokens come from and how each step's global batch is cut."""
@@ -138,15 +143,13 @@ class DataConfig:
     """Cap on the embedded corpus size (keeps start-up fast)."""
 
     def validate(self) -> None:
-        for name in ("seq_len", "global_batch", "micro_batch", "max_bytes"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ConfigError(f"data.val_fraction must be in (0, 1), got {self.val_fraction}")
         if self.path is not None and not Path(self.path).is_file():
             raise ConfigError(f"data file not found: {self.path}")
 
 
+@section("optim", lr=greater_than(0), min_lr_ratio=between(0, 1), warmup_steps=NON_NEGATIVE,
+         weight_decay=at_least(0), betas=each(between(0, 1, high_open=True)), eps=greater_than(0),
+         grad_clip=at_least(0))
 @dataclass(kw_only=True)
 class OptimConfig:
     """AdamW with linear warm-up then cosine decay, and global-norm gradient clipping."""
@@ -166,17 +169,9 @@ class OptimConfig:
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
 
-    def validate(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"optim.lr must be > 0, got {self.lr}")
-        if self.warmup_steps < 0:
-            raise ConfigError(f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
-        if self.grad_clip < 0:
-            raise ConfigError(f"optim.grad_clip must be >= 0, got {self.grad_clip}")
-        if not 0.0 <= self.min_lr_ratio <= 1.0:
-            raise ConfigError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
 
-
+@section("parallel", dp=POSITIVE, pp=POSITIVE, tp=POSITIVE, zero=one_of(0, 1, 2, 3), bucket_mb=greater_than(0),
+         schedule=one_of(*PIPELINE_SCHEDULES, noun="pipeline schedule"), virtual_stages=POSITIVE)
 @dataclass(kw_only=True)
 class ParallelConfig:
     """The layout: dp x pp x tp = world size (pyruntime/mesh.py)."""
@@ -215,17 +210,6 @@ class ParallelConfig:
     tp last so tp traffic stays inside a node)."""
 
     def validate(self) -> None:
-        for name in ("dp", "pp", "tp"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
-        if self.zero not in (0, 1, 2, 3):
-            raise ConfigError(f"parallel.zero must be 0, 1, 2 or 3, got {self.zero}")
-        if not self.bucket_mb > 0:
-            raise ConfigError(f"parallel.bucket_mb must be > 0, got {self.bucket_mb}")
-        if self.schedule not in PIPELINE_SCHEDULES:
-            raise ConfigError(f"unknown pipeline schedule '{self.schedule}'; choose from {', '.join(PIPELINE_SCHEDULES)}")
-        if self.virtual_stages < 1:
-            raise ConfigError(f"parallel.virtual_stages must be >= 1, got {self.virtual_stages}")
         if self.schedule == "interleaved" and self.pp > 1 and self.virtual_stages < 2:
             raise ConfigError(f"schedule interleaved needs virtual_stages >= 2, got {self.virtual_stages}")
         if self.schedule != "interleaved" and self.virtual_stages != 1:
@@ -234,9 +218,9 @@ class ParallelConfig:
             raise ConfigError(f"parallel.mesh_order must order dp, pp and tp, e.g. 'dp,pp,tp'; got '{self.mesh_order}'")
 
 
-PIPELINE_SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved", "zb")
-
-
+@section("train", preset=one_of(*PRESETS, noun="preset"), steps=POSITIVE, seed=between(0, 2**63 - 1),
+         eval_every=NON_NEGATIVE, eval_batches=NON_NEGATIVE, log_every=POSITIVE, save_every=NON_NEGATIVE,
+         peer_timeout_s=between(0, 86400, low_open=True))
 @dataclass(kw_only=True)
 class TrainConfig:
     """The run itself."""
@@ -269,18 +253,25 @@ class TrainConfig:
     peer_timeout_s: float = 60.0
     """A rank whose heartbeat stops for this long is reported lost (by rank) and every other
     rank exits non-zero, instead of waiting in a collective forever."""
+    init_from: str | None = None
+    """A Hugging Face model directory (config.json + safetensors, sharded or not) to start from:
+    the model section comes from its config.json and every rank reads just its slices of the
+    weights (pyruntime/hf/load.py)."""
+    export_hf: str | None = None
+    """After the last step, write the weights as a Hugging Face directory here (hf/export.py)."""
+    export_dtype: str = "float32"
+    """dtype of the exported weights: float32, bfloat16 or float16."""
+    export_shard_mb: float = 5000.0
+    """Largest safetensors shard of an export, in MB (10^6 bytes; transformers' default 5 GB)."""
 
     def validate(self) -> None:
-        if self.preset not in PRESETS:
-            raise ConfigError(f"unknown preset '{self.preset}'; choose from {', '.join(PRESETS)}")
-        for name in ("steps", "log_every"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.peer_timeout_s <= 0:
-            raise ConfigError(f"train.peer_timeout_s must be > 0, got {self.peer_timeout_s}")
-        for name in ("eval_every", "eval_batches", "save_every"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        if self.eval_every and not self.eval_batches:
+            raise ConfigError(f"train.eval_batches must be >= 1 when eval_every is {self.eval_every} "
+                              "(or set eval_every 0: no validation)")
+        if self.export_dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"train.export_dtype '{self.export_dtype}' is not one of float32, bfloat16, float16")
+        if not self.export_shard_mb > 0:
+            raise ConfigError(f"train.export_shard_mb must be > 0, got {self.export_shard_mb}")
 
 
 @dataclass(kw_only=True)
@@ -294,8 +285,13 @@ class Config:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
 
     def validate(self) -> None:
-        for section in (self.train, self.model, self.data, self.optim, self.parallel):
-            section.validate()
+        """Every section's fields (types, ranges) and the relations between sections that do
+        not depend on a parallelism; those are pyruntime.parallel.validate(cfg)'s."""
+        for name, cls in SECTIONS.items():
+            part = getattr(self, name)
+            if not isinstance(part, cls):
+                raise ConfigError(f"config section '{name}' must be a {cls.__name__}, got {type(part).__name__}")
+            part.validate()
         per_step = self.parallel.dp * self.data.micro_batch
         if self.data.global_batch % per_step:
             raise ConfigError(
@@ -303,30 +299,6 @@ class Config:
                 f"dp {self.parallel.dp} x micro-batch {self.data.micro_batch}")
         if self.data.seq_len > self.model.max_seq_len:
             raise ConfigError(f"seq_len {self.data.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
-        self._validate_tp()
-        self._validate_pp()
-
-    def _validate_tp(self) -> None:
-        par = self.parallel
-        self.model.validate_tp(par.tp)
-        if (par.sequence_parallel or par.tp_overlap) and par.tp == 1:
-            raise ConfigError("sequence parallelism / tp overlap need tp > 1")
-        if par.sequence_parallel and self.data.seq_len % par.tp:
-            raise ConfigError(f"sequence parallelism: seq_len {self.data.seq_len} is not divisible by tp {par.tp}")
-
-    def _validate_pp(self) -> None:
-        par = self.parallel
-        if par.pp == 1:
-            return
-        from pyruntime.parallel.pipeline.split import plan_stage_layers
-
-        plan_stage_layers(self.model, par.pp * par.virtual_stages, par.pp_layout)  # raises on a bad split
-        m = self.data.global_batch // (par.dp * self.data.micro_batch)
-        if par.schedule in ("1f1b", "zb", "interleaved") and m < par.pp:
-            raise ConfigError(f"schedule {par.schedule} needs at least pp = {par.pp} micro-batches per step, got {m} "
-                              f"(global batch {self.data.global_batch} / (dp {par.dp} x micro-batch {self.data.micro_batch}))")
-        if par.schedule == "interleaved" and m % par.pp:
-            raise ConfigError(f"schedule interleaved needs micro-batches ({m}) divisible by pp {par.pp}")
 
     @property
     def metrics_path(self) -> Path:
@@ -341,43 +313,51 @@ SECTIONS = {"train": TrainConfig, "model": ModelConfig, "data": DataConfig,
 
 
 def config_from_dict(raw: dict) -> Config:
-    """Nested dict (sections as in SECTIONS) -> Config; unknown keys are errors."""
+    """Nested dict (sections as in SECTIONS) -> Config. Unknown sections or keys and values of
+    the wrong type are one-line ConfigErrors naming the key; ranges are Config.validate()'s."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"a config must be a table of sections ({', '.join(SECTIONS)}), "
+                          f"got a {type(raw).__name__}")
     unknown = set(raw) - set(SECTIONS)
     if unknown:
-        raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}")
-    train = _section(TrainConfig, raw.get("train", {}), "train")
-    if train.preset not in PRESETS:
-        raise ConfigError(f"unknown preset '{train.preset}'; choose from {', '.join(PRESETS)}")
-    base_model = dataclasses.asdict(PRESETS[train.preset])
-    model = _section(ModelConfig, {**base_model, **raw.get("model", {})}, "model")
-    return Config(train=train, model=model,
-                  data=_section(DataConfig, raw.get("data", {}), "data"),
-                  optim=_section(OptimConfig, raw.get("optim", {}), "optim"),
-                  parallel=_section(ParallelConfig, raw.get("parallel", {}), "parallel"))
-
-
-def _section(cls, values: dict, name: str):
-    if not isinstance(values, dict):
-        raise ConfigError(f"config section '{name}' must be a table/object")
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = set(values) - names
-    if unknown:
-        raise ConfigError(f"unknown key(s) in [{name}]: {', '.join(sorted(unknown))}")
-    if "betas" in values:
-        values = {**values, "betas": tuple(values["betas"])}
-    return cls(**values)
+        raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}; "
+                          f"allowed: {', '.join(SECTIONS)}")
+    train = from_table(TrainConfig, raw.get("train", {}), "train")
+    train.validate()  # the preset must be known before its model is looked up
+    model = raw.get("model", {})
+    if isinstance(model, dict):  # otherwise from_table names the bad section
+        model = {**dataclasses.asdict(PRESETS[train.preset]), **model}
+    return Config(train=train, model=from_table(ModelConfig, model, "model"),
+                  data=from_table(DataConfig, raw.get("data", {}), "data"),
+                  optim=from_table(OptimConfig, raw.get("optim", {}), "optim"),
+                  parallel=from_table(ParallelConfig, raw.get("parallel", {}), "parallel"))
 
 
 def load_config_file(path: str) -> dict:
-    """Read a JSON or TOML config file into a nested dict."""
+    """Read a JSON or TOML (by the .toml suffix) config file into a nested dict; a missing,
+    unreadable, non-UTF-8 or malformed file is one ConfigError naming it."""
     p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"config file {path} is a directory; expected a .json or .toml file")
     if not p.is_file():
         raise ConfigError(f"config file not found: {path}")
-    text = p.read_text()
     try:
-        if p.suffix == ".toml":
+        text = p.read_bytes().decode("utf-8-sig")  # a UTF-8 byte-order mark is harmless
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start}); save it as UTF-8") from None
+    kind = "TOML" if p.suffix == ".toml" else "JSON"
+    try:
+        if kind == "TOML":
             import tomllib
-            return tomllib.loads(text)
-        return json.loads(text)
-    except (ValueError, json.JSONDecodeError) as e:
-        raise ConfigError(f"cannot parse config file {path}: {e}") from None
+            raw = tomllib.loads(text)
+        else:
+            raw = json.loads(text)
+    except ValueError as e:  # JSONDecodeError and TOMLDecodeError both derive from it
+        raise ConfigError(f"cannot parse config file {path} as {kind}: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path}: the top level must be a table/object of sections "
+                          f"({', '.join(SECTIONS)}), got a {type(raw).__name__}")
+    return raw

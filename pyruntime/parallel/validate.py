@@ -1,0 +1,48 @@
+"""Each parallelism checks the settings it will be applied with, from the config alone,
+before any process group exists (one ConfigError line each). The config module stays a leaf:
+it checks fields and their ranges; what a layout needs of the model and the batch is here.
+
+    from pyruntime.parallel.validate import validate
+    cfg.validate(); validate(cfg)          # what the CLI and the Trainer do
+"""
+from __future__ import annotations
+
+from pyruntime.config import Config, ConfigError, ModelConfig
+from pyruntime.parallel.pipeline.split import plan_stage_layers
+from pyruntime.parallel.tied import check_tied_layout
+
+
+def validate(cfg: Config) -> None:
+    """Every parallelism's rules for `cfg` (whose fields Config.validate() has checked)."""
+    check_tensor_parallel(cfg)
+    check_pipeline(cfg)
+    check_tied_layout(cfg)
+
+
+def check_tp_divides(model: ModelConfig, tp: int) -> None:
+    """Tensor parallelism splits attention by heads and the MLP by hidden units."""
+    for name, size in (("n_heads", model.n_heads), ("n_kv_heads", model.kv_heads), ("ffn_dim", model.ffn_dim)):
+        if size % tp:
+            raise ConfigError(f"tp {tp} does not divide model.{name} {size}")
+
+
+def check_tensor_parallel(cfg: Config) -> None:
+    par = cfg.parallel
+    check_tp_divides(cfg.model, par.tp)
+    if (par.sequence_parallel or par.tp_overlap) and par.tp == 1:
+        raise ConfigError("sequence parallelism / tp overlap need tp > 1")
+    if par.sequence_parallel and cfg.data.seq_len % par.tp:
+        raise ConfigError(f"sequence parallelism: seq_len {cfg.data.seq_len} is not divisible by tp {par.tp}")
+
+
+def check_pipeline(cfg: Config) -> None:
+    par, data = cfg.parallel, cfg.data
+    if par.pp == 1:
+        return
+    plan_stage_layers(cfg.model, par.pp * par.virtual_stages, par.pp_layout)  # raises on a bad split
+    m = data.global_batch // (par.dp * data.micro_batch)
+    if par.schedule in ("1f1b", "zb", "interleaved") and m < par.pp:
+        raise ConfigError(f"schedule {par.schedule} needs at least pp = {par.pp} micro-batches per step, got {m} "
+                          f"(global batch {data.global_batch} / (dp {par.dp} x micro-batch {data.micro_batch}))")
+    if par.schedule == "interleaved" and m % par.pp:
+        raise ConfigError(f"schedule interleaved needs micro-batches ({m}) divisible by pp {par.pp}")

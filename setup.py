@@ -6,6 +6,7 @@ torch is NOT pinned: users bring the build that matches their hardware. CUDA sou
 (csrc/cuda/*.cu) are compiled in only when the installed torch was built with CUDA and a
 CUDA toolkit is found; the CPU build is complete without them.
 """
+import fcntl
 import glob
 import os
 
@@ -15,6 +16,25 @@ import torch
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 2))
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+class _BuildExt(BuildExtension.with_options(use_ninja=True)):
+    """Compiles into one persistent folder, build/ext-temp, whatever the build (editable,
+    wheel, plain install): ninja then recompiles only the translation units whose sources,
+    headers or flags changed, where an editable build would otherwise start from an empty
+    temporary folder and compile all of them (~45 s each). A lock serialises concurrent
+    builds of one checkout so they never write the same object files at once."""
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        self.build_temp = os.path.join(HERE, "build", "ext-temp")
+
+    def build_extensions(self) -> None:
+        os.makedirs(self.build_temp, exist_ok=True)
+        with open(os.path.join(self.build_temp, ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            super().build_extensions()
 
 
 def _with_cuda() -> bool:
@@ -27,7 +47,9 @@ def _extension():
     # csrc/core/*.cpp is the torch-free core (also built by CMakeLists.txt with its C++ tests);
     # csrc/*.cpp are the bindings: pybind11 module + torch.library ops.
     sources = sorted(glob.glob("csrc/core/*.cpp")) + sorted(glob.glob("csrc/*.cpp"))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # -fno-math-errno: sqrt need not set errno, so loops with a sqrt (csrc/adamw_cpu.cpp)
+    # vectorise; nothing in csrc reads errno.
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno"]
     kwargs = dict(
         name="pyruntime._C",
         include_dirs=[os.path.abspath("csrc")],
@@ -48,12 +70,16 @@ setup(
     name="pyruntime",
     version="0.1.0",
     description="Composable data/tensor/pipeline/ZeRO parallel training runtime for LLMs",
-    packages=find_packages(include=["pyruntime", "pyruntime.*", "triton_kernels", "triton_kernels.*"]),
+    # The kernels live in the top-level folder triton_kernels/ but install as pyruntime.triton_kernels:
+    # two other distributions (Triton's own, used by vLLM, and PyPI's triton-kernels) own a
+    # top-level `triton_kernels`, and installing either beside pyruntime would overwrite files.
+    packages=find_packages(include=["pyruntime", "pyruntime.*"]) + ["pyruntime.triton_kernels"],
+    package_dir={"pyruntime.triton_kernels": "triton_kernels"},
     python_requires=">=3.11",
     # No torch pin: it is a runtime requirement the user satisfies with their own build.
     install_requires=["torch", "numpy", "safetensors"],
     extras_require={"triton": ["triton"], "plots": ["matplotlib"], "dev": ["pytest", "matplotlib"]},
     ext_modules=[_extension()],
-    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+    cmdclass={"build_ext": _BuildExt},
     entry_points={"console_scripts": ["pyruntime=pyruntime.cli:main"]},
 )

@@ -1,8 +1,8 @@
 """Compile every Triton kernel of this package for NVIDIA GPUs ahead of time, on a machine
 without one (Triton lowers to PTX with its own LLVM and assembles with the ptxas it ships).
 
-    python -m triton_kernels.aot_check                       # bf16, fp16, fp32 for sm_90a and sm_80
-    python -m triton_kernels.aot_check --dtypes bf16 --targets sm_90a --first-config
+    python -m pyruntime.triton_kernels.aot_check                       # bf16, fp16, fp32 for sm_90a and sm_80
+    python -m pyruntime.triton_kernels.aot_check --dtypes bf16 --targets sm_90a --first-config
 
 The interpreter the CPU tests use runs a kernel's Python, not its compilation: a kernel can
 pass there and still fail to lower for a GPU (a dtype tl.dot does not take, a layout or
@@ -31,7 +31,7 @@ import triton.compiler
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 
-from triton_kernels import adamw, cross_entropy, matmul, rmsnorm, swiglu, swiglu_matmul
+from . import adamw, cross_entropy, matmul, rmsnorm, swiglu, swiglu_matmul
 
 # Per-block shared memory a kernel may use (opt-in maximum): H100/H200 227 KB, A100 163 KB.
 TARGETS = {"sm_90a": (GPUTarget("cuda", 90, 32), 232_448), "sm_80": (GPUTarget("cuda", 80, 32), 166_912)}
@@ -202,7 +202,7 @@ def _config_label(c: Compiled) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m triton_kernels.aot_check", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pyruntime.triton_kernels.aot_check", description=__doc__.splitlines()[0])
     parser.add_argument("--dtypes", type=lambda s: s.split(","), default=list(DTYPES))
     parser.add_argument("--targets", type=lambda s: s.split(","), default=list(TARGETS))
     parser.add_argument("--first-config", action="store_true", help="only the first config of each autotuned kernel")

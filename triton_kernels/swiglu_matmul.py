@@ -23,8 +23,8 @@ import torch
 import triton
 import triton.language as tl
 
-from triton_kernels.matmul import INTERPRETER_CONFIG, _grouped_tile, gemm, input_precision, launch_grid
-from triton_kernels.swiglu import _block_size, _swiglu_bwd_kernel
+from .matmul import INTERPRETER_CONFIG, _grouped_tile, gemm, input_precision, launch_grid
+from .swiglu import _block_size, _swiglu_bwd_kernel
 
 # Two (BLOCK_M, BLOCK_N) fp32 accumulators live in registers at once, so tiles stop at
 # 128 x 128 (128 x 256 would need 256 accumulator registers per thread with 8 warps).

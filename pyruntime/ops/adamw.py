@@ -90,7 +90,7 @@ def adamw_step(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor,
     if decay is not None and decay.numel != params.numel():
         raise ValueError(f"adamw_step: decay mask of {decay.numel} elements for {params.numel()} params")
     if choose("adamw", backend, params.device, candidates=CANDIDATES) == "triton":
-        from triton_kernels.adamw import adamw_step_  # lazy: triton is optional
+        from pyruntime.triton_kernels.adamw import adamw_step_  # lazy: triton is optional
 
         s = _scalars(lr, betas, weight_decay, step)
         if weight_decay == 0:

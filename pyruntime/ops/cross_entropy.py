@@ -70,7 +70,7 @@ def vocab_parallel_ce_stats(logits_shard: torch.Tensor, targets: torch.Tensor, v
     vocab_valid)), each fp32 (N,). A shard with vocab_valid == 0 reports (-inf, 0, 0)."""
     _check("vocab_parallel_ce_stats", logits_shard, targets, vocab_valid)
     if choose("vocab_parallel_ce", backend, logits_shard.device, candidates=CANDIDATES) == "triton":
-        from triton_kernels.cross_entropy import ce_stats  # lazy: triton is optional
+        from pyruntime.triton_kernels.cross_entropy import ce_stats  # lazy: triton is optional
 
         return ce_stats(logits_shard, targets, vocab_start, vocab_valid)
     return ce_stats_reference(logits_shard, targets, vocab_start, vocab_valid)
@@ -86,7 +86,7 @@ def vocab_parallel_ce_grad_(logits_shard: torch.Tensor, targets: torch.Tensor, v
     logits_shard elsewhere fails loudly instead of reading gradients."""
     _check("vocab_parallel_ce_grad_", logits_shard, targets, vocab_valid)
     if choose("vocab_parallel_ce", backend, logits_shard.device, candidates=CANDIDATES) == "triton":
-        from triton_kernels.cross_entropy import ce_grad_
+        from pyruntime.triton_kernels.cross_entropy import ce_grad_
 
         ce_grad_(logits_shard, targets, vocab_start, vocab_valid, global_max, global_sum_exp, grad_scale)
         if not logits_shard.is_inference():

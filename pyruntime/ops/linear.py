@@ -64,7 +64,7 @@ class LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, activation):
-        from triton_kernels.matmul import linear_forward  # lazy: triton is optional
+        from pyruntime.triton_kernels.matmul import linear_forward  # lazy: triton is optional
 
         x2d = _rows(x)
         y, pre = linear_forward(x2d, weight, bias, activation, save_pre=any(ctx.needs_input_grad[:3]))
@@ -74,7 +74,7 @@ class LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        from triton_kernels.matmul import linear_backward
+        from pyruntime.triton_kernels.matmul import linear_backward
 
         x2d, weight, pre = ctx.saved_tensors
         need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
@@ -97,7 +97,7 @@ class SwiGLULinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, w_gate, w_up):
-        from triton_kernels.swiglu_matmul import swiglu_linear_forward
+        from pyruntime.triton_kernels.swiglu_matmul import swiglu_linear_forward
 
         x2d = _rows(x)
         h, g, u = swiglu_linear_forward(x2d, w_gate, w_up, save_pre=any(ctx.needs_input_grad))
@@ -106,7 +106,7 @@ class SwiGLULinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dh):
-        from triton_kernels.swiglu_matmul import swiglu_linear_backward
+        from pyruntime.triton_kernels.swiglu_matmul import swiglu_linear_backward
 
         x2d, w_gate, w_up, g, u = ctx.saved_tensors
         need_dx, need_dwg, need_dwu = ctx.needs_input_grad

@@ -30,7 +30,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-        from triton_kernels.rmsnorm import rmsnorm_forward  # lazy: triton is optional
+        from pyruntime.triton_kernels.rmsnorm import rmsnorm_forward  # lazy: triton is optional
 
         shape = x.shape
         x2d = x.reshape(-1, shape[-1])  # (rows, N); a view whenever x allows one
@@ -42,7 +42,7 @@ class RMSNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy: torch.Tensor):
-        from triton_kernels.rmsnorm import rmsnorm_backward
+        from pyruntime.triton_kernels.rmsnorm import rmsnorm_backward
 
         x2d, weight, rstd = ctx.saved_tensors
         dx, dw = rmsnorm_backward(dy.reshape(x2d.shape), x2d, weight, rstd)

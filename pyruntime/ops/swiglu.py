@@ -26,14 +26,14 @@ class SwiGLUFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        from triton_kernels.swiglu import swiglu_forward  # lazy: triton is optional
+        from pyruntime.triton_kernels.swiglu import swiglu_forward  # lazy: triton is optional
 
         ctx.save_for_backward(a, b)
         return swiglu_forward(a, b)
 
     @staticmethod
     def backward(ctx, dc: torch.Tensor):
-        from triton_kernels.swiglu import swiglu_backward
+        from pyruntime.triton_kernels.swiglu import swiglu_backward
 
         a, b = ctx.saved_tensors
         return swiglu_backward(dc, a, b)

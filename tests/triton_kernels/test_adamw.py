@@ -10,7 +10,7 @@ from pyruntime.ops import BackendUnavailable
 from pyruntime.ops.adamw import DecayMask, adamw_step
 from pyruntime.ops.flat import flat_pack, plan_flat_layout
 
-from kernel_testing import DEVICE, needs_triton
+from support.kernels import DEVICE, needs_triton
 
 # Matrices (decayed) and vectors (not), odd sizes so alignment gaps sit between them.
 SHAPES = [(7, 5), (13,), (3, 33), (1,), (64, 2), (29,)]
@@ -124,7 +124,7 @@ def test_bad_inputs_and_dispatch():
         adamw_step(x, x, x.clone(), x.clone(), None, lr=1.0, betas=(0.9, 0.9), eps=1e-8, weight_decay=0,
                    step=1, backend="cpp")
     if importlib.util.find_spec("triton") is not None:
-        from triton_kernels.adamw import adamw_step_
+        from pyruntime.triton_kernels.adamw import adamw_step_
         with pytest.raises(ValueError, match="exp_avg must be float32"):
             adamw_step_(x, x, x.half(), x.clone(), None, decay_factor=1.0, beta1=0.9, beta2=0.9, eps=1e-8,
                         step_size=-1.0, bias_correction2_sqrt=1.0)

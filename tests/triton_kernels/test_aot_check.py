@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from kernel_testing import needs_triton
+from support.kernels import needs_triton
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def aot_check(*args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    return subprocess.run([sys.executable, "-m", "triton_kernels.aot_check", *args], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "pyruntime.triton_kernels.aot_check", *args], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 

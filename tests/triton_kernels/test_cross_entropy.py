@@ -11,7 +11,7 @@ from pyruntime.ops import BackendUnavailable, cross_entropy, vocab_parallel_ce_g
 from pyruntime.ops import dispatch
 from pyruntime.ops.cross_entropy import CANDIDATES, cross_entropy_reference
 
-from kernel_testing import DEVICE, cuda_only, needs_triton
+from support.kernels import DEVICE, cuda_only, needs_triton
 
 BACKENDS = [pytest.param("triton", marks=needs_triton), "reference"]
 
@@ -149,7 +149,7 @@ def test_bad_arguments_raise():
     with pytest.raises(ValueError, match="targets"):
         vocab_parallel_ce_stats(logits, targets[:3], 0, 10)
     with pytest.raises(ValueError, match="grad_scale"):
-        from triton_kernels.cross_entropy import ce_grad_
+        from pyruntime.triton_kernels.cross_entropy import ce_grad_
 
         ce_grad_(logits, targets, 0, 10, torch.zeros(4), torch.ones(4), torch.ones(3))
 

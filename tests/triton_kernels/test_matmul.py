@@ -9,7 +9,7 @@ from pyruntime.ops import BackendUnavailable, linear, swiglu_linear
 from pyruntime.ops import dispatch
 from pyruntime.ops.linear import CANDIDATES, LinearFunction, linear_reference, swiglu_linear_reference
 
-from kernel_testing import DEVICE, cuda_only, needs_triton
+from support.kernels import DEVICE, cuda_only, needs_triton
 
 
 # Both paths see the same fp32 products of the same inputs; Triton rounds once at the store
@@ -108,7 +108,7 @@ def test_swiglu_linear_matches_reference(x_shape, n_out, dtype, atol, rtol):
 @needs_triton
 def test_gemm_on_strided_views_and_second_product():
     """The backward's trick: transposed views, no copies, and two products in one accumulator."""
-    from triton_kernels.matmul import gemm
+    from pyruntime.triton_kernels.matmul import gemm
 
     gen = torch.Generator().manual_seed(3)
     a = torch.randn(29, 37, generator=gen).t()          # (37, 29), column-major

@@ -8,7 +8,7 @@ from pyruntime.ops import BackendUnavailable, rms_norm
 from pyruntime.ops import dispatch
 from pyruntime.ops.rmsnorm import CANDIDATES, RMSNormFunction, rms_norm_reference
 
-from kernel_testing import DEVICE, cuda_only, needs_triton, output_and_grads
+from support.kernels import DEVICE, cuda_only, needs_triton, output_and_grads
 
 
 # Forward fp16 is bit-exact (both paths round the normalised row to fp16 before scaling);
@@ -81,7 +81,7 @@ def test_triton_strided_rows_and_large_eps():
 
 @needs_triton
 def test_launchers_return_rstd_and_handle_empty():
-    from triton_kernels.rmsnorm import rmsnorm_backward, rmsnorm_forward
+    from pyruntime.triton_kernels.rmsnorm import rmsnorm_backward, rmsnorm_forward
 
     x, w, dy = _inputs((3, 37), torch.float32)
     y, rstd = rmsnorm_forward(x, w, 1e-6)
@@ -97,7 +97,7 @@ def test_launchers_return_rstd_and_handle_empty():
 
 @needs_triton
 def test_launcher_rejects_rows_wider_than_one_block():
-    from triton_kernels.rmsnorm import MAX_FUSED_SIZE, _block_settings
+    from pyruntime.triton_kernels.rmsnorm import MAX_FUSED_SIZE, _block_settings
 
     assert _block_settings(MAX_FUSED_SIZE)[0] == MAX_FUSED_SIZE
     with pytest.raises(ValueError, match="fused limit"):

@@ -8,7 +8,7 @@ from pyruntime.ops import BackendUnavailable, swiglu
 from pyruntime.ops import dispatch
 from pyruntime.ops.swiglu import CANDIDATES, SwiGLUFunction, swiglu_reference
 
-from kernel_testing import DEVICE, cuda_only, needs_triton, output_and_grads
+from support.kernels import DEVICE, cuda_only, needs_triton, output_and_grads
 
 
 # Triton computes in fp32 and rounds once; the reference rounds after silu and after the
@@ -74,7 +74,7 @@ def test_triton_non_contiguous_inputs():
 
 @needs_triton
 def test_launchers_check_inputs_and_handle_empty():
-    from triton_kernels.swiglu import swiglu_backward, swiglu_forward
+    from pyruntime.triton_kernels.swiglu import swiglu_backward, swiglu_forward
 
     a = torch.randn(0, 8, device=DEVICE)
     assert swiglu_forward(a, a).shape == (0, 8)

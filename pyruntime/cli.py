@@ -12,6 +12,7 @@ import sys
 
 from pyruntime.config import Config, ConfigError, config_from_dict, load_config_file
 from pyruntime.data import DataError
+from pyruntime.hf.cli import add_export_parser, model_from_init_dir, run_export
 from pyruntime.train.checkpoint import CheckpointError
 from pyruntime.mesh import ParallelDims
 
@@ -47,6 +48,10 @@ TRAIN_FLAGS = {
     "--resume": ("train", "resume", str, "continue from this checkpoint (a step_N dir, or a checkpoints dir)"),
     "--peer-timeout": ("train", "peer_timeout_s", float,
                        "seconds without a heartbeat before a rank is reported lost and all exit"),
+    "--init-from": ("train", "init_from", str, "start from a Hugging Face model directory (config.json + safetensors)"),
+    "--export-hf": ("train", "export_hf", str, "after the last step, write a Hugging Face model directory here"),
+    "--export-dtype": ("train", "export_dtype", str, "dtype of --export-hf weights: float32, bfloat16, float16"),
+    "--export-shard-mb": ("train", "export_shard_mb", float, "largest --export-hf shard in MB (default 5000)"),
 }
 
 class OneLineParser(argparse.ArgumentParser):
@@ -78,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", add_help=False, help="microbenchmarks side by side with PyTorch "
                            "(`bench --help` lists the suites)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
+    add_export_parser(sub)
     demo = sub.add_parser("demo", help="train the tiny preset on the embedded corpus")
     demo.add_argument("--steps", type=int, default=200)
     demo.add_argument("--out", default="runs/demo")
@@ -98,6 +104,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> Config:
         raw.setdefault("parallel", {})["sequence_parallel"] = True
     if args.tp_overlap:
         raw.setdefault("parallel", {})["tp_overlap"] = True
+    raw = model_from_init_dir(raw)  # --init-from: the model section is the directory's
     cfg = config_from_dict(raw)
     par = cfg.parallel
     if "dp" not in raw.get("parallel", {}) and par.pp >= 1 and par.tp >= 1:
@@ -186,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_demo(args)
         if args.command == "schedule":
             return run_schedule(args)
+        if args.command == "export":
+            return run_export(args)
         if args.command == "bench":
             from pyruntime.bench import run
             return run(args.bench_args)

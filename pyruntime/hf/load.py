@@ -174,3 +174,22 @@ class HFInit(DeferredInit):
     def value(self, p: nn.Parameter) -> torch.Tensor:
         spec = self.specs[self.names[id(p)]]
         return read_local(spec, self.reader, self.tp_rank).to(torch.float32)
+
+
+def check_same_model(hf: ModelConfig, run: ModelConfig, source: str) -> None:
+    """One line naming the first model field in which the run differs from the directory's
+    (kernels and max_seq_len change no weight and no value the model computes)."""
+    import dataclasses
+
+    for f in dataclasses.fields(ModelConfig):
+        if f.name in ("kernels", "max_seq_len"):
+            continue
+        if getattr(hf, f.name) != getattr(run, f.name):
+            raise HFError(f"model.{f.name} {getattr(run, f.name)!r} conflicts with {source}'s {getattr(hf, f.name)!r}")
+
+
+def hf_init(model: nn.Module, cfg, tp_group, device: torch.device) -> HFInit:
+    """The HFInit of a run (cfg.train.init_from), its model config checked against the directory's."""
+    hf = HFDir.open(cfg.train.init_from, kernels=cfg.model.kernels)
+    check_same_model(hf.model, cfg.model, cfg.train.init_from)
+    return HFInit(model, hf, tp_group, device)

@@ -29,6 +29,8 @@ from pyruntime.parallel.pipeline.apply import (build_executor, gather_timeline, 
                                                split_model)
 from pyruntime.parallel.tensor import apply_tp, tp_replicas, vocab_parallel_cross_entropy
 from pyruntime.train.checkpoint import load_checkpoint, save_checkpoint
+from pyruntime.hf.export import export_hf
+from pyruntime.parallel.tied import TiedGradientSync
 from pyruntime.train.metrics import MetricsWriter, device_peak_flops, format_step, peak_memory_mb, say
 from pyruntime.train.optim import clip_grad_norm, lr_at, set_lr
 from pyruntime.train.plot import plot_loss_curve
@@ -95,9 +97,13 @@ class Trainer:
         # After tp (it shards what dp then buckets or shards further); owns the optimizer.
         init = DeferredInit(self.model, cfg.model, cfg.train.seed, dims.group("tp"), device,
                             draw=not cfg.train.resume)  # fit() loads every value from the checkpoint
+        if cfg.train.init_from and not cfg.train.resume:  # values read from a Hugging Face directory
+            from pyruntime.hf.load import hf_init
+            init = hf_init(self.model, cfg, dims.group("tp"), device)
         self.data_parallel = apply_data_parallel(self.model, dims, cfg, verbose=self.is_logger, init=init)
         check_materialized(self.model)
         self.optimizer = self.data_parallel.optimizer
+        self.tied_sync = TiedGradientSync(self.model, cfg, dims.group("pp") if dims.pp > 1 else None, dims.tp, device)
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
                          else torch.autocast("cpu", enabled=False))
         if dims.pp > 1:
@@ -115,6 +121,7 @@ class Trainer:
         micro = self.sampler.micro_batches(step, self.dp_rank, self.dims.dp, cfg.data.micro_batch)
         loss_sum = self.pipeline.run_step(micro) if self.pipeline else self.forward_backward(micro)
         self._average_over_dp(loss_sum)
+        self.tied_sync()  # pp: the tied embedding's two stage copies take one summed gradient
         if self.pipeline:  # the loss lives on the last stage
             dist.all_reduce(loss_sum, group=self.dims.group("pp"))
         grad_norm = self.clip_gradients()
@@ -266,6 +273,10 @@ class Trainer:
                     say(format_step(rec, cfg.train.steps))
         finally:
             writer.close()
+        if cfg.train.export_hf:
+            export_hf(self, cfg.train.export_hf, max_shard_bytes=int(cfg.train.export_shard_mb * 1e6),
+                      dtype=cfg.train.export_dtype, companions_from=cfg.train.init_from)
+            say(f"exported Hugging Face directory: {cfg.train.export_hf}", self.is_logger)
         if self.pipeline:
             self._report_pipeline()
         if self.is_logger:

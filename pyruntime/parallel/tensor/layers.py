@@ -43,9 +43,10 @@ def mark_tp_sharded(p: nn.Parameter) -> nn.Parameter:
 
 
 def tp_replicas(p: torch.Tensor, tp: int) -> int:
-    """How many tp ranks hold an identical copy of p: 1 for a shard, tp for a replicated
-    parameter (norm weights, a row-parallel bias)."""
-    return 1 if getattr(p, "tp_sharded", False) else tp
+    """How many ranks of a (pp, tp) slice hold an identical copy of p: 1 for a shard, tp for a
+    replicated parameter (norm weights, a row-parallel bias); times 2 for a tied embedding
+    held by the first and the last pipeline stage (parallel/tied.py)."""
+    return (1 if getattr(p, "tp_sharded", False) else tp) * getattr(p, "stage_copies", 1)
 
 
 def shard_rows(full: torch.Tensor, group: dist.ProcessGroup, pad: bool = False) -> torch.Tensor:

@@ -1,0 +1,59 @@
+"""Command-line pieces for Hugging Face directories (wired in by pyruntime/cli.py):
+
+    train --init-from DIR [--export-hf OUT]     the model section comes from DIR/config.json
+    export CHECKPOINT --hf OUT                  a saved checkpoint -> a Hugging Face directory
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+
+from pyruntime.config import ConfigError
+from pyruntime.hf.export import DTYPES, export_checkpoint
+from pyruntime.hf.load import HFDir
+
+
+def model_from_init_dir(raw: dict) -> dict:
+    """raw (the nested config the CLI built) with its model section replaced by the one of
+    train.init_from's config.json. A --preset, or a model field that disagrees with the
+    directory, is an error: the weights fix the shape. Reads headers only (no weights), so
+    a bad directory fails here, before any process group exists."""
+    train, model = raw.get("train", {}), dict(raw.get("model", {}))
+    source = train.get("init_from")
+    if not source:
+        return raw
+    if "preset" in train:
+        raise ConfigError(f"--preset {train['preset']} and --init-from {source} both choose the model; pass one")
+    hf = HFDir.open(source, **({"kernels": model["kernels"]} if "kernels" in model else {}))
+    fields = dataclasses.asdict(hf.model)
+    for key, value in model.items():
+        if key in ("kernels",):
+            continue
+        if key == "max_seq_len" and isinstance(value, int) and 0 < value <= fields["max_seq_len"]:
+            fields[key] = value  # a shorter context than the model's changes no weight
+            continue
+        if key not in fields or fields[key] != value:
+            raise ConfigError(f"model.{key} {value!r} conflicts with {source}/config.json "
+                              f"({fields.get(key, 'no such field')!r})")
+    return {**raw, "model": fields}
+
+
+def add_export_parser(sub) -> None:
+    export = sub.add_parser("export", help="write a checkpoint as a Hugging Face model directory")
+    export.add_argument("checkpoint", help="a step_N checkpoint directory, or a checkpoints/ folder (its latest)")
+    export.add_argument("--hf", required=True, metavar="OUT_DIR", help="the Hugging Face directory to write")
+    export.add_argument("--dtype", default="float32", help=f"weights dtype: {', '.join(DTYPES)}")
+    export.add_argument("--shard-mb", type=float, default=5000.0, help="largest shard in MB (default 5000)")
+    export.add_argument("--tokenizer-from", metavar="DIR",
+                        help="copy tokenizer / generation files (and token ids) from this model directory")
+
+
+def run_export(args: argparse.Namespace) -> int:
+    if args.dtype not in DTYPES:
+        raise ConfigError(f"--dtype {args.dtype} is not one of {', '.join(DTYPES)}")
+    if not args.shard_mb > 0:
+        raise ConfigError(f"--shard-mb must be > 0, got {args.shard_mb}")
+    out = export_checkpoint(args.checkpoint, args.hf, max_shard_bytes=int(args.shard_mb * 1e6), dtype=args.dtype,
+                            companions_from=args.tokenizer_from)
+    print(f"wrote {out}")
+    return 0

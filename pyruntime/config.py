@@ -136,7 +136,8 @@ class DataConfig:
     global_batch: int = 16
     """Sequences per optimizer step, summed over all data-parallel ranks (layout-independent)."""
     micro_batch: int = 8
-    """Sequences per forward/backward on one rank; gradients accumulate over micro-batches."""
+    """Sequences per forward/backward on one rank; gradients accumulate over micro-batches. The
+    CLI, when neither a flag nor the file gives it, uses default_micro_batch(global_batch, dp)."""
     val_fraction: float = 0.05
     """Share of the corpus held out for validation."""
     max_bytes: int = 4_000_000
@@ -145,6 +146,14 @@ class DataConfig:
     def validate(self) -> None:
         if self.path is not None and not Path(self.path).is_file():
             raise ConfigError(f"data file not found: {self.path}")
+
+
+def default_micro_batch(global_batch: int, dp: int) -> int:
+    """The micro-batch when none is given: the largest divisor of a dp rank's share of the
+    global batch (global_batch / dp) up to 8, so `--dp 4 --global-batch 16` runs as 4 ranks x
+    1 micro-batch of 4 instead of failing on a fixed 8. That share must be whole (validate())."""
+    per_rank = max(global_batch // max(dp, 1), 1)
+    return max(m for m in range(1, min(8, per_rank) + 1) if per_rank % m == 0)
 
 
 @section("optim", lr=greater_than(0), min_lr_ratio=between(0, 1), warmup_steps=NON_NEGATIVE,

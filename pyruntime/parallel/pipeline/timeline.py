@@ -35,12 +35,12 @@ class Event(Protocol):
 def write_chrome_trace(events: Iterable[Event], path: str | os.PathLike, *, us_per_unit: float = 1000.0,
                        name: str = "pipeline") -> None:
     """Chrome trace JSON (open in https://ui.perfetto.dev or chrome://tracing): one process per
-    rank with a "compute" and a "comm" thread, one complete ("ph": "X") event per action.
-    us_per_unit maps event times to microseconds (default: one cost unit shows as 1 ms)."""
+    pipeline stage (an event's rank) with a "compute" and a "comm" thread, one complete ("ph":
+    "X") event per action. us_per_unit maps event times to microseconds (default: one cost unit shows as 1 ms)."""
     events = list(events)
     trace: list[dict] = []
     for rank in sorted({e.rank for e in events}):
-        trace.append({"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"{name} rank {rank}"}})
+        trace.append({"name": "process_name", "ph": "M", "pid": rank, "args": {"name": f"{name} stage {rank}"}})
         trace.append({"name": "process_sort_index", "ph": "M", "pid": rank, "args": {"sort_index": rank}})
         for tid, thread in enumerate(("compute", "comm")):
             trace.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": tid, "args": {"name": thread}})
@@ -76,10 +76,12 @@ def _text_color(rgb: Sequence[float]) -> str:
 
 
 def draw_timeline(events: Iterable[Event], path: str | os.PathLike, *, pp: int | None = None,
-                  title: str = "", unit: str = "F = 1") -> None:
-    """Gantt chart PNG in the style of the classic pipeline diagrams: one row per rank (rank 0
-    on top), F / B / W boxes in blue / green / orange (later chunks lighter) with the
-    micro-batch number inside; idle time (bubbles, waiting for messages) stays white."""
+                  title: str = "", unit: str = "F = 1", global_ranks: Sequence[int] | None = None) -> None:
+    """Gantt chart PNG in the style of the classic pipeline diagrams: one row per pipeline stage
+    (an event's `rank` is its stage, stage 0 on top), F / B / W boxes in blue / green / orange
+    (later chunks lighter) with the micro-batch number inside; idle time (bubbles, waiting for
+    messages) stays white. global_ranks[s], when given, is the process that ran stage s: rows
+    then read "stage s (rank r)" (in a dp x pp x tp run stage 1 is rarely global rank 1)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.patches import Patch
@@ -105,7 +107,7 @@ def draw_timeline(events: Iterable[Event], path: str | os.PathLike, *, pp: int |
         if size >= 4.5:
             ax.text((e.start + e.end) / 2, e.rank, label, ha="center", va="center", fontsize=size,
                     color=_text_color(color))
-    ax.set_yticks(range(pp), [f"rank {r}" for r in range(pp)])
+    ax.set_yticks(range(pp), stage_labels(pp, global_ranks))
     ax.set_ylim(pp - 0.5, -0.5)
     ax.set_xlim(0, span)
     ax.set_xlabel(f"time ({unit})")
@@ -121,6 +123,14 @@ def draw_timeline(events: Iterable[Event], path: str | os.PathLike, *, pp: int |
     if title:
         ax.set_title(title, fontsize=11)
     fig.savefig(path, bbox_inches="tight")
+
+
+def stage_labels(pp: int, global_ranks: Sequence[int] | None = None) -> list[str]:
+    if global_ranks is None:
+        return [f"stage {s}" for s in range(pp)]
+    if len(global_ranks) != pp:
+        raise ValueError(f"draw_timeline: {len(global_ranks)} global ranks for {pp} stages")
+    return [f"stage {s} (rank {r})" for s, r in enumerate(global_ranks)]
 
 
 def plan_and_draw(schedule: Union[str, Schedule], pp: int, microbatches: int, virtual_stages: int = 1,

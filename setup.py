@@ -78,7 +78,9 @@ setup(
     python_requires=">=3.11",
     # No torch pin: it is a runtime requirement the user satisfies with their own build.
     install_requires=["torch", "numpy", "safetensors"],
-    extras_require={"triton": ["triton"], "plots": ["matplotlib"], "dev": ["pytest", "matplotlib"]},
+    # hf: `tokenize` and `generate` with real subword vocabularies (pyruntime/data/tokenize.py)
+    extras_require={"triton": ["triton"], "plots": ["matplotlib"], "hf": ["tokenizers"],
+                    "dev": ["pytest", "matplotlib", "tokenizers", "transformers"]},
     ext_modules=[_extension()],
     cmdclass={"build_ext": _BuildExt},
     entry_points={"console_scripts": ["pyruntime=pyruntime.cli:main"]},

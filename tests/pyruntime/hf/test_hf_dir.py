@@ -7,7 +7,6 @@ import shutil
 import pytest
 import torch
 
-pytest.importorskip("transformers")
 import transformers  # noqa: E402
 
 from pyruntime.hf.config import HFError  # noqa: E402

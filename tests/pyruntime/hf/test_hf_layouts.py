@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-pytest.importorskip("transformers")
 import transformers  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (requirements-dev.txt)
 
 from pyruntime.hf.config import model_config_from_hf  # noqa: E402
 from pyruntime.model import Transformer  # noqa: E402

@@ -54,3 +54,55 @@ def measure_step_time(rank: int, world_size: int, configs: list[Config], steps: 
         times = sorted(times[warmup:])
         out.append(times[len(times) // 2])
     return out
+
+
+def saved_bytes(model, loss_fn, x, y, params=None) -> tuple[int, int]:
+    """(bytes the model's forward saves for backward, bytes its loss adds), distinct storages,
+    parameters (default: the model's) left out (train/saved_bytes.SavedTensorMeter)."""
+    from pyruntime.train.saved_bytes import SavedTensorMeter
+
+    meter = SavedTensorMeter(exclude=model.parameters() if params is None else params)
+    with meter:
+        out = model(x)
+    body = meter.bytes
+    with meter:
+        loss_fn(out, y)
+    return body, meter.bytes - body
+
+
+def measure_activations(rank: int, world_size: int, configs: list[Config]) -> list[tuple[int, int]]:
+    """Per config: saved_bytes of one micro-batch through this rank's whole model (tp layouts;
+    the trainer's model and loss)."""
+    corpora: dict = {}
+    out = []
+    for cfg in configs:
+        trainer, dims = build_trainer(cfg, rank, world_size, corpora)
+        x, y = trainer.sampler.micro_batches(0, dims.axis_rank("dp"), dims.dp, cfg.data.micro_batch)[0]
+        out.append(saved_bytes(trainer.model, trainer.loss_fn, x, y))
+    return out
+
+
+def measure_chunk(model_cfg, counts: list[int], pp: int, pp_rank: int, batch: int, seq: int,
+                  seed: int = 0) -> list[tuple[int, int]]:
+    """saved_bytes of one micro-batch through each chunk of pipeline rank pp_rank (a model of
+    counts[s] layers per stage, split as the trainer splits it), in one process: a stage only
+    changes which layers run and what its input is."""
+    import torch.nn.functional as F
+
+    from pyruntime.model.llama import Transformer
+    from pyruntime.parallel.pipeline.split import keep_local_stages
+
+    torch.manual_seed(seed)
+    model = Transformer(model_cfg)
+    chunks = keep_local_stages(model, counts, pp, pp_rank, len(counts) // pp)
+    out = []
+    for chunk in chunks:
+        if chunk.is_first:
+            x = torch.randint(0, model_cfg.vocab_size, (batch, seq))
+        else:
+            x = torch.randn(batch, seq, model_cfg.dim, requires_grad=True)
+        y = torch.randint(0, model_cfg.vocab_size, (batch, seq))
+        loss = (lambda o, t: F.cross_entropy(o.flatten(0, 1).float(), t.flatten())) if chunk.is_last \
+            else (lambda o, t: o)
+        out.append(saved_bytes(chunk, loss, x, y, params=list(model.parameters())))
+    return out

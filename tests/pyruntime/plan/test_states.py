@@ -5,8 +5,8 @@ import dataclasses
 
 import pytest
 
-from helpers import tiny_config
-from multiproc import run_world
+from support.configs import tiny_config
+from support.world import run_world
 from pyruntime.config import PRESETS
 from pyruntime.plan.layout import Layout, Workload
 from pyruntime.plan.measure import measure_states
@@ -19,9 +19,11 @@ CASES = [
     *[(2, 1, 2, z, {}, {}) for z in (0, 2, 3)],
     (2, 1, 2, 1, {"schedule": "interleaved", "virtual_stages": 2, "pp_layout": "1,1,1,1"}, {"n_layers": 4}),
     (1, 2, 2, 0, {"pp_layout": "balanced"}, {"n_layers": 3}),
-    (1, 4, 1, 0, {}, {"tie_embeddings": True}),
-    (4, 1, 1, 3, {"bucket_mb": 0.01}, {"tie_embeddings": True}),
-    (4, 1, 1, 2, {"bucket_mb": 0.01}, {"qkv_bias": True, "mlp_bias": True, "o_bias": True}),
+    (2, 2, 1, 0, {}, {"tie_embeddings": True}),
+    (2, 1, 2, 0, {}, {"tie_embeddings": True}),
+    (4, 1, 1, 2, {"bucket_mb": 0.01}, {"tie_embeddings": True}),
+    (4, 1, 1, 3, {}, {"qkv_bias": True, "mlp_bias": True, "o_bias": True}),
+    (2, 2, 1, 1, {"bucket_mb": 0.01}, {"qkv_bias": True, "mlp_bias": True, "o_bias": True}),
     (1, 1, 4, 0, {}, {"n_layers": 5}),
 ]
 

@@ -16,31 +16,23 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from pyruntime.config import Config
 from pyruntime.data import BatchSampler, Corpus, DataError, load_corpus, validation_batches
 from pyruntime.mesh import ParallelDims
-from pyruntime.model import Transformer, count_params, flops_per_token, init_weights
-from pyruntime.comm.overlap import refuse_overlap
-from pyruntime.parallel.data import apply_data_parallel
-from pyruntime.parallel.deferred_init import DeferredInit, check_materialized
-from pyruntime.parallel.pipeline.apply import (build_executor, gather_timeline, pipeline_losses, report_timeline,
-                                               split_model)
-from pyruntime.parallel.tensor import apply_tp, tp_replicas, vocab_parallel_cross_entropy
+from pyruntime.model import count_params, flops_per_token
+from pyruntime.parallel.parallelize import parallelize, meta_model
+from pyruntime.parallel.pipeline.apply import gather_timeline, pipeline_losses, report_timeline
+from pyruntime.parallel.validate import validate as validate_parallel
+from pyruntime.parallel.tensor import tp_replicas
 from pyruntime.train.checkpoint import load_checkpoint, save_checkpoint
+from pyruntime.train.ckpt_dirs import with_resume_resolved
 from pyruntime.hf.export import export_hf
 from pyruntime.parallel.tied import TiedGradientSync
-from pyruntime.train.metrics import MetricsWriter, device_peak_flops, format_step, peak_memory_mb, say
+from pyruntime.log import say
+from pyruntime.train.metrics import MetricsWriter, device_peak_flops, format_step, peak_memory_mb
 from pyruntime.train.optim import clip_grad_norm, lr_at, set_lr
 from pyruntime.train.plot import plot_loss_curve
-
-
-def build_model(cfg: Config, device: torch.device) -> Transformer:
-    """The full reference model, initialised from the seed alone."""
-    model = Transformer(cfg.model)
-    init_weights(model, cfg.model, cfg.train.seed)
-    return model.to(device)
 
 
 def open_corpus(cfg: Config) -> Corpus:
@@ -56,15 +48,12 @@ def open_corpus(cfg: Config) -> Corpus:
     return corpus
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy; logits (B, T, V) upcast so bf16 runs compute it in fp32."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-
-
 class Trainer:
     def __init__(self, cfg: Config, dims: ParallelDims, device: torch.device, *, rank: int = 0,
                  corpus: Corpus | None = None):
         cfg.validate()
+        validate_parallel(cfg)
+        cfg = with_resume_resolved(cfg)  # --resume auto / a run's --out -> its checkpoint, or None
         self.cfg, self.dims, self.device = cfg, dims, device
         self.is_logger = rank == 0 and not cfg.train.quiet
         self.dp_rank = dims.axis_rank("dp")
@@ -74,41 +63,14 @@ class Trainer:
         self.sampler = BatchSampler(corpus.train, seq_len=cfg.data.seq_len,
                                     global_batch=cfg.data.global_batch, seed=cfg.train.seed)
         self.val_tokens = corpus.val
-        # Built on the meta device and shaped for the layout there; the data-parallel engine
-        # then makes this rank's parameters (parallel/deferred_init.py: never the full model).
-        with torch.device("meta"):
-            self.model = Transformer(cfg.model)
-        self.loss_fn = lm_loss
-        # Pipeline first: the model keeps only this rank's stages, which tp then shards and
-        # dp buckets or shards further; parameter names never change.
-        self.pipeline = None
-        if dims.pp > 1:
-            chunks, self.stage_layers = split_model(self.model, cfg, dims)
-        if dims.tp > 1:  # the model now returns vocab-parallel logits: the loss must match
-            overlap = cfg.parallel.tp_overlap
-            if overlap and dims.pp > 1 and cfg.parallel.schedule == "zb":
-                # The overlapped GEMMs differentiate their chunks inside their own backward,
-                # so their weight gradients cannot wait for W (ops/wgrad.py).
-                overlap = refuse_overlap("with the zb schedule (the overlapped GEMMs cannot defer their "
-                                         "weight gradients to W)")
-            apply_tp(self.model, dims, sequence_parallel=cfg.parallel.sequence_parallel, overlap=overlap)
-            self.loss_fn = functools.partial(vocab_parallel_cross_entropy, tp_group=dims.group("tp"),
-                                             vocab_size=cfg.model.vocab_size, backend=cfg.model.kernels)
-        # After tp (it shards what dp then buckets or shards further); owns the optimizer.
-        init = DeferredInit(self.model, cfg.model, cfg.train.seed, dims.group("tp"), device,
-                            draw=not cfg.train.resume)  # fit() loads every value from the checkpoint
-        if cfg.train.init_from and not cfg.train.resume:  # values read from a Hugging Face directory
-            from pyruntime.hf.load import hf_init
-            init = hf_init(self.model, cfg, dims.group("tp"), device)
-        self.data_parallel = apply_data_parallel(self.model, dims, cfg, verbose=self.is_logger, init=init)
-        check_materialized(self.model)
+        # Built on the meta device; parallelize() keeps this rank's stages, shards them and
+        # has the data-parallel engine make the parameters (never the full model).
+        par = parallelize(meta_model(cfg), dims, cfg, device, draw=not cfg.train.resume,  # resume loads every value
+                          log=functools.partial(say, enabled=self.is_logger))
+        self.model, self.data_parallel, self.pipeline = par.model, par.engine, par.executor
+        self.loss_fn, self.autocast, self.stage_layers = par.loss_fn, par.autocast, par.stage_layers
         self.optimizer = self.data_parallel.optimizer
         self.tied_sync = TiedGradientSync(self.model, cfg, dims.group("pp") if dims.pp > 1 else None, dims.tp, device)
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
-                         else torch.autocast("cpu", enabled=False))
-        if dims.pp > 1:
-            self.pipeline = build_executor(chunks, self.model, cfg, dims, device, self.loss_fn,
-                                           self.data_parallel, self.autocast)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(device)
 

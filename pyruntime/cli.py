@@ -7,51 +7,58 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import os
+import shlex
 import sys
+from pathlib import Path
 
-from pyruntime.config import Config, ConfigError, config_from_dict, load_config_file
+from pyruntime.config import SECTIONS, Config, ConfigError, config_from_dict, default_micro_batch, load_config_file
 from pyruntime.data import DataError
+from pyruntime.data.tokenize import add_tokenize_parser, run_tokenize
 from pyruntime.hf.cli import add_export_parser, model_from_init_dir, run_export
-from pyruntime.train.checkpoint import CheckpointError
+from pyruntime.schema import flag_type
+from pyruntime.train.ckpt_dirs import CheckpointError
+from pyruntime.train.faults import IOFault, describe_os_error
 from pyruntime.mesh import ParallelDims
+from pyruntime.parallel.validate import validate as validate_parallel
 
-# flag -> (section, field, type, help)
+# flag -> (section, field, help); the value's type is the field's annotation (schema.flag_type)
 TRAIN_FLAGS = {
-    "--preset": ("train", "preset", str, "model preset: tiny, small, 1b, 7b, 13b, 70b"),
-    "--steps": ("train", "steps", int, "optimizer steps"),
-    "--seed": ("train", "seed", int, "seed for weights and data order"),
-    "--out": ("train", "out", str, "output directory (metrics, loss curve)"),
-    "--metrics": ("train", "metrics", str, "JSON-lines metrics file (default OUT/metrics.jsonl)"),
-    "--eval-every": ("train", "eval_every", int, "validation loss every N steps (0: never)"),
-    "--eval-batches": ("train", "eval_batches", int, "validation batches (of the global batch size, split over dp) per evaluation"),
-    "--log-every": ("train", "log_every", int, "print a log line every N steps"),
-    "--global-batch": ("data", "global_batch", int, "sequences per step, over all dp ranks"),
-    "--micro-batch": ("data", "micro_batch", int, "sequences per forward/backward"),
-    "--seq-len": ("data", "seq_len", int, "tokens per sequence"),
-    "--data": ("data", "path", str, "text file, or .bin/.u16 uint16 token file (default: embedded corpus)"),
-    "--lr": ("optim", "lr", float, "peak learning rate"),
-    "--warmup": ("optim", "warmup_steps", int, "linear warm-up steps"),
-    "--grad-clip": ("optim", "grad_clip", float, "global gradient-norm clip (0: off)"),
-    "--kernels": ("model", "kernels", str, "kernel backend: auto, triton, cpp, reference"),
-    "--dp": ("parallel", "dp", int, "data-parallel ranks (default: world size / (pp x tp))"),
-    "--pp": ("parallel", "pp", int, "pipeline stages"),
-    "--tp": ("parallel", "tp", int, "tensor-parallel ranks"),
-    "--zero": ("parallel", "zero", int, "ZeRO stage over dp: 0 (DDP), 1, 2, 3 (fully sharded)"),
-    "--bucket-mb": ("parallel", "bucket_mb", float, "gradient bucket size in MB (zero 0-2)"),
-    "--schedule": ("parallel", "schedule", str, "pipeline schedule: naive, gpipe, 1f1b, interleaved, zb"),
-    "--virtual-stages": ("parallel", "virtual_stages", int, "model chunks per pipeline rank (interleaved)"),
-    "--pp-layout": ("parallel", "pp_layout", str, "layers per stage: even, balanced or counts like 4,4,3,5"),
-    "--mesh-order": ("parallel", "mesh_order", str, "rank-grid axis order, outermost first (default dp,pp,tp)"),
-    "--timeline": ("train", "timeline", str, "pp: write the measured pipeline timeline (PNG, Chrome trace) here"),
-    "--save-every": ("train", "save_every", int, "checkpoint every N steps into OUT/checkpoints (0: never)"),
-    "--resume": ("train", "resume", str, "continue from this checkpoint (a step_N dir, or a checkpoints dir)"),
-    "--peer-timeout": ("train", "peer_timeout_s", float,
+    "--preset": ("train", "preset", "model preset: tiny, small, 1b, 7b, 13b, 70b"),
+    "--steps": ("train", "steps", "optimizer steps"),
+    "--seed": ("train", "seed", "seed for weights and data order"),
+    "--out": ("train", "out", "output directory (metrics, loss curve)"),
+    "--metrics": ("train", "metrics", "JSON-lines metrics file (default OUT/metrics.jsonl)"),
+    "--eval-every": ("train", "eval_every", "validation loss every N steps (0: never)"),
+    "--eval-batches": ("train", "eval_batches", "validation batches (of the global batch size, split over dp) per evaluation"),
+    "--log-every": ("train", "log_every", "print a log line every N steps"),
+    "--global-batch": ("data", "global_batch", "sequences per step, over all dp ranks"),
+    "--micro-batch": ("data", "micro_batch", "sequences per forward/backward"),
+    "--seq-len": ("data", "seq_len", "tokens per sequence"),
+    "--data": ("data", "path", "text file, or .bin/.u16 uint16 token file (default: embedded corpus)"),
+    "--lr": ("optim", "lr", "peak learning rate"),
+    "--warmup": ("optim", "warmup_steps", "linear warm-up steps"),
+    "--grad-clip": ("optim", "grad_clip", "global gradient-norm clip (0: off)"),
+    "--kernels": ("model", "kernels", "kernel backend: auto, triton, cpp, reference"),
+    "--dp": ("parallel", "dp", "data-parallel ranks (default: world size / (pp x tp))"),
+    "--pp": ("parallel", "pp", "pipeline stages"),
+    "--tp": ("parallel", "tp", "tensor-parallel ranks"),
+    "--zero": ("parallel", "zero", "ZeRO stage over dp: 0 (DDP), 1, 2, 3 (fully sharded)"),
+    "--bucket-mb": ("parallel", "bucket_mb", "gradient bucket size in MB (zero 0-2)"),
+    "--schedule": ("parallel", "schedule", "pipeline schedule: naive, gpipe, 1f1b, interleaved, zb"),
+    "--virtual-stages": ("parallel", "virtual_stages", "model chunks per pipeline rank (interleaved)"),
+    "--pp-layout": ("parallel", "pp_layout", "layers per stage: even, balanced or counts like 4,4,3,5"),
+    "--mesh-order": ("parallel", "mesh_order", "rank-grid axis order, outermost first (default dp,pp,tp)"),
+    "--timeline": ("train", "timeline", "pp: write the measured pipeline timeline (PNG, Chrome trace) here"),
+    "--save-every": ("train", "save_every", "checkpoint every N steps into OUT/checkpoints (0: never)"),
+    "--resume": ("train", "resume", "continue from this checkpoint (a step_N dir, or a checkpoints dir)"),
+    "--peer-timeout": ("train", "peer_timeout_s",
                        "seconds without a heartbeat before a rank is reported lost and all exit"),
-    "--init-from": ("train", "init_from", str, "start from a Hugging Face model directory (config.json + safetensors)"),
-    "--export-hf": ("train", "export_hf", str, "after the last step, write a Hugging Face model directory here"),
-    "--export-dtype": ("train", "export_dtype", str, "dtype of --export-hf weights: float32, bfloat16, float16"),
-    "--export-shard-mb": ("train", "export_shard_mb", float, "largest --export-hf shard in MB (default 5000)"),
+    "--init-from": ("train", "init_from", "start from a Hugging Face model directory (config.json + safetensors)"),
+    "--export-hf": ("train", "export_hf", "after the last step, write a Hugging Face model directory here"),
+    "--export-dtype": ("train", "export_dtype", "dtype of --export-hf weights: float32, bfloat16, float16"),
+    "--export-shard-mb": ("train", "export_shard_mb", "largest --export-hf shard in MB (default 5000)"),
 }
 
 class OneLineParser(argparse.ArgumentParser):
@@ -70,8 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="overlap the sequence-parallel collectives with the GEMMs (needs --sp)")
     train.add_argument("--microbatches", type=int, default=None,
                        help="micro-batches per step per dp rank (sets the micro-batch size)")
-    for flag, (_, _, typ, help_) in TRAIN_FLAGS.items():
-        train.add_argument(flag, type=typ, default=None, help=help_)
+    for flag, (section, name, help_) in TRAIN_FLAGS.items():
+        train.add_argument(flag, type=flag_type(SECTIONS[section], name), default=None, help=help_)
     sched = sub.add_parser("schedule", help="draw a planned pipeline schedule (no training)")
     sched.add_argument("--pp", type=int, required=True, help="pipeline ranks")
     sched.add_argument("--microbatches", type=int, required=True, help="micro-batches per step")
@@ -84,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
                            "(`bench --help` lists the suites)")
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     add_export_parser(sub)
+    add_tokenize_parser(sub)
     demo = sub.add_parser("demo", help="train the tiny preset on the embedded corpus")
     demo.add_argument("--steps", type=int, default=200)
     demo.add_argument("--out", default="runs/demo")
@@ -93,8 +101,11 @@ def build_parser() -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace, world_size: int) -> Config:
     """Defaults < --config file < flags; then the layout is completed and validated."""
     raw = load_config_file(args.config) if args.config else {}
-    raw = {k: dict(v) for k, v in raw.items()} if raw else {}
-    for flag, (section, name, _, _) in TRAIN_FLAGS.items():
+    for name, section in raw.items():  # flags are merged into the sections below
+        if name in SECTIONS and not isinstance(section, dict):
+            raise ConfigError(f"config section '{name}' must be a table/object, got {section!r}")
+    raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
+    for flag, (section, name, _) in TRAIN_FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
             raw.setdefault(section, {})[name] = value
@@ -106,11 +117,16 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> Config:
         raw.setdefault("parallel", {})["tp_overlap"] = True
     raw = model_from_init_dir(raw)  # --init-from: the model section is the directory's
     cfg = config_from_dict(raw)
+    cfg.parallel.validate()  # sizes first: the arithmetic below divides by them
+    cfg.data.validate()
     par = cfg.parallel
     if "dp" not in raw.get("parallel", {}) and par.pp >= 1 and par.tp >= 1:
         if world_size % (par.pp * par.tp) == 0:
             par = dataclasses.replace(par, dp=world_size // (par.pp * par.tp))
             cfg = dataclasses.replace(cfg, parallel=par)
+    if args.microbatches is None and "micro_batch" not in raw.get("data", {}):
+        mb = default_micro_batch(cfg.data.global_batch, par.dp)
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, micro_batch=mb))
     if args.microbatches is not None:  # micro-batches per step per dp rank -> micro-batch size
         per_rank, m = cfg.data.global_batch // max(par.dp, 1), args.microbatches
         if m < 1 or cfg.data.global_batch % par.dp or per_rank % m:
@@ -118,6 +134,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> Config:
                               f"dp {par.dp} x {m} micro-batches")
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, micro_batch=per_rank // m))
     cfg.validate()
+    validate_parallel(cfg)  # each parallelism's rules (tp divides the heads, pp splits the layers, ...)
     ParallelDims.from_config(cfg.parallel, world_size)  # raises if the layout does not fit the world
     return cfg
 
@@ -129,16 +146,21 @@ def run_train(args: argparse.Namespace) -> int:
     from pyruntime.mesh import Launch, default_device, init_distributed
     from pyruntime.train.trainer import Trainer, open_corpus
 
+    from pyruntime.train.preflight import check_run
+
     launch = Launch.from_env()
     cfg = config_from_args(args, launch.world_size)
+    check_outputs(cfg, quiet=cfg.train.quiet or launch.rank != 0)
     dims = ParallelDims.from_config(cfg.parallel, launch.world_size)
-    corpus = open_corpus(cfg)  # data errors surface here, before any collective
     device = default_device(launch)
+    cfg = check_run(cfg, device)  # paths, kernels, the checkpoint to resume from
+    corpus = open_corpus(cfg)  # data errors surface here, before any collective
     init_distributed(launch, device)
     try:
         dims.build_mesh(device.type)
         # A peer that dies mid-step must not leave this rank waiting forever in a collective.
-        with watch_peers(launch.rank, launch.world_size, cfg.train.peer_timeout_s, dims.coords):
+        with watch_peers(launch.rank, launch.world_size, cfg.train.peer_timeout_s, dims.coords,
+                         describe_error=user_error):
             Trainer(cfg, dims, device, rank=launch.rank, corpus=corpus).fit()
     finally:
         dist.destroy_process_group()
@@ -152,11 +174,12 @@ def run_demo(args: argparse.Namespace) -> int:
     the measured pipeline timeline and the loss curve into --out."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "8", "--log-dir", "",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "8",
            "-m", "pyruntime", "train", "--preset", "tiny", "--steps", str(args.steps), "--out", args.out,
            "--dp", "2", "--pp", "2", "--tp", "2", "--sp", "--zero", "1", "--schedule", "1f1b",
            "--microbatches", "4", "--eval-every", "50", "--log-every", "10", "--timeline", args.out]
-    print("demo: " + " ".join(cmd[2:]), flush=True)
+    # Quoted so the line pastes back into a shell as it is (paths with spaces included).
+    print("demo: OMP_NUM_THREADS=1 " + shlex.join(cmd), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.call(cmd, env=env)
 
@@ -165,6 +188,8 @@ def run_schedule(args: argparse.Namespace) -> int:
     """Simulate a named schedule with unit costs; print bubbles and write the pictures."""
     from pyruntime.parallel.pipeline.timeline import plan_and_draw
 
+    if args.png:
+        require_matplotlib("schedule --png")
     try:
         res = plan_and_draw(args.schedule, args.pp, args.microbatches, args.virtual_stages,
                             png=args.png, trace=args.trace)
@@ -178,6 +203,34 @@ def run_schedule(args: argparse.Namespace) -> int:
         if path:
             print(f"wrote {path}")
     return 0
+
+
+def require_matplotlib(what: str) -> None:
+    """matplotlib is the optional "plots" extra: a run that asks for a picture checks for it
+    before any work (find_spec imports nothing), never after training."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError(f'{what} needs matplotlib, which is not installed: pip install "pyruntime[plots]" '
+                          "(or pip install matplotlib)")
+
+
+def check_outputs(cfg: Config, quiet: bool) -> None:
+    """Before training: --timeline needs matplotlib and a writable directory; the loss curve is
+    only skipped without matplotlib (said once, here, not discovered after the last step)."""
+    if cfg.train.timeline:
+        if cfg.parallel.pp < 2:
+            raise ConfigError(f"--timeline draws the measured pipeline schedule: it needs --pp >= 2, got pp "
+                              f"{cfg.parallel.pp}")
+        require_matplotlib("--timeline")
+        path = Path(cfg.train.timeline)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"--timeline {path}: cannot create the directory ({e.strerror or e})") from None
+        if not os.access(path, os.W_OK | os.X_OK):
+            raise ConfigError(f"--timeline {path}: the directory is not writable")
+    if not quiet and importlib.util.find_spec("matplotlib") is None:
+        print(f'pyruntime: matplotlib is not installed, so {Path(cfg.train.out) / "loss.png"} will not be '
+              'written (pip install "pyruntime[plots]")', file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -195,13 +248,29 @@ def main(argv: list[str] | None = None) -> int:
             return run_schedule(args)
         if args.command == "export":
             return run_export(args)
+        if args.command == "tokenize":
+            return run_tokenize(args)
         if args.command == "bench":
             from pyruntime.bench import run
             return run(args.bench_args)
-    except (ConfigError, DataError, CheckpointError) as e:
-        print(f"pyruntime: error: {e}", file=sys.stderr)
+    except USER_ERRORS + (OSError,) as e:
+        print(f"pyruntime: error: {user_error(e)[1]}", file=sys.stderr)
         return 2
     return 1
+
+
+# Errors that are the user's to fix (bad input, a full disk): one line, exit 2, on every rank
+# (the watchdog gives the line to the peers of the rank that raised it).
+USER_ERRORS = (ConfigError, DataError, CheckpointError, IOFault)
+
+
+def user_error(e: BaseException) -> tuple[int, str] | None:
+    """(exit code, one line) for a user-facing error, None for anything else (a bug)."""
+    if isinstance(e, USER_ERRORS):
+        return 2, " ".join(str(e).split())
+    if isinstance(e, OSError):  # a file operation no `writing` block named: its path and cause
+        return 2, describe_os_error(e)
+    return None
 
 
 if __name__ == "__main__":

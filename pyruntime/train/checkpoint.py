@@ -39,7 +39,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import shutil
 import warnings
 import zlib
@@ -51,13 +50,14 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from pyruntime.config import ModelConfig
+from pyruntime.train.ckpt_dirs import (META, CheckpointError, WatchedFileSystem, commit, failed_save, fsync_dir,
+                                       resolve_checkpoint)
 from pyruntime.model.llama import reference_shapes
+from pyruntime.train.faults import os_cause
 from pyruntime.parallel.tensor.unshard import full_tensors, local_shards, tp_param_specs
 
 FORMAT = "pyruntime-checkpoint"
 VERSION = 1
-META = "meta.json"
-LATEST = "latest"
 # State entry -> key prefix in the checkpoint (entries as the engines' export_local_state).
 PREFIXES = {"param": "model.", "exp_avg": "optim.exp_avg.", "exp_avg_sq": "optim.exp_avg_sq."}
 SCALARS = ("train.step", "optim.step")
@@ -68,11 +68,6 @@ DCP_ERRORS = (Exception, dcp.CheckpointException)
 MODEL_FIELDS = ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "rope_theta", "norm_eps",
                 "head_size", "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
                 "rope_original_max_seq_len", "qkv_bias", "o_bias", "mlp_bias", "tie_embeddings", "sliding_window")
-_STEP_DIR = re.compile(r"step_(\d+)$")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint or weights file that cannot be used; the message is one line naming it."""
 
 
 # -- helpers ---------------------------------------------------------------------------------
@@ -106,28 +101,6 @@ def _agree(trainer, error: str | None, what: str) -> None:
     bad = flags.nonzero().flatten().tolist()
     if bad:
         raise CheckpointError(f"{what} failed on rank(s) {bad}; see their error")
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # a platform without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Replace `path` by a file holding `text`: readers see the old or the new file, whole."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 def _full_state(trainer, moments: bool = True) -> dict[str, dict[str, torch.Tensor]]:
@@ -179,77 +152,70 @@ def save_checkpoint(trainer, directory: str | os.PathLike, step: int, *, keep: i
     checksums = {key: _crc(t) for key, t in state.items()
                  if key.startswith("rng.") or zlib.crc32(key.encode()) % slots == slot}
 
+    cause = None
     if rank == 0:
-        directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob("step_*.tmp"):  # left by a save that crashed: never loadable
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir()
-    dist.barrier()
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            for stale in directory.glob("step_*.tmp"):  # left by a save that crashed: never loadable
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir()
+        except OSError as e:
+            cause = f"cannot create {e.filename or tmp}: {os_cause(e) or e}"
+    _agree_on_cause(trainer, cause, tmp, directory)  # in place of a barrier
+    writer = dcp.FileSystemWriter(tmp)
+    writer.fs = WatchedFileSystem()
     try:
-        dcp.save(state, storage_writer=dcp.FileSystemWriter(tmp))
+        dcp.save(state, storage_writer=writer)
     except DCP_ERRORS as e:  # noqa: BLE001 - DCP coordinates: every rank gets here together
-        raise CheckpointError(f"saving checkpoint {tmp} failed: {_one_line(e)}") from None
+        cause = writer.fs.cause or _one_line(e)
     del state
+    _agree_on_cause(trainer, cause, tmp, directory)
     gathered = [None] * world if rank == 0 else None
     dist.gather_object(checksums, gathered, dst=0)
     if rank == 0:
-        meta = {"format": FORMAT, "version": VERSION, "step": step,
-                "optimizer_steps": trainer.data_parallel.optimizer_steps(),
-                "model": dataclasses.asdict(trainer.cfg.model),
-                "layout": {**dataclasses.asdict(trainer.cfg.parallel), "world_size": world},
-                "cuda_rng": cuda_rng, "torch": torch.__version__,
-                "checksums": {k: v for part in gathered for k, v in sorted(part.items())}}
-        with open(tmp / META, "w") as f:  # last: its presence marks the checkpoint complete
-            json.dump(meta, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
-        _commit(directory, tmp, final, keep)
-    dist.barrier()  # every rank returns once the checkpoint is in place
+        try:
+            _finish_save(trainer, tmp, final, keep, step, gathered, cuda_rng)
+        except OSError as e:
+            cause = os_cause(e) or str(e)
+    _agree_on_cause(trainer, cause, tmp, directory)  # every rank returns once the checkpoint is in place
     return final
 
 
-def _commit(directory: Path, tmp: Path, final: Path, keep: int | None) -> None:
-    """Rank 0: make tmp the checkpoint `final`, point latest at it, prune old ones."""
-    old = None
-    if final.exists():  # saving the same step again: move the old copy aside, drop it after
-        old = final.with_name(final.name + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
-    _fsync_dir(directory)
-    _write_atomic(directory / LATEST, final.name + "\n")
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    if keep is not None:
-        complete = sorted((int(m.group(1)), p) for p in directory.iterdir()
-                          if (m := _STEP_DIR.match(p.name)) and (p / META).is_file())
-        for _, p in complete[:-keep]:
-            if p != final:
-                shutil.rmtree(p, ignore_errors=True)
+def _agree_on_cause(trainer, cause: str | None, tmp: Path, directory: Path) -> None:
+    """If a save failed on any rank (full or read-only disk, EIO), raise the same one line on
+    every rank: the first cause a rank's own OSError named (DCP's pickled copies of other
+    ranks' errors lose theirs), after rank 0 removed the partial save and checked which
+    complete checkpoint stands. A collective over the world."""
+    causes: list = [None] * dist.get_world_size()
+    dist.all_gather_object(causes, cause)
+    failed = [c for c in causes if c is not None]
+    if not failed:
+        return
+    best = next((c for c in failed if "(E" in c), failed[0])  # one naming an errno, if any
+    message = failed_save(tmp, directory, best) if dist.get_rank() == 0 else None
+    shared = [message]
+    dist.broadcast_object_list(shared, src=0)
+    raise CheckpointError(shared[0])
+
+
+def _finish_save(trainer, tmp: Path, final: Path, keep, step: int, gathered, cuda_rng: bool) -> None:
+    """Rank 0: meta.json (last: its presence marks the checkpoint complete), then commit."""
+    world = dist.get_world_size()
+    meta = {"format": FORMAT, "version": VERSION, "step": step,
+            "optimizer_steps": trainer.data_parallel.optimizer_steps(),
+            "model": dataclasses.asdict(trainer.cfg.model),
+            "layout": {**dataclasses.asdict(trainer.cfg.parallel), "world_size": world},
+            "cuda_rng": cuda_rng, "torch": torch.__version__,
+            "checksums": {k: v for part in gathered for k, v in sorted(part.items())}}
+    with open(tmp / META, "w") as f:
+        json.dump(meta, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(tmp)
+    commit(tmp.parent, tmp, final, keep)
 
 
 # -- load ------------------------------------------------------------------------------------
-def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """The complete checkpoint directory `path` names: a step_<N> directory, or a folder of
-    them (then the one its `latest` file names). Raises CheckpointError."""
-    p = Path(path)
-    if not p.exists():
-        raise CheckpointError(f"no checkpoint at {p}")
-    if (p / LATEST).is_file():
-        name = (p / LATEST).read_text().strip()
-        if not name or not (p / name).is_dir():
-            raise CheckpointError(f"{p / LATEST} names '{name}', which is not a directory in {p}")
-        p = p / name
-    if p.name.endswith(".tmp"):  # never renamed: its save did not finish, whatever it holds
-        raise CheckpointError(f"incomplete checkpoint {p}: an unfinished save (no step_<N> rename)")
-    if not (p / META).is_file():
-        if p.is_dir() and (_STEP_DIR.match(p.name) or (p / ".metadata").exists()):
-            raise CheckpointError(f"incomplete checkpoint {p}: no {META} (its save did not finish)")
-        raise CheckpointError(f"{p} is not a checkpoint: no {META}, no {LATEST} file")
-    return p
-
-
 def read_meta(ckpt: Path) -> dict[str, Any]:
     try:
         meta = json.loads((ckpt / META).read_text())

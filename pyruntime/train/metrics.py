@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import resource
-import sys
 from pathlib import Path
 
 import torch
+
+from pyruntime.train.faults import IOFault, writing
 
 # Dense bf16 tensor-core peak (FLOP/s) by device-name fragment; MFU is only shown where known.
 PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
@@ -42,27 +44,40 @@ def format_step(rec: dict, total_steps: int) -> str:
 
 
 class MetricsWriter:
-    """Writes one JSON object per step (rank 0 only; other ranks pass enabled=False)."""
+    """Writes one JSON object per step (rank 0 only; other ranks pass enabled=False).
+
+    Each line goes down in one unbuffered write, so nothing waits in a buffer; a failed write
+    (full disk, read-only mount, EIO) is cut back to the last whole line and raised as one
+    IOFault line, so a resumed run appending to the file never reads half a record."""
 
     def __init__(self, path: Path, enabled: bool, append: bool = False):
-        self.enabled = enabled
+        self.enabled, self.path = enabled, path
         self.records: list[dict] = []
         self._file = None
         if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(path, "a" if append else "w")  # append: a resumed run continues the file
+            with writing("metrics file", path):
+                path.parent.mkdir(parents=True, exist_ok=True)
+                # append: a resumed run continues the file
+                self._file = open(path, "ab" if append else "wb", buffering=0)
 
     def write(self, rec: dict) -> None:
         self.records.append(rec)
-        if self._file is not None:
-            self._file.write(json.dumps(rec) + "\n")
-            self._file.flush()
+        if self._file is None:
+            return
+        data = (json.dumps(rec) + "\n").encode()
+        start = self._file.tell()
+        try:
+            with writing("metrics file", self.path):
+                view = memoryview(data)
+                while view:
+                    view = view[self._file.write(view):]
+        except IOFault:
+            try:
+                os.ftruncate(self._file.fileno(), start)
+            except OSError:  # not a regular file (a pipe, /dev/full): nothing to cut back
+                pass
+            raise
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
-
-
-def say(msg: str, enabled: bool = True) -> None:
-    if enabled:
-        print(msg, file=sys.stdout, flush=True)

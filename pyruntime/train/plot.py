@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pyruntime.train.faults import writing
+
 
 def plot_loss_curve(records: list[dict], path: Path, title: str) -> Path | None:
     """Train loss per step and validation loss where measured. None if matplotlib is missing."""
@@ -23,8 +25,11 @@ def plot_loss_curve(records: list[dict], path: Path, title: str) -> Path | None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
+    try:
+        with writing("loss curve", path):  # a full disk: one line, not a traceback
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fig.savefig(path)
+    finally:
+        plt.close(fig)
     return path

@@ -1,7 +1,7 @@
 """Checkpoints: exact same-layout resume, resharding across dp / tp / sequence parallel / ZeRO
 stages, crash safety, safetensors export / import, and one-line errors for bad input.
 
-One 4-rank world (tests/ckpt_workers.py) does every multi-rank case; single-process training
+One 4-rank world (tests/ckpt_world.py) does every multi-rank case; single-process training
 (every layout reproduces it within 1e-5) is the reference they are compared with."""
 from __future__ import annotations
 
@@ -21,9 +21,9 @@ from pyruntime.train.checkpoint import (CheckpointError, export_safetensors, imp
                                         save_checkpoint)
 from pyruntime.train.trainer import Trainer
 
-from ckpt_workers import MODEL, RESUMERS, SAVE_AT, SECOND_SAVE, STEPS, config, losses, world_run
-from dp_cases import assert_losses_match
-from multiproc import run_world
+from support.ckpt_world import MODEL, RESUMERS, SAVE_AT, SECOND_SAVE, STEPS, config, losses, world_run
+from support.dp_cases import assert_losses_match
+from support.world import run_world
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +149,7 @@ def test_crash_while_saving_keeps_the_previous_checkpoint(out, dims, monkeypatch
     def crash(*_args):
         raise KeyboardInterrupt("power cut")
     losses(t, 4, 6)
-    monkeypatch.setattr(ckpt_mod, "_commit", crash)  # everything written, nothing renamed yet
+    monkeypatch.setattr(ckpt_mod, "commit", crash)  # everything written, nothing renamed yet
     with pytest.raises(KeyboardInterrupt):
         save_checkpoint(t, root, 6)
     monkeypatch.undo()

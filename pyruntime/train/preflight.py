@@ -1,0 +1,90 @@
+"""Start-up checks of what a run will need beyond its config, before any process group:
+the directories and files it writes, the checkpoint it resumes from and the kernel backend
+it asked for. Each failure is one ConfigError / CheckpointError line naming the path or the
+flag, so nothing fails after training started (or, worse, after the first collective).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from pyruntime.config import Config, ConfigError
+from pyruntime.train.ckpt_dirs import CHECKPOINTS, with_resume_resolved
+from pyruntime.train.faults import os_cause
+
+
+def check_run(cfg: Config, device: torch.device) -> Config:
+    """cfg with --resume resolved (see ckpt_dirs.resolve_resume), after every check passed."""
+    check_kernels(cfg.model.kernels, device)
+    t = cfg.train
+    writable_dir(Path(t.out), "output directory (--out)")
+    if t.save_every or t.resume == "auto":
+        writable_dir(Path(t.out) / CHECKPOINTS, "checkpoint directory")
+    writable_file(cfg.metrics_path, "metrics file (--metrics)")
+    if t.export_hf:
+        writable_dir(Path(t.export_hf), "export directory (--export-hf)")
+    cfg = with_resume_resolved(cfg)
+    if cfg.train.resume:
+        from pyruntime.train.checkpoint import check_model, read_meta
+
+        ckpt = Path(cfg.train.resume)
+        check_model(read_meta(ckpt).get("model", {}), cfg.model, f"checkpoint {ckpt}:")
+    return cfg
+
+
+def check_kernels(requested: str, device: torch.device) -> None:
+    """An explicit --kernels choice every op of the model can honour on `device`."""
+    if requested == "auto":
+        return
+    from pyruntime.ops import cross_entropy, dispatch, linear, rmsnorm, swiglu
+
+    for op, module in (("rms_norm", rmsnorm), ("swiglu", swiglu), ("linear", linear),
+                       ("cross_entropy", cross_entropy)):
+        try:
+            dispatch.choose(op, requested, device, candidates=module.CANDIDATES)
+        except (dispatch.BackendUnavailable, ValueError) as e:
+            raise ConfigError(f"--kernels {requested} (model.kernels) cannot run here: {e}") from None
+
+
+def _blocking_file(path: Path) -> Path | None:
+    """The first ancestor of `path` that exists and is not a directory, if any."""
+    for parent in [path, *path.parents]:
+        if parent.exists():
+            return None if parent.is_dir() else parent
+    return None
+
+
+def writable_dir(path: Path, what: str) -> None:
+    """`path` is (or can be made) a directory this process can create files in."""
+    blocker = _blocking_file(path)
+    if blocker is not None:
+        where = "is a file" if blocker == path else f"is under {blocker}, which is a file"
+        raise ConfigError(f"{what} {path} {where}; give a directory")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot create {what} {path}: {os_cause(e) or e}") from None
+    probe = path / f".pyruntime-probe-{os.getpid()}"
+    try:  # os.access says yes to root on a read-only bind mount: try it
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{what} {path} is not writable: {os_cause(e) or e}") from None
+
+
+def writable_file(path: Path, what: str) -> None:
+    """`path` can be opened for writing (created empty if missing; an existing file is left
+    as it is) in a directory that exists or can be made."""
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory; give a file name")
+    blocker = _blocking_file(path.parent)
+    if blocker is not None:
+        raise ConfigError(f"{what} {path} is under {blocker}, which is a file; give a path in a directory")
+    writable_dir(path.parent, f"directory of the {what}")
+    try:
+        with open(path, "ab"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{what} {path} is not writable: {os_cause(e) or e}") from None

@@ -30,43 +30,56 @@ class Device:
     inter_bw: float
     """Bytes/s per direction to a GPU of another node."""
     source: str
+    mem_bw: float = 2e12
+    """Bytes/s of device memory (the optimizer step is bound by it)."""
     latency: float = 10e-6
     """Seconds per collective / message before bandwidth counts (a typical NCCL small-message
     latency; `--calibrate` measures it)."""
     gemm_efficiency: float = 0.6
     """Fraction of peak_flops a large training GEMM sustains (MFU reports of Megatron-LM and
     torchtitan on H100 / A100 are 0.4-0.6 for whole steps); `--calibrate` measures it."""
+    block_overhead: float = 100e-6
+    """Seconds per block and micro-batch (forward + backward) that do no arithmetic: op
+    dispatch and kernel launches (~40 kernels of a few microseconds); calibrated on CPU, where
+    it dominates small models."""
+    cuda: bool = True
+    """Whether the trainer runs it with bf16 autocast (activations 2 bytes, ZeRO-3 units bf16)."""
 
 
 _NDR, _HDR, _EDR = 50 * GB, 25 * GB, 12.5 * GB  # InfiniBand 400 / 200 / 100 Gb/s per GPU
 
+def _gpu(name: str, memory_gb: float, tflops: float, intra_gbs: float, inter: float, hbm_tbs: float,
+         source: str) -> Device:
+    return Device(name, memory_gb * GB, tflops * TB, intra_gbs * GB, inter, source, mem_bw=hbm_tbs * TB)
+
+
 DEVICES: dict[str, Device] = {d.name: d for d in (
-    Device("h100", 80 * GB, 989 * TB, 450 * GB, _NDR,
-           "NVIDIA H100 Tensor Core GPU datasheet (SXM5): 80 GB HBM3, BF16 1,979 TFLOPS with sparsity "
-           "(989 dense), NVLink 900 GB/s; DGX H100: 8x ConnectX-7 400 Gb/s"),
-    Device("h100-nvl", 94 * GB, 835 * TB, 300 * GB, _NDR,
-           "NVIDIA H100 datasheet (H100 NVL): 94 GB, BF16 1,671 TFLOPS with sparsity (835 dense), NVLink bridge "
-           "600 GB/s"),
-    Device("gh200", 96 * GB, 989 * TB, 450 * GB, _NDR,
-           "NVIDIA GH200 Grace Hopper Superchip datasheet: 96 GB HBM3, BF16 1,979 TFLOPS with sparsity "
-           "(989 dense), NVLink 900 GB/s"),
-    Device("h200", 141 * GB, 989 * TB, 450 * GB, _NDR,
-           "NVIDIA H200 Tensor Core GPU datasheet (SXM): 141 GB HBM3e, BF16 1,979 TFLOPS with sparsity "
-           "(989 dense), NVLink 900 GB/s"),
-    Device("a100", 80 * GB, 312 * TB, 300 * GB, _HDR,
-           "NVIDIA A100 Tensor Core GPU datasheet (80GB SXM): BF16 312 TFLOPS dense, NVLink 600 GB/s; "
-           "DGX A100: 8x ConnectX-6 200 Gb/s"),
-    Device("a100-40gb", 40 * GB, 312 * TB, 300 * GB, _HDR,
-           "NVIDIA A100 Tensor Core GPU datasheet (40GB SXM): BF16 312 TFLOPS dense, NVLink 600 GB/s"),
-    Device("v100", 32 * GB, 125 * TB, 150 * GB, _EDR,
-           "NVIDIA V100 datasheet (SXM2 32GB): no bf16; FP16 tensor 125 TFLOPS, NVLink 300 GB/s; "
-           "DGX-1: 4x 100 Gb/s EDR InfiniBand for 8 GPUs (12.5 GB/s per port)"),
-    Device("l40s", 48 * GB, 362 * TB, 32 * GB, _NDR,
-           "NVIDIA L40S datasheet: 48 GB GDDR6, BF16 733 TFLOPS with sparsity (362 dense), no NVLink: "
-           "PCIe Gen4 x16 64 GB/s both directions"),
-    Device("mi300x", 192 * GB, 1307 * TB, 448 * GB, _NDR,
-           "AMD Instinct MI300X datasheet: 192 GB HBM3, BF16 1,307.4 TFLOPS dense, 7 Infinity Fabric links "
-           "of 64 GB/s per direction"),
+    _gpu("h100", 80, 989, 450, _NDR, 3.35,
+         "NVIDIA H100 Tensor Core GPU datasheet (SXM5): 80 GB HBM3 at 3.35 TB/s, BF16 1,979 TFLOPS with "
+         "sparsity (989 dense), NVLink 900 GB/s; DGX H100: 8x ConnectX-7 400 Gb/s"),
+    _gpu("h100-nvl", 94, 835, 300, _NDR, 3.9,
+         "NVIDIA H100 datasheet (H100 NVL): 94 GB at 3.9 TB/s, BF16 1,671 TFLOPS with sparsity (835 dense), "
+         "NVLink bridge 600 GB/s"),
+    _gpu("gh200", 96, 989, 450, _NDR, 4.0,
+         "NVIDIA GH200 Grace Hopper Superchip datasheet: 96 GB HBM3 at 4 TB/s, BF16 1,979 TFLOPS with "
+         "sparsity (989 dense), NVLink 900 GB/s"),
+    _gpu("h200", 141, 989, 450, _NDR, 4.8,
+         "NVIDIA H200 Tensor Core GPU datasheet (SXM): 141 GB HBM3e at 4.8 TB/s, BF16 1,979 TFLOPS with "
+         "sparsity (989 dense), NVLink 900 GB/s"),
+    _gpu("a100", 80, 312, 300, _HDR, 2.039,
+         "NVIDIA A100 Tensor Core GPU datasheet (80GB SXM): 2,039 GB/s, BF16 312 TFLOPS dense, NVLink "
+         "600 GB/s; DGX A100: 8x ConnectX-6 200 Gb/s"),
+    _gpu("a100-40gb", 40, 312, 300, _HDR, 1.555,
+         "NVIDIA A100 Tensor Core GPU datasheet (40GB SXM): 1,555 GB/s, BF16 312 TFLOPS dense, NVLink 600 GB/s"),
+    _gpu("v100", 32, 125, 150, _EDR, 0.9,
+         "NVIDIA V100 datasheet (SXM2 32GB): 900 GB/s, no bf16: FP16 tensor 125 TFLOPS, NVLink 300 GB/s; "
+         "DGX-1: 4x 100 Gb/s EDR InfiniBand for 8 GPUs (12.5 GB/s per port)"),
+    _gpu("l40s", 48, 362, 32, _NDR, 0.864,
+         "NVIDIA L40S datasheet: 48 GB GDDR6 at 864 GB/s, BF16 733 TFLOPS with sparsity (362 dense), no "
+         "NVLink: PCIe Gen4 x16 64 GB/s both directions"),
+    _gpu("mi300x", 192, 1307, 448, _NDR, 5.3,
+         "AMD Instinct MI300X datasheet: 192 GB HBM3 at 5.3 TB/s, BF16 1,307.4 TFLOPS dense, 7 Infinity "
+         "Fabric links of 64 GB/s per direction"),
 )}
 
 

@@ -12,6 +12,7 @@
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from pyruntime.parallel.pipeline.schedule import simulate
@@ -56,7 +57,12 @@ def in_flight(work: Workload, layout: Layout) -> list[int]:
     the C++ simulator's peak live activations (1 without a pipeline)."""
     if layout.pp == 1:
         return [1]
-    return list(simulate(layout.schedule, layout.pp, work.microbatches(layout), layout.virtual_stages).peak_activations)
+    return list(_peak_live(layout.schedule, layout.pp, work.microbatches(layout), layout.virtual_stages))
+
+
+@functools.lru_cache(maxsize=4096)
+def _peak_live(schedule: str, pp: int, microbatches: int, virtual_stages: int) -> tuple[int, ...]:
+    return simulate(schedule, pp, microbatches, virtual_stages).peak_activations
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,18 @@ def _units(params: list[Param]) -> list[list[Param]]:
 def rank_states(work: Workload, layout: Layout, pp_rank: int = 0, compute_bytes: int = FP32) -> RankStates:
     """Model states of every rank of pipeline rank pp_rank (all its dp and tp ranks hold the
     same bytes). compute_bytes: element size of ZeRO-3's gathered units (2 for bf16 on CUDA)."""
+    # A search asks for the same few (shape, split) combinations thousands of times.
+    key = (repr(work.model), layout.dp, layout.tp, layout.pp, layout.zero, layout.virtual_stages,
+           layout.pp_layout, layout.bucket_mb, layout.offload, pp_rank, compute_bytes)
+    if key not in _CACHE:
+        _CACHE[key] = _rank_states(work, layout, pp_rank, compute_bytes)
+    return _CACHE[key]
+
+
+_CACHE: dict[tuple, RankStates] = {}
+
+
+def _rank_states(work: Workload, layout: Layout, pp_rank: int, compute_bytes: int) -> RankStates:
     params = rank_params(work, layout, pp_rank)
     n, k = sum(p.numel for p in params), len(params)
     unsharded = dict(unsharded_param=FP32 * n, unsharded_grad=FP32 * n, unsharded_optim=2 * FP32 * n)

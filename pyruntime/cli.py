@@ -221,13 +221,9 @@ def check_outputs(cfg: Config, quiet: bool) -> None:
             raise ConfigError(f"--timeline draws the measured pipeline schedule: it needs --pp >= 2, got pp "
                               f"{cfg.parallel.pp}")
         require_matplotlib("--timeline")
-        path = Path(cfg.train.timeline)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ConfigError(f"--timeline {path}: cannot create the directory ({e.strerror or e})") from None
-        if not os.access(path, os.W_OK | os.X_OK):
-            raise ConfigError(f"--timeline {path}: the directory is not writable")
+        from pyruntime.train.preflight import writable_dir
+
+        writable_dir(Path(cfg.train.timeline), "timeline directory (--timeline)")
     if not quiet and importlib.util.find_spec("matplotlib") is None:
         print(f'pyruntime: matplotlib is not installed, so {Path(cfg.train.out) / "loss.png"} will not be '
               'written (pip install "pyruntime[plots]")', file=sys.stderr)

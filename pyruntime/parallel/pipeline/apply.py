@@ -116,7 +116,7 @@ def report_timeline(per_rank: list[list[TimedEvent]], cfg: Config, dims: Paralle
                     out_dir: str | None) -> str:
     """Measured bubble per rank beside the simulated one (same schedule, measured mean costs);
     with out_dir also the PNG Gantt chart and the Chrome trace of the measured step."""
-    from pyruntime.parallel.pipeline.timeline import draw_timeline, write_chrome_trace
+    from pyruntime.parallel.pipeline.timeline import draw_timeline, first_pipeline_ranks, write_chrome_trace
 
     par = cfg.parallel
     events = [e for evs in per_rank for e in evs]
@@ -136,10 +136,8 @@ def report_timeline(per_rank: list[list[TimedEvent]], cfg: Config, dims: Paralle
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         title = (f"measured {par.schedule}: pp={dims.pp}, microbatches={microbatch_count(cfg)}, "
                  f"virtual_stages={par.virtual_stages}")
-        first_pipeline = [next(r for r in range(dims.world_size) if dims.coords(r) == {"dp": 0, "pp": s, "tp": 0})
-                          for s in range(dims.pp)]  # the (dp, tp) = (0, 0) pipeline gather_timeline drew
         draw_timeline(events, Path(out_dir) / "pipeline.png", pp=dims.pp, title=title, unit="s",
-                      global_ranks=first_pipeline)
+                      global_ranks=first_pipeline_ranks(dims))
         write_chrome_trace(events, Path(out_dir) / "pipeline.json", us_per_unit=1e6, name=par.schedule)
         line += f" | timeline: {Path(out_dir) / 'pipeline.png'}"
     return line

@@ -133,6 +133,13 @@ def stage_labels(pp: int, global_ranks: Sequence[int] | None = None) -> list[str
     return [f"stage {s} (rank {r})" for s, r in enumerate(global_ranks)]
 
 
+def first_pipeline_ranks(dims) -> list[int]:
+    """Global rank of each stage of the (dp, tp) = (0, 0) pipeline, the one gather_timeline
+    records (dims: a ParallelDims, of which only sizes and coords() are read)."""
+    return [next(r for r in range(dims.world_size) if dims.coords(r) == {"dp": 0, "pp": s, "tp": 0})
+            for s in range(dims.pp)]
+
+
 def plan_and_draw(schedule: Union[str, Schedule], pp: int, microbatches: int, virtual_stages: int = 1,
                   png: str | os.PathLike | None = None, trace: str | os.PathLike | None = None,
                   costs: Costs | None = None) -> SimResult:

@@ -22,13 +22,15 @@ Three sources, chosen by `load_corpus(spec)`:
       close to `val_fraction`, not exact.
   The stdlib differs between Python versions, so different machines may get different
   tokens; the same machine always gets the same tokens. Nothing is cached on disk.
-* `path.bin` / `path.u16` -- pre-tokenized little-endian uint16 ids, opened with np.memmap
-  and never read whole into memory; see `write_token_file`.
+* `path.bin` / `path.u16` -- pre-tokenized ids, opened with np.memmap and never read whole
+  into memory: a headered file of `python -m pyruntime tokenize` (data/tokens.py: uint16 or
+  uint32 ids, the vocabulary it was made for, and a loss mask alongside for instruction data)
+  or the old headerless little-endian uint16 format (`write_token_file`).
 * any other path -- a UTF-8 text file, read whole and encoded with the byte tokenizer (for
   large data, pre-tokenize to `.bin` instead).
 
 For the two file sources the validation split is the last `val_fraction` of the tokens, so
-both splits stay zero-copy views of the memmap.
+both splits (and their masks) stay zero-copy views of the memmap.
 
 Every problem with the data is a `DataError` (a ValueError) with a one-line message; a
 missing file is a `DataFileNotFoundError`, which is also a FileNotFoundError.
@@ -41,6 +43,7 @@ from pathlib import Path
 import numpy as np
 
 from pyruntime.data.tokenizer import TOKEN_DTYPE, encode_bytes
+from pyruntime.data.tokens import TokenFileError, read_tokens
 
 DEFAULT_MAX_BYTES = 8 * 1024 * 1024
 DEFAULT_VAL_FRACTION = 0.05
@@ -60,11 +63,15 @@ class DataFileNotFoundError(DataError, FileNotFoundError):
 
 @dataclass(frozen=True)
 class Corpus:
-    """A token stream split in two. Arrays are 1-D uint16 (np.memmap views for token files)."""
+    """A token stream split in two. Arrays are 1-D uint16 or uint32 (np.memmap views for token
+    files); masks (uint8, 1 = the token counts as a target) only for files that carry one."""
 
     name: str          # human-readable origin, for logs
     train: np.ndarray  # (N_train,)
     val: np.ndarray    # (N_val,), may be empty when val_fraction == 0
+    train_mask: np.ndarray | None = None  # (N_train,)
+    val_mask: np.ndarray | None = None    # (N_val,)
+    vocab_size: int | None = None         # the vocabulary a headered token file was made for
 
     @property
     def num_tokens(self) -> int:
@@ -93,10 +100,9 @@ def load_corpus(spec: str | os.PathLike | None = None, *,
         if not path.is_file():
             raise DataFileNotFoundError(f"data file not found: {path}")
         if path.suffix.lower() in TOKEN_FILE_SUFFIXES:
-            tokens = _open_token_file(path)
+            corpus = _open_token_file(path, val_fraction)
         else:
-            tokens = encode_bytes(path.read_bytes())
-        corpus = _split_tail(str(path), tokens, val_fraction)
+            corpus = _split_tail(str(path), encode_bytes(path.read_bytes()), val_fraction)
     if corpus.num_tokens == 0:
         raise DataError(f"corpus {corpus.name} is empty")
     if seq_len is not None:
@@ -112,7 +118,11 @@ def max_token_id(tokens: np.ndarray) -> int:
 
 
 def check_vocab(corpus: Corpus, vocab_size: int) -> None:
-    """Raise DataError if some token id in `corpus` is >= vocab_size."""
+    """Raise DataError if the file was made for a larger vocabulary than the model's, or some
+    token id in `corpus` is >= vocab_size."""
+    if corpus.vocab_size is not None and corpus.vocab_size > vocab_size:
+        raise DataError(f"token file {corpus.name} was made with a vocabulary of {corpus.vocab_size}, "
+                        f"larger than the model's {vocab_size}")
     top = max(max_token_id(corpus.train), max_token_id(corpus.val))
     if top >= vocab_size:
         raise DataError(f"corpus {corpus.name} has token id {top}, "
@@ -173,18 +183,21 @@ def _load_stdlib(max_bytes: int, val_fraction: float) -> Corpus:
     return Corpus(name, encode_bytes(b"".join(train_docs)), encode_bytes(b"".join(val_docs)))
 
 
-def _open_token_file(path: Path) -> np.ndarray:
-    size = path.stat().st_size
-    if size == 0:
+def _open_token_file(path: Path, val_fraction: float) -> Corpus:
+    if path.stat().st_size == 0:
         raise DataError(f"token file is empty: {path}")
-    if size % TOKEN_DTYPE.itemsize:
-        raise DataError(f"token file size {size} is not a multiple of 2 bytes (uint16): {path}")
-    return np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    try:
+        tokens, mask, vocab = read_tokens(path)
+    except TokenFileError as e:
+        raise DataError(str(e)) from None
+    return _split_tail(str(path), tokens, val_fraction, mask, vocab)
 
 
-def _split_tail(name: str, tokens: np.ndarray, val_fraction: float) -> Corpus:
-    n_val = int(len(tokens) * val_fraction)
-    return Corpus(name, tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:])
+def _split_tail(name: str, tokens: np.ndarray, val_fraction: float, mask: np.ndarray | None = None,
+                vocab_size: int | None = None) -> Corpus:
+    cut = len(tokens) - int(len(tokens) * val_fraction)
+    masks = (mask[:cut], mask[cut:]) if mask is not None else (None, None)
+    return Corpus(name, tokens[:cut], tokens[cut:], *masks, vocab_size=vocab_size)
 
 
 def _check_fits_one_sequence(corpus: Corpus, seq_len: int, check_val: bool) -> None:

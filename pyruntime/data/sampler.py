@@ -14,6 +14,11 @@ below N / 2**64 and irrelevant.
 
 Rank r of dp_size owns rows [r * global_batch / dp_size, (r + 1) * global_batch / dp_size)
 of the global batch, cut into consecutive micro-batches of `micro_batch` rows.
+
+A loss mask (instruction data: only response tokens count) marks each target: a target whose
+mask is 0 becomes IGNORE (-1) in the targets, and `counted(step)` is the number of targets
+that count in the whole global batch, computed by every rank from (seed, step) alone, so the
+loss can be the mean over the step's counted tokens whatever the layout (model/loss.py).
 """
 import numpy as np
 import torch
@@ -45,26 +50,44 @@ def _check_tokens(tokens: np.ndarray, seq_len: int, what: str) -> None:
                          f"seq_len + 1 = {seq_len + 1}")
 
 
-def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int):
-    """Inputs and next-token targets of the windows at `starts`, as int64 tensors (B, T)."""
+IGNORE = -1  # a target that does not count in the loss
+
+
+def _windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int, mask: np.ndarray | None = None):
+    """Inputs and next-token targets of the windows at `starts`, as int64 tensors (B, T);
+    targets whose mask is 0 are IGNORE."""
     idx = starts[:, None] + np.arange(seq_len + 1, dtype=np.int64)  # (B, T + 1)
     # Fancy indexing reads only these windows, also from a memmap; asarray drops the
     # memmap subclass numpy keeps on the (in-memory) result.
     win = torch.from_numpy(np.asarray(tokens[idx]).astype(np.int64))  # (B, T + 1)
-    return win[:, :-1], win[:, 1:]
+    x, y = win[:, :-1], win[:, 1:]
+    if mask is not None:
+        counts = torch.from_numpy(np.asarray(mask[idx[:, 1:]]).astype(bool))  # (B, T)
+        y = y.masked_fill(~counts, IGNORE)
+    return x, y
+
+
+def _counted(mask: np.ndarray, starts: np.ndarray, seq_len: int) -> int:
+    """Targets that count in the windows at `starts`."""
+    idx = starts[:, None] + np.arange(1, seq_len + 1, dtype=np.int64)
+    return int(np.asarray(mask[idx]).astype(bool).sum())
 
 
 class BatchSampler:
     """Random training windows over `tokens`, a pure function of (seed, step, row)."""
 
-    def __init__(self, tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: int):
-        """tokens: 1-D uint16 array or memmap, not copied. Raises ValueError if it is
-        shorter than seq_len + 1 or a size is not a positive integer."""
+    def __init__(self, tokens: np.ndarray, *, seq_len: int, global_batch: int, seed: int,
+                 mask: np.ndarray | None = None):
+        """tokens: 1-D integer array or memmap, not copied; mask: the loss mask aligned with it
+        (or None: every target counts). Raises ValueError if tokens are shorter than
+        seq_len + 1, the mask has another length, or a size is not a positive integer."""
         _check_positive(seq_len=seq_len, global_batch=global_batch)
         if int(seed) != seed or seed < 0:
             raise ValueError(f"seed must be a non-negative integer, got {seed}")
         _check_tokens(tokens, seq_len, "training data")
-        self.tokens = tokens
+        if mask is not None and len(mask) != len(tokens):
+            raise ValueError(f"loss mask has {len(mask)} entries for {len(tokens)} tokens")
+        self.tokens, self.mask = tokens, mask
         self.seq_len = int(seq_len)
         self.global_batch = int(global_batch)
         self.seed = int(seed)
@@ -82,7 +105,11 @@ class BatchSampler:
 
     def global_batch_at(self, step: int):
         """(inputs, targets) of the whole batch of `step`: int64 tensors (global_batch, T)."""
-        return _windows(self.tokens, self.starts(step), self.seq_len)
+        return _windows(self.tokens, self.starts(step), self.seq_len, self.mask)
+
+    def counted(self, step: int) -> int | None:
+        """Targets that count in step `step`'s whole global batch (None without a mask)."""
+        return None if self.mask is None else _counted(self.mask, self.starts(step), self.seq_len)
 
     def rank_rows(self, dp_rank: int, dp_size: int) -> range:
         """Rows of the global batch that data-parallel rank `dp_rank` of `dp_size` owns."""
@@ -98,7 +125,7 @@ class BatchSampler:
     def rank_batch(self, step: int, dp_rank: int, dp_size: int):
         """(inputs, targets) of this rank's rows of step `step`: (global_batch / dp_size, T)."""
         rows = self.rank_rows(dp_rank, dp_size)
-        return _windows(self.tokens, self.starts(step, rows), self.seq_len)
+        return _windows(self.tokens, self.starts(step, rows), self.seq_len, self.mask)
 
     def micro_batches(self, step: int, dp_rank: int, dp_size: int, micro_batch: int):
         """This rank's rows of step `step` as a list of (inputs, targets), each
@@ -113,7 +140,8 @@ class BatchSampler:
 
 
 def validation_batches(tokens: np.ndarray, seq_len: int, batch: int,
-                       num_batches: int | None = None, *, dp_rank: int = 0, dp_size: int = 1):
+                       num_batches: int | None = None, *, dp_rank: int = 0, dp_size: int = 1,
+                       mask: np.ndarray | None = None):
     """Fixed validation batches: list of (inputs, targets), int64 tensors (batch / dp_size, T).
 
     The candidate windows are tokens[k*T : k*T + T + 1] for k = 0, 1, ...: their inputs do
@@ -121,8 +149,26 @@ def validation_batches(tokens: np.ndarray, seq_len: int, batch: int,
     once. `num_batches` * `batch` of them are taken, evenly spread over the whole split
     (None: all complete batches). The result depends on the arguments only, and with dp the
     rows split as in training, so the mean loss over all ranks is layout-independent.
+    mask: targets whose mask is 0 are IGNORE (validation_counted counts the others).
     Raises ValueError if the split holds fewer windows than requested.
     """
+    starts = _validation_starts(tokens, seq_len, batch, num_batches, dp_size)
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp rank {dp_rank} is outside [0, {dp_size})")
+    per_rank = batch // dp_size
+    mine = starts[:, dp_rank * per_rank:(dp_rank + 1) * per_rank]
+    return [_windows(tokens, row, seq_len, mask) for row in mine]
+
+
+def validation_counted(tokens: np.ndarray, seq_len: int, batch: int, num_batches: int | None,
+                       mask: np.ndarray) -> int:
+    """Targets that count in all of validation_batches(...)'s windows, over every dp rank."""
+    return _counted(mask, _validation_starts(tokens, seq_len, batch, num_batches, 1).reshape(-1), seq_len)
+
+
+def _validation_starts(tokens: np.ndarray, seq_len: int, batch: int, num_batches: int | None,
+                       dp_size: int) -> np.ndarray:
+    """Start offsets (num_batches, batch) of the validation windows."""
     _check_positive(seq_len=seq_len, batch=batch, dp_size=dp_size)
     _check_tokens(tokens, seq_len, "validation data")
     available = (len(tokens) - 1) // seq_len
@@ -133,12 +179,7 @@ def validation_batches(tokens: np.ndarray, seq_len: int, batch: int,
                          f"of seq_len {seq_len}, not {num_batches} batches x {batch}")
     if batch % dp_size:
         raise ValueError(f"validation batch {batch} does not divide into dp {dp_size}")
-    if not 0 <= dp_rank < dp_size:
-        raise ValueError(f"dp rank {dp_rank} is outside [0, {dp_size})")
     wanted = num_batches * batch
     # Integer spreading: picks distinct windows (wanted <= available) reaching the far end.
     picks = np.arange(wanted, dtype=np.int64) * available // wanted
-    starts = (picks * seq_len).reshape(num_batches, batch)
-    per_rank = batch // dp_size
-    mine = starts[:, dp_rank * per_rank:(dp_rank + 1) * per_rank]
-    return [_windows(tokens, row, seq_len) for row in mine]
+    return (picks * seq_len).reshape(num_batches, batch)

@@ -28,7 +28,7 @@ from pyruntime.comm.overlap import refuse_overlap
 from pyruntime.config import Config
 from pyruntime.mesh import ParallelDims
 from pyruntime.model import Transformer, init_weights
-from pyruntime.model.loss import lm_loss
+from pyruntime.model.loss import MaskedLoss, lm_loss
 from pyruntime.parallel.data import apply_data_parallel
 from pyruntime.parallel.deferred_init import DeferredInit, check_materialized
 from pyruntime.parallel.engine import DataParallelEngine
@@ -93,6 +93,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Config, device: torch
         apply_tp(model, dims, sequence_parallel=par.sequence_parallel, overlap=overlap)
         loss_fn = functools.partial(vocab_parallel_cross_entropy, tp_group=dims.group("tp"),
                                     vocab_size=cfg.model.vocab_size, backend=cfg.model.kernels)
+    loss_fn = MaskedLoss(loss_fn)  # a loss mask in the data (instruction tuning): model/loss.py
     init = _values(model, dims, cfg, device, draw)
     engine = apply_data_parallel(model, dims, cfg, init=init, log=log)
     check_materialized(model)

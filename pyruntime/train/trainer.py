@@ -19,6 +19,7 @@ import torch.distributed as dist
 
 from pyruntime.config import Config
 from pyruntime.data import BatchSampler, Corpus, DataError, load_corpus, validation_batches
+from pyruntime.data.sampler import validation_counted
 from pyruntime.mesh import ParallelDims
 from pyruntime.model import count_params, flops_per_token
 from pyruntime.parallel.parallelize import parallelize, meta_model
@@ -60,9 +61,9 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         corpus = corpus or open_corpus(cfg)
         self.corpus_name = corpus.name
-        self.sampler = BatchSampler(corpus.train, seq_len=cfg.data.seq_len,
-                                    global_batch=cfg.data.global_batch, seed=cfg.train.seed)
-        self.val_tokens = corpus.val
+        self.sampler = BatchSampler(corpus.train, seq_len=cfg.data.seq_len, global_batch=cfg.data.global_batch,
+                                    seed=cfg.train.seed, mask=corpus.train_mask)
+        self.val_tokens, self.val_mask = corpus.val, corpus.val_mask
         # Built on the meta device; parallelize() keeps this rank's stages, shards them and
         # has the data-parallel engine make the parameters (never the full model).
         par = parallelize(meta_model(cfg), dims, cfg, device, draw=not cfg.train.resume,  # resume loads every value
@@ -81,6 +82,7 @@ class Trainer:
         lr = lr_at(step, cfg.train.steps, cfg.optim)
         set_lr(self.optimizer, lr)
         micro = self.sampler.micro_batches(step, self.dp_rank, self.dims.dp, cfg.data.micro_batch)
+        self.loss_fn.set_step(self.sampler.counted(step), len(micro) * self.dims.dp)  # loss mask: model/loss.py
         loss_sum = self.pipeline.run_step(micro) if self.pipeline else self.forward_backward(micro)
         self._average_over_dp(loss_sum)
         self.tied_sync()  # pp: the tied embedding's two stage copies take one summed gradient
@@ -151,9 +153,12 @@ class Trainer:
         training. The same sequences and the same mean whatever the layout."""
         c, dp = self.cfg, self.dims.dp
         batches = validation_batches(self.val_tokens, c.data.seq_len, c.data.global_batch, c.train.eval_batches,
-                                     dp_rank=self.dims.axis_rank("dp"), dp_size=dp)
+                                     dp_rank=self.dims.axis_rank("dp"), dp_size=dp, mask=self.val_mask)
         mb = c.data.micro_batch
         micro = [(x[i:i + mb], y[i:i + mb]) for x, y in batches for i in range(0, x.shape[0], mb)]
+        counted = None if self.val_mask is None else validation_counted(
+            self.val_tokens, c.data.seq_len, c.data.global_batch, c.train.eval_batches, self.val_mask)
+        self.loss_fn.set_step(counted, len(micro) * dp)
         self.model.eval()
         if self.pipeline:
             losses = pipeline_losses(self.pipeline, micro, self.autocast)

@@ -1,0 +1,154 @@
+"""Token files: a 32-byte header, then the ids; the loss mask, when there is one, alongside.
+
+    write_tokens("data.bin", ids, vocab_size=32000, mask=mask)   # data.bin + data.bin.mask
+    tokens, mask, vocab = read_tokens("data.bin")                # np.memmap views, never read whole
+
+Header (little-endian): magic b"PYRTOKS1", uint32 version (1), uint32 bytes per id (2 or 4:
+uint32 when the vocabulary exceeds 65535), uint64 vocabulary size, uint64 id count. The mask
+file `<path>.mask` holds one uint8 per id (1: the id counts as a target in the loss, 0: it
+does not, e.g. a prompt token of instruction data), with the same header but 1 byte per
+entry, so a mask can never be paired with the wrong token file silently (counts must match).
+A file without the magic is the old headerless little-endian uint16 format and still reads
+(no vocabulary recorded, no mask).
+"""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = b"PYRTOKS1"
+VERSION = 1
+HEADER = struct.Struct("<8sIIQQ")  # magic, version, bytes per entry, vocab size, count
+HEADER_BYTES = HEADER.size  # 32
+DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4"), 1: np.dtype("u1")}
+
+
+class TokenFileError(ValueError):
+    """A token or mask file that cannot be used; the message is one line naming it."""
+
+
+def id_dtype(vocab_size: int) -> np.dtype:
+    """uint16 while every id fits, uint32 beyond 65536 ids."""
+    return DTYPES[2] if vocab_size <= 65536 else DTYPES[4]
+
+
+def mask_path(path: str | os.PathLike) -> Path:
+    return Path(str(path) + ".mask")
+
+
+def _write(path: Path, arr: np.ndarray, vocab_size: int) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(HEADER.pack(MAGIC, VERSION, arr.dtype.itemsize, vocab_size, arr.size))
+        arr.tofile(f)
+    os.replace(tmp, path)
+
+
+def write_tokens(path: str | os.PathLike, ids, vocab_size: int, mask=None) -> Path:
+    """Write ids (any integer array) with a header; mask (same length, 0/1) into <path>.mask.
+    Raises TokenFileError for an id outside [0, vocab_size) or a mask of another length."""
+    path = Path(path)
+    arr = np.asarray(ids).reshape(-1)
+    if arr.size and (int(arr.min()) < 0 or int(arr.max()) >= vocab_size):
+        raise TokenFileError(f"{path}: token ids span [{int(arr.min())}, {int(arr.max())}], outside the "
+                             f"vocabulary of {vocab_size}")
+    _write(path, arr.astype(id_dtype(vocab_size)), vocab_size)
+    stale = mask_path(path)
+    if mask is None:
+        stale.unlink(missing_ok=True)  # an old mask would pair with the new ids
+        return path
+    m = np.asarray(mask).reshape(-1)
+    if m.size != arr.size:
+        raise TokenFileError(f"{path}: mask has {m.size} entries for {arr.size} tokens")
+    _write(stale, (m != 0).astype(np.uint8), vocab_size)
+    return path
+
+
+def _read_header(path: Path) -> tuple[int, int, int] | None:
+    """(bytes per entry, vocab size, count), or None for a headerless file."""
+    with open(path, "rb") as f:
+        head = f.read(HEADER_BYTES)
+    if not head.startswith(MAGIC):
+        return None
+    if len(head) < HEADER_BYTES:
+        raise TokenFileError(f"{path}: truncated header")
+    _, version, width, vocab, count = HEADER.unpack(head)
+    if version != VERSION:
+        raise TokenFileError(f"{path}: token file version {version}; this pyruntime reads version {VERSION}")
+    if width not in DTYPES:
+        raise TokenFileError(f"{path}: {width} bytes per entry is not a token format (1, 2 or 4)")
+    size = path.stat().st_size - HEADER_BYTES
+    if size != width * count:
+        raise TokenFileError(f"{path}: header says {count} entries of {width} bytes, the file holds {size} bytes")
+    return width, vocab, count
+
+
+def read_tokens(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray | None, int | None]:
+    """(ids, mask or None, vocabulary size or None for the old headerless format), memory-mapped."""
+    path = Path(path)
+    header = _read_header(path)
+    if header is None:  # the old format: raw uint16
+        size = path.stat().st_size
+        if size % 2:
+            raise TokenFileError(f"token file size {size} is not a multiple of 2 bytes (uint16): {path}")
+        return np.memmap(path, dtype=DTYPES[2], mode="r"), None, None
+    width, vocab, count = header
+    ids = np.memmap(path, dtype=DTYPES[width], mode="r", offset=HEADER_BYTES, shape=(count,)) if count else \
+        np.zeros(0, DTYPES[width])
+    mask = None
+    mpath = mask_path(path)
+    if mpath.is_file():
+        mhead = _read_header(mpath)
+        if mhead is None or mhead[0] != 1 or mhead[2] != count:
+            raise TokenFileError(f"{mpath} does not match {path} ({count} tokens)")
+        mask = np.memmap(mpath, dtype=DTYPES[1], mode="r", offset=HEADER_BYTES, shape=(count,)) if count else \
+            np.zeros(0, DTYPES[1])
+    return ids, mask, vocab
+
+
+class TokenWriter:
+    """Appends ids (and mask entries) to a token file in chunks, so a large corpus is never held
+    whole; the header's count is written at close. Use as a context manager."""
+
+    def __init__(self, path: str | os.PathLike, vocab_size: int, with_mask: bool):
+        self.path, self.vocab_size, self.count = Path(path), vocab_size, 0
+        self.dtype = id_dtype(vocab_size)
+        self.files = {"ids": self._open(self.path)}
+        if with_mask:
+            self.files["mask"] = self._open(mask_path(self.path))
+        else:
+            mask_path(self.path).unlink(missing_ok=True)
+
+    @staticmethod
+    def _open(path: Path):
+        f = open(path.with_name(f".{path.name}.{os.getpid()}.tmp"), "wb")
+        f.write(b"\0" * HEADER_BYTES)  # the header, with the count, is written at close
+        return f
+
+    def write(self, ids: np.ndarray, mask: np.ndarray | None = None) -> None:
+        ids = np.asarray(ids).reshape(-1)
+        if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
+            raise TokenFileError(f"{self.path}: token id {int(ids.max())} outside the vocabulary of {self.vocab_size}")
+        ids.astype(self.dtype).tofile(self.files["ids"])
+        if "mask" in self.files:
+            np.asarray(mask, dtype=np.uint8).reshape(-1).tofile(self.files["mask"])
+        self.count += ids.size
+
+    def __enter__(self) -> "TokenWriter":
+        return self
+
+    def __exit__(self, kind, *_) -> None:
+        for key, f in self.files.items():
+            width = 1 if key == "mask" else self.dtype.itemsize
+            f.seek(0)
+            f.write(HEADER.pack(MAGIC, VERSION, width, self.vocab_size, self.count))
+            f.close()
+            final = self.path if key == "ids" else mask_path(self.path)
+            tmp = Path(f.name)
+            if kind is None:
+                os.replace(tmp, final)
+            else:  # an error while writing: leave no half file behind
+                tmp.unlink(missing_ok=True)

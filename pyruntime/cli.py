@@ -92,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     add_export_parser(sub)
     add_tokenize_parser(sub)
+    from pyruntime.plan.cli import add_arguments as add_plan_arguments
+    add_plan_arguments(sub.add_parser("plan", help="predict memory and step time of a layout, or --search "
+                                      "the fastest that fits (pyruntime/plan/)"))
     demo = sub.add_parser("demo", help="train the tiny preset on the embedded corpus")
     demo.add_argument("--steps", type=int, default=200)
     demo.add_argument("--out", default="runs/demo")
@@ -246,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
             return run_export(args)
         if args.command == "tokenize":
             return run_tokenize(args)
+        if args.command == "plan":
+            from pyruntime.plan.cli import run as run_plan
+            return run_plan(args)
         if args.command == "bench":
             from pyruntime.bench import run
             return run(args.bench_args)

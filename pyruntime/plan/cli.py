@@ -1,0 +1,173 @@
+"""`python -m pyruntime plan`: the planner's command line (pyruntime/cli.py adds the
+subcommand; its flags and output live here).
+
+    plan --preset 7b --seq-len 4096 --global-batch 64 --gpus 8 --device h100 --zero 3
+    plan --hf-config config.json --gpus 16 --gpus-per-node 8 --device a100 --search
+    plan --calibrate                       # this machine -> plan_profile.json
+    plan --profile plan_profile.json --preset small --dp 2
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+from pyruntime.config import PRESETS, ConfigError, ModelConfig, config_from_dict, load_config_file
+from pyruntime.plan.calibrate import DEFAULT_PROFILE, calibrate, load_profile
+from pyruntime.plan.devices import DEVICES, custom, device
+from pyruntime.plan.layout import Layout, PlanError, Workload, check
+from pyruntime.plan.memory import all_rank_memory
+from pyruntime.plan.report import memory_lines, time_lines
+from pyruntime.plan.search import search, train_command
+from pyruntime.plan.timing import Cluster, step_time
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    model = p.add_mutually_exclusive_group()
+    model.add_argument("--preset", help=f"model preset: {', '.join(PRESETS)}")
+    model.add_argument("--config", help="a train config file (JSON/TOML): its model, data and parallel sections")
+    model.add_argument("--hf-config", help="a Hugging Face config.json")
+    for flag, typ, text in (("--seq-len", int, "tokens per sequence (default 2048)"),
+                            ("--global-batch", int, "sequences per step over all dp ranks (default 8 per GPU)"),
+                            ("--micro-batch", int, "sequences per forward/backward"),
+                            ("--microbatches", int, "micro-batches per step per dp rank (sets the micro-batch)"),
+                            ("--dp", int, "data-parallel ranks (default: GPUs / (tp x pp))"),
+                            ("--tp", int, "tensor-parallel ranks"), ("--pp", int, "pipeline stages"),
+                            ("--zero", int, "ZeRO stage 0-3"), ("--schedule", str, "naive, gpipe, 1f1b, interleaved, zb"),
+                            ("--virtual-stages", int, "chunks per pipeline rank (interleaved)"),
+                            ("--pp-layout", str, "even, balanced or counts like 4,4,3,5"),
+                            ("--recompute", str, "none, selective, full"), ("--offload", str, "none, optimizer"),
+                            ("--bucket-mb", float, "gradient bucket size in MB"),
+                            ("--gpus", int, "GPUs in all"), ("--gpus-per-node", int, "GPUs per node (default 8)"),
+                            ("--device", str, f"one of {', '.join(DEVICES)}"),
+                            ("--gpu-mem", float, "GB of memory per GPU"), ("--tflops", float, "peak TFLOP/s per GPU"),
+                            ("--intra-bw", float, "GB/s per GPU inside a node"),
+                            ("--inter-bw", float, "GB/s per GPU between nodes"),
+                            ("--tokens", float, "tokens to train on: prints the days it takes"),
+                            ("--top", int, "layouts --search prints (default 5)"),
+                            ("--profile", str, f"calibration profile to use / write (default {DEFAULT_PROFILE})")):
+        p.add_argument(flag, type=typ, default=None, help=text)
+    p.add_argument("--sp", action="store_true", help="sequence parallelism (tp > 1)")
+    p.add_argument("--search", action="store_true", help="every layout that fits, fastest first")
+    p.add_argument("--calibrate", action="store_true", help="measure this machine and save a profile")
+
+
+def _positive(args: argparse.Namespace) -> None:
+    for name in ("seq_len", "global_batch", "micro_batch", "microbatches", "dp", "tp", "pp", "virtual_stages",
+                 "gpus", "gpus_per_node", "tokens", "top", "bucket_mb"):
+        value = getattr(args, name)
+        if value is not None and value <= 0:
+            raise PlanError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+
+
+def read_hf_config(path: str) -> ModelConfig:
+    """config.json -> ModelConfig through pyruntime/hf (which refuses fields it cannot honour)."""
+    from pyruntime.hf.config import model_config_from_hf
+
+    p = Path(path)
+    if not p.is_file():
+        raise PlanError(f"--hf-config: file not found: {path}")
+    try:
+        raw = json.loads(p.read_text())
+    except ValueError as e:
+        raise PlanError(f"--hf-config {path}: not JSON: {e}") from None
+    return model_config_from_hf(raw)
+
+
+def workload_and_base(args: argparse.Namespace) -> tuple[Workload, dict, list[str]]:
+    """The model and batch, the parallel settings of a --config file, and the train flags that
+    name the model in the printed commands."""
+    par, data = {}, {}
+    if args.hf_config:
+        model, model_args = read_hf_config(args.hf_config), ["--init-from", str(Path(args.hf_config).parent)]
+    elif args.config:
+        raw = load_config_file(args.config)
+        cfg = config_from_dict(raw)
+        model, model_args = cfg.model, ["--config", args.config]
+        par, data = raw.get("parallel", {}), raw.get("data", {})
+    else:
+        name = args.preset or "tiny"
+        if name not in PRESETS:
+            raise PlanError(f"unknown preset '{name}'; choose from {', '.join(PRESETS)}")
+        model, model_args = dataclasses.replace(PRESETS[name]), ["--preset", name]
+    model.validate()
+    gpus = args.gpus or 1
+    seq = args.seq_len or data.get("seq_len") or min(2048, model.max_seq_len)
+    batch = args.global_batch or data.get("global_batch") or 8 * gpus
+    if "micro_batch" in data and args.micro_batch is None:
+        args.micro_batch = data["micro_batch"]
+    return Workload(model=model, seq_len=seq, global_batch=batch), par, model_args
+
+
+def layout_from(args: argparse.Namespace, base: dict, work: Workload) -> Layout:
+    get = lambda flag, key, default: getattr(args, flag) if getattr(args, flag) is not None else base.get(key, default)  # noqa: E731
+    tp, pp = get("tp", "tp", 1), get("pp", "pp", 1)
+    dp = get("dp", "dp", None)
+    if dp is None:
+        dp = max(1, (args.gpus or tp * pp) // (tp * pp))
+    micro = args.micro_batch
+    if args.microbatches is not None:
+        if work.global_batch % (dp * args.microbatches):
+            raise PlanError(f"--microbatches {args.microbatches}: global batch {work.global_batch} does not divide "
+                            f"into dp {dp} x {args.microbatches} micro-batches")
+        micro = work.global_batch // (dp * args.microbatches)
+    return Layout(dp=dp, tp=tp, pp=pp, zero=get("zero", "zero", 0), sp=args.sp or base.get("sequence_parallel", False),
+                  schedule=get("schedule", "schedule", "1f1b"), virtual_stages=get("virtual_stages", "virtual_stages", 1),
+                  pp_layout=get("pp_layout", "pp_layout", "even"), micro_batch=micro or 1,
+                  recompute=args.recompute or "none", offload=args.offload or "none",
+                  bucket_mb=get("bucket_mb", "bucket_mb", 25.0))
+
+
+def cluster_from(args: argparse.Namespace, layout_gpus: int) -> Cluster:
+    figures = dict(memory_gb=args.gpu_mem, tflops=args.tflops, intra_gbs=args.intra_bw, inter_gbs=args.inter_bw)
+    if args.device:
+        dev = custom(device(args.device), **figures)
+    elif any(v is not None for v in figures.values()):
+        dev = custom(None, **figures)
+    elif args.profile or Path(DEFAULT_PROFILE).is_file():
+        dev = load_profile(args.profile or DEFAULT_PROFILE)
+    else:
+        dev = device("h100")
+    return Cluster(dev, args.gpus or layout_gpus, args.gpus_per_node or 8)
+
+
+def run(args: argparse.Namespace) -> int:
+    _positive(args)
+    if args.calibrate:
+        path = args.profile or DEFAULT_PROFILE
+        dev = calibrate(path)
+        print(f"calibrated {dev.name}: GEMM {dev.peak_flops / 1e9:.1f} GFLOP/s (a block sustains "
+              f"{dev.gemm_efficiency:.0%}), block overhead {dev.block_overhead * 1e3:.2f} ms, memory "
+              f"{dev.mem_bw / 1e9:.1f} GB/s, p2p {dev.intra_bw / 1e9:.2f} GB/s + {dev.latency * 1e6:.0f} us | {path}")
+        return 0
+    work, base, model_args = workload_and_base(args)
+    if args.search:
+        return _search(args, work, model_args)
+    layout = layout_from(args, base, work)
+    cluster = cluster_from(args, layout.world)
+    check(work, layout, cluster.gpus)
+    mem = all_rank_memory(work, layout, cuda=cluster.device.cuda)
+    t = step_time(work, layout, cluster)
+    print("\n".join(memory_lines(work, layout, cluster, mem) + time_lines(work, layout, t, args.tokens)))
+    print("command: " + train_command(layout, work, cluster, model_args))
+    return 0
+
+
+def _search(args: argparse.Namespace, work: Workload, model_args: list[str]) -> int:
+    if not args.gpus:
+        raise PlanError("--search needs --gpus N")
+    cluster = cluster_from(args, args.gpus)
+    fits, smallest = search(work, cluster)
+    dev = cluster.device
+    if not fits:
+        print(f"no layout of {cluster.gpus} x {dev.name} ({dev.memory / 1e9:.0f} GB) fits: the smallest needs "
+              f"{smallest / 1e9:.1f} GB per GPU")
+        return 1
+    print(f"{len(fits)} layout(s) of {cluster.gpus} x {dev.name} fit; fastest first:")
+    for i, c in enumerate(fits[:args.top or 5], 1):
+        print(f"{i}. {c.layout.describe()} | step {c.time.step:.3f} s, {c.time.tokens_per_s:,.0f} tokens/s, "
+              f"MFU {c.time.mfu:.1%} | peak {c.peak / 1e9:.1f} GB per GPU"
+              + (f" | {c.time.days(args.tokens):.1f} days" if args.tokens else ""))
+        print("   " + train_command(c.layout, work, cluster, model_args))
+    return 0

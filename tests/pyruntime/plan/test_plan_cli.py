@@ -1,0 +1,62 @@
+"""`python -m pyruntime plan`: the report, --hf-config, --search, and bad input in one line
+(exit 2, naming the numbers)."""
+import json
+
+import pytest
+
+from pyruntime.cli import main
+
+LLAMA2_7B = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 4096,
+             "intermediate_size": 11008, "num_attention_heads": 32, "num_key_value_heads": 32,
+             "num_hidden_layers": 32, "vocab_size": 32000, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+             "rope_theta": 10000.0, "hidden_act": "silu", "tie_word_embeddings": False}
+
+
+def _run(capsys, *argv):
+    code = main(["plan", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_report_names_every_part(capsys):
+    code, out, _ = _run(capsys, "--preset", "7b", "--seq-len", "4096", "--global-batch", "64", "--gpus", "8",
+                        "--device", "h100", "--pp", "2", "--zero", "1", "--tokens", "1e11")
+    assert code == 0
+    for part in ("model states", "activations", "in flight", "allowance", "first step", "steady", "bubble",
+                 "exposed", "MFU", "days", "torchrun --nnodes 1 --nproc_per_node 8"):
+        assert part in out
+    assert out.count("pp rank") == 2
+
+
+def test_hf_config_is_the_7b_preset(tmp_path, capsys):
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(LLAMA2_7B))
+    _, from_hf, _ = _run(capsys, "--hf-config", str(path), "--gpus", "1", "--device", "gh200", "--seq-len", "512")
+    _, from_preset, _ = _run(capsys, "--preset", "7b", "--gpus", "1", "--device", "gh200", "--seq-len", "512")
+    assert "6,738.4M parameters" in from_hf and "does not fit" in from_hf
+    assert from_hf.split("command:")[0] == from_preset.split("command:")[0]
+    assert f"--init-from {tmp_path}" in from_hf
+
+
+def test_search_without_a_fit_names_the_memory_it_needs(capsys):
+    code, out, _ = _run(capsys, "--preset", "7b", "--seq-len", "4096", "--global-batch", "8", "--gpus", "1",
+                        "--device", "gh200", "--search")
+    assert code == 1 and "no layout of 1 x gh200 (96 GB) fits: the smallest needs" in out
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--device", "b300"], ["unknown device 'b300'", "h100"]),
+    (["--gpus", "8", "--dp", "2", "--tp", "2"], ["dp 2 x tp 2 x pp 1 = 4", "GPU count 8"]),
+    (["--pp", "5", "--global-batch", "10"], ["4 layer(s)", "5"]),
+    (["--tp", "3"], ["tp 3 does not divide"]),
+    (["--recompute", "most"], ["unknown recompute mode 'most'"]),
+    (["--gpus", "0"], ["--gpus must be > 0"]),
+    (["--tflops", "100"], ["missing: memory, intra_bw, inter_bw"]),
+    (["--search"], ["--search needs --gpus"]),
+    (["--profile", "/nonexistent.json"], ["calibration profile not found"]),
+])
+def test_bad_input_is_one_line_exit_2(capsys, argv, words):
+    code, out, err = _run(capsys, "--preset", "tiny", *argv)
+    assert code == 2 and not out and len(err.strip().splitlines()) == 1
+    for w in words:
+        assert w in err

@@ -16,6 +16,7 @@ from pathlib import Path
 from pyruntime.config import SECTIONS, Config, ConfigError, config_from_dict, default_micro_batch, load_config_file
 from pyruntime.data import DataError
 from pyruntime.data.tokenize import add_tokenize_parser, run_tokenize
+from pyruntime.generate import add_generate_parser, run_generate
 from pyruntime.hf.cli import add_export_parser, model_from_init_dir, run_export
 from pyruntime.schema import flag_type
 from pyruntime.train.ckpt_dirs import CheckpointError
@@ -92,6 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("bench_args", nargs=argparse.REMAINDER)
     add_export_parser(sub)
     add_tokenize_parser(sub)
+    add_generate_parser(sub)
     from pyruntime.plan.cli import add_arguments as add_plan_arguments
     add_plan_arguments(sub.add_parser("plan", help="predict memory and step time of a layout, or --search "
                                       "the fastest that fits (pyruntime/plan/)"))
@@ -249,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_export(args)
         if args.command == "tokenize":
             return run_tokenize(args)
+        if args.command == "generate":
+            return run_generate(args)
         if args.command == "plan":
             from pyruntime.plan.cli import run as run_plan
             return run_plan(args)

@@ -122,6 +122,14 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
                       companions_from: str | os.PathLike | None = None) -> Path:
     """A saved checkpoint (any layout; a step_<N> dir or a checkpoints dir) -> Hugging Face
     directory, in one process, checksums verified."""
+    cfg, tensors = read_checkpoint_weights(checkpoint)
+    return write_hf_dir(tensors, cfg, out, max_shard_bytes=max_shard_bytes, dtype=dtype,
+                        companions_from=companions_from)
+
+
+def read_checkpoint_weights(checkpoint: str | os.PathLike) -> tuple[ModelConfig, dict[str, torch.Tensor]]:
+    """(model config, {reference name: full fp32 weight}) of a saved checkpoint, read in this
+    one process (no process group), checksums verified; CheckpointError names a problem."""
     import torch.distributed.checkpoint as dcp
 
     from pyruntime.train.checkpoint import CheckpointError, _read_tensors, check_model, read_meta, resolve_checkpoint
@@ -141,6 +149,4 @@ def export_checkpoint(checkpoint: str | os.PathLike, out: str | os.PathLike, *,
         error = _read_tensors(dcp.FileSystemReader(ckpt), request, meta, ckpt)
     if error:
         raise CheckpointError(error)
-    tensors = {n: request[f"model.{n}"] for n in shapes}
-    return write_hf_dir(tensors, cfg, out, max_shard_bytes=max_shard_bytes, dtype=dtype,
-                        companions_from=companions_from)
+    return cfg, {n: request[f"model.{n}"] for n in shapes}

@@ -1,6 +1,7 @@
-// torch.library ops of pyruntime (torch.ops.pyruntime.*): schemas, CPU and Meta kernels. The
-// only .cpp that includes torch headers, because each such file costs most of a minute to
-// compile; the CUDA kernels of the same ops live in csrc/cuda/flat_pack.cu.
+// torch.library ops of pyruntime (torch.ops.pyruntime.*): schemas, CPU and Meta kernels. Each
+// .cpp that includes torch headers costs most of a minute to compile, so there are few: this
+// one (flat pack/unpack; their CUDA kernels live in csrc/cuda/flat_pack.cu) and
+// adamw_cpu.cpp (the host AdamW, a TORCH_LIBRARY_FRAGMENT of the same library).
 //
 //   flat_pack(tensors, offsets, total_numel) -> flat     flat[offsets[i] : +numel_i] = tensors[i]
 //   flat_unpack(flat, outs, offsets)                     outs[i] = flat[offsets[i] : +numel_i]

@@ -1,5 +1,5 @@
 """adamw_step: one AdamW update of a flat fp32 buffer (a ZeRO shard) in place, on the fused
-Triton kernel or the pure-PyTorch reference.
+Triton kernel (CUDA), the C++ op (CPU) or the pure-PyTorch reference.
 
     decay = DecayMask.from_segments(shard_numel, [(0, 4096), (4112, 20000)], device)
     adamw_step(master, grad, exp_avg, exp_avg_sq, decay, lr=3e-3, betas=(0.9, 0.95), eps=1e-8,
@@ -10,9 +10,15 @@ decay applies only to the elements in `decay` (the project decays matrices, not 
 weights). `step` counts from 1, as torch's state["step"] after its increment.
 
 Backends (fastest first): "triton" (CUDA; CPU only interpreted, for tests) reads each element
-of the four buffers once and writes three back; "reference" is the sequence of in-place
-PyTorch ops torch's foreach AdamW runs, on the one flat buffer, so it matches
-torch.optim.AdamW to the last bit on CPU.
+of the four buffers once and writes three back; "cpp" (CPU, only when asked for: torch.ops.pyruntime.adamw_step,
+csrc/adamw_cpu.cpp, the host optimizer of `--offload optimizer`) does the same in one
+vectorised, multi-threaded pass, rounding as the reference does except in sqrt (see
+_candidates); "reference" is
+the sequence of in-place PyTorch ops torch's foreach AdamW runs, on the one flat buffer, so it
+matches torch.optim.AdamW to the last bit on CPU.
+
+param_copy (optional, fp32 or bf16, same size): receives the updated parameters, in the same
+pass on the C++ backend (the device copy that offload sends back); after the step otherwise.
 """
 from __future__ import annotations
 
@@ -21,9 +27,15 @@ from dataclasses import dataclass
 
 import torch
 
+from pyruntime.core import load_core
 from pyruntime.ops.dispatch import choose
 
-CANDIDATES = ("triton", "reference")
+def _candidates(device: torch.device) -> tuple[str, ...]:
+    # The C++ op has a CPU kernel only, and "auto" keeps the reference on CPU: it is torch's
+    # own arithmetic, so ZeRO's sharded step reproduces torch.optim.AdamW (DDP, one process)
+    # to the last bit; the C++ loop's sqrt is correctly rounded where torch's (MKL) is not,
+    # which moves a few parameters by 1 ulp. The C++ op is chosen explicitly (offload).
+    return ("triton", "reference", "cpp") if device.type == "cpu" else ("triton", "reference")
 
 
 @dataclass(frozen=True)
@@ -80,16 +92,38 @@ def adamw_reference(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Te
     params.addcdiv_(exp_avg, denom, value=s["step_size"])
 
 
+def _adamw_cpp(params, grads, exp_avg, exp_avg_sq, decay: DecayMask | None, param_copy, *, lr, betas, eps,
+               weight_decay, step) -> None:
+    s = _scalars(lr, betas, weight_decay, step)
+    if weight_decay == 0:
+        segments = []  # nothing decays
+    else:
+        segments = [x for seg in (decay.segments if decay is not None else ((0, params.numel()),)) for x in seg]
+    load_core("the C++ AdamW (adamw_step, backend 'cpp')")
+    torch.ops.pyruntime.adamw_step(params, grads, exp_avg, exp_avg_sq, param_copy, segments,
+                                   s["decay_factor"], s["beta1"], s["beta2"], eps, s["step_size"],
+                                   s["bias_correction2_sqrt"])
+
+
 def adamw_step(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor,
                decay: DecayMask | None, *, lr: float, betas: tuple[float, float], eps: float,
-               weight_decay: float, step: int, backend: str = "auto") -> None:
+               weight_decay: float, step: int, backend: str = "auto",
+               param_copy: torch.Tensor | None = None) -> None:
     """Update params (fp32 master), exp_avg and exp_avg_sq in place; all 1-D of one size.
-    decay=None decays every element. backend: "auto" | "triton" | "reference"."""
+    decay=None decays every element. backend: "auto" | "triton" | "cpp" | "reference"."""
     if step < 1:
         raise ValueError(f"adamw_step: step counts from 1, got {step}")
     if decay is not None and decay.numel != params.numel():
         raise ValueError(f"adamw_step: decay mask of {decay.numel} elements for {params.numel()} params")
-    if choose("adamw", backend, params.device, candidates=CANDIDATES) == "triton":
+    if param_copy is not None and (param_copy.shape != params.shape or param_copy.device != params.device):
+        raise ValueError(f"adamw_step: param_copy {tuple(param_copy.shape)} on {param_copy.device} must match "
+                         f"params {tuple(params.shape)} on {params.device}")
+    chosen = choose("adamw", backend, params.device, candidates=_candidates(params.device))
+    if chosen == "cpp":
+        _adamw_cpp(params, grads, exp_avg, exp_avg_sq, decay, param_copy, lr=lr, betas=betas, eps=eps,
+                   weight_decay=weight_decay, step=step)
+        return
+    if chosen == "triton":
         from pyruntime.triton_kernels.adamw import adamw_step_  # lazy: triton is optional
 
         s = _scalars(lr, betas, weight_decay, step)
@@ -100,3 +134,6 @@ def adamw_step(params: torch.Tensor, grads: torch.Tensor, exp_avg: torch.Tensor,
     else:
         adamw_reference(params, grads, exp_avg, exp_avg_sq, decay, lr=lr, betas=betas, eps=eps,
                         weight_decay=weight_decay, step=step)
+    if param_copy is not None:
+        with torch.no_grad():
+            param_copy.copy_(params)

@@ -18,6 +18,8 @@ SUITES: dict[str, tuple[str, str]] = {
     "flat": ("flat", "flat pack / unpack vs torch.cat / _foreach_copy_, fused AdamW vs torch.optim.AdamW"),
     "overlap": ("overlap", "communication the overlapped tp GEMMs leave exposed, one device (peers stood in by copies)"),
     "tpstep": ("tpstep", "tp training step vs PyTorch's parallelize_module (DTensor), gloo ranks"),
+    "adam": ("adam", "the C++ host AdamW vs torch.optim.AdamW fused / foreach on CPU, 1M-100M params, GB/s next "
+                     "to a triad measured in the same run"),
     "initmem": ("initmem", "peak memory of building a ZeRO-3 model, deferred vs eager init, gloo ranks"),
 }
 

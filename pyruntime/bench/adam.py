@@ -1,0 +1,120 @@
+"""The host AdamW of `--offload optimizer` (the C++ op, csrc/adamw_cpu.cpp) against
+torch.optim.AdamW(fused=True) and (foreach=True) on CPU, over one flat fp32 buffer of N
+parameters, next to this machine's memory bandwidth measured in the same run (a STREAM triad,
+a = b + s * c, through torch's multi-threaded add).
+
+    python -m pyruntime bench adam                          # 1M, 10M, 100M parameters
+    python -m pyruntime bench adam --sizes 1e6,3e7 --repeat 20 --threads 8
+
+GB/s counts the bytes an AdamW step must move, 28 per parameter (read parameter, gradient and
+both moments, write parameter and moments, fp32), whichever implementation runs; the triad
+moves 12 bytes per element. Every implementation gets the same threads (torch's pool).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from pyruntime.bench.harness import compare, header, print_table, table_lines, time_fn
+from pyruntime.ops.adamw import adamw_step
+
+BYTES_PER_PARAM = 28  # read p, g, m, v and write p, m, v, fp32
+HYPER = {"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(float(s)) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--sizes takes numbers of parameters like 1e6,1e7; got '{text}'") from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"--sizes must be >= 1 each; got '{text}'")
+    return sizes
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line on stderr, exit 2 (argparse also prints usage)
+        print(f"bench adam: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = _Parser(prog="pyruntime bench adam", description=__doc__.split("\n\n")[0])
+    p.add_argument("--sizes", type=_sizes, default=_sizes("1e6,1e7,1e8"), help="parameters per buffer, comma-separated")
+    p.add_argument("--repeat", type=int, default=10, help="timed steps per implementation (median)")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--markdown", action="store_true", help="Markdown tables (for RESULTS.md)")
+    args = p.parse_args(argv)
+    if args.repeat < 1 or args.warmup < 0 or args.threads < 0:
+        p.error(f"--repeat must be >= 1, --warmup and --threads >= 0; got {args.repeat}, {args.warmup}, {args.threads}")
+    return args
+
+
+def triad_seconds(n: int, repeat: int, warmup: int) -> float:
+    b, c = torch.rand(n), torch.rand(n)
+    a = torch.empty(n)
+    return time_fn(lambda: torch.add(b, c, alpha=3.0, out=a), warmup=warmup, repeat=repeat, device="cpu")
+
+
+def _ours(n: int):
+    g = torch.Generator().manual_seed(0)
+    master, grad = torch.randn(n, generator=g), torch.randn(n, generator=g) * 1e-3
+    m, v = torch.zeros(n), torch.zeros(n)
+    step = [0]
+
+    def run():
+        step[0] += 1
+        adamw_step(master, grad, m, v, None, step=step[0], backend="cpp", **HYPER)
+
+    return run
+
+
+def _torch(n: int, **impl):
+    g = torch.Generator().manual_seed(0)
+    param = torch.randn(n, generator=g).requires_grad_(True)
+    param.grad = torch.randn(n, generator=g) * 1e-3
+    return torch.optim.AdamW([param], **HYPER, **impl).step
+
+
+def size_rows(n: int, repeat: int, warmup: int):
+    shape = f"{n / 1e6:g}M fp32"
+    moved = BYTES_PER_PARAM * n
+    ours = _ours(n)
+    rows = []
+    for impl, name in (({"fused": True}, "AdamW fused"), ({"foreach": True}, "AdamW foreach")):
+        baseline = _torch(n, **impl)  # one torch optimizer's state alive at a time
+        rows.append(compare(f"C++ AdamW vs {name}", shape, ours, baseline, baseline_name=name,
+                            bytes_moved=moved, warmup=warmup, repeat=repeat))
+        del baseline
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:  # --help (0) or bad input (2, already said)
+        return int(e.code or 0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print("\n".join(header(["adam", *argv], "triton", None)))
+    print(f"threads: {torch.get_num_threads()}; bytes per parameter: {BYTES_PER_PARAM}")
+    rows, bandwidth = [], []
+    for n in args.sizes:
+        triad_s = triad_seconds(n, args.repeat, args.warmup)
+        size_rows_ = size_rows(n, args.repeat, args.warmup)
+        rows += size_rows_
+        triad_gbs = 12 * n / triad_s / 1e9
+        ours_gbs = size_rows_[0].bytes_moved / size_rows_[0].ours_s / 1e9
+        bandwidth.append([f"{n / 1e6:g}M", f"{triad_gbs:.1f}", f"{ours_gbs:.1f}", f"{100 * ours_gbs / triad_gbs:.0f}%"])
+    print_table(rows, title="AdamW step, one flat buffer (base/ours > 1: ours is faster)", markdown=args.markdown)
+    print("\n".join(["", "measured memory bandwidth (triad a = b + 3c, same run) vs the C++ AdamW's"]
+                    + table_lines(["size", "", "triad GB/s", "C++ AdamW GB/s", "of triad"],
+                                  [[r[0], ""] + r[1:] for r in bandwidth], args.markdown)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -15,8 +15,10 @@ and the AdamW step + zero_grad, the same code on both sides, as the Trainer runs
 pipeline part alone is reported too ("fwd+bwd"). Step time of a step is the slowest rank's;
 the table shows the median over the measured steps. Ours and PyTorch's steps alternate one by
 one in the same processes (who goes first alternating too), so machine noise (other load,
-frequency changes) hits both alike; the ratio torch/ours is the median over those pairs of
-back-to-back steps of their ratio (> 1: ours is faster).
+frequency changes) hits both alike. Two ratios (> 1: ours is faster): "torch/ours" is the
+ratio of the two medians shown beside it; "pairs" is the median over the steps of the ratio of
+the two steps run back to back, which the load of the moment cancels out of. They differ when
+the load changed during the run: read the two together.
 
 Both sides run the identical stage modules: each rank builds two copies of the model from the
 same seed, prunes both to its stages with keep_local_stages, and PyTorch's PipelineStage wraps
@@ -319,12 +321,22 @@ def _summarise(name: str, cfg, per_rank: list[dict]) -> dict:
     }
 
 
+TABLE_LEGEND = (
+    "baseline \"torch\": torch.distributed.pipelining with the schedule of column \"torch schedule\". "
+    "ms: median step time (slowest rank); torch/ours: the ratio of those two medians; pairs: median over "
+    "the steps of torch/ours of two steps run back to back; > 1: ours is faster. fwd+bwd: the pipeline "
+    "part of the step alone. bubble: ours, per rank (rank 0 rank 1)")
+
+
 def format_table(rows: list[dict], markdown: bool = False) -> str:
-    head = ["schedule", "torch", "ours ms", "torch ms", "torch/ours", "fwd+bwd ours", "fwd+bwd torch",
-            "fwd+bwd t/o", "bubble measured", "bubble simulated"]
+    """Every ratio sits right of the two numbers it comes from; TABLE_LEGEND says what each is."""
+    head = ["schedule", "torch schedule", "ours ms", "torch ms", "torch/ours", "pairs",
+            "fwd+bwd ours ms", "fwd+bwd torch ms", "torch/ours", "pairs", "bubble measured", "bubble simulated"]
     body = [[f"{r['schedule']}" + (f" v={r['virtual_stages']}" if r["virtual_stages"] > 1 else ""), r["torch"],
-             f"{r['ours_ms']:.1f}", f"{r['torch_ms']:.1f}", f"{r['ratio']:.2f}x",
-             f"{r['ours_pp_ms']:.1f}", f"{r['torch_pp_ms']:.1f}", f"{r['pp_ratio']:.2f}x",
+             f"{r['ours_ms']:.1f}", f"{r['torch_ms']:.1f}", f"{r['torch_ms'] / r['ours_ms']:.2f}x",
+             f"{r['ratio']:.2f}x",
+             f"{r['ours_pp_ms']:.1f}", f"{r['torch_pp_ms']:.1f}", f"{r['torch_pp_ms'] / r['ours_pp_ms']:.2f}x",
+             f"{r['pp_ratio']:.2f}x",
              " ".join(f"{b:.3f}" for b in r["bubble"]), " ".join(f"{b:.3f}" for b in r["sim_bubble"])]
             for r in rows]
     from pyruntime.bench.harness import table_lines
@@ -372,8 +384,7 @@ def _header(argv: list[str], args: Args) -> str:
         f"model: preset {args.preset} ({params / 1e6:.2f}M params), {args.microbatches} micro-batches x "
         f"{args.micro_batch} sequences x {args.seq_len} tokens, fp32, AdamW + global-norm clip",
         f"timing: full step (fwd+bwd of every micro-batch, clip, AdamW); median of {args.steps} steps after "
-        f"{args.warmup} warm-up, slowest rank per step; ours and torch alternate step by step; "
-        "torch/ours: median over those pairs, > 1: ours is faster",
+        f"{args.warmup} warm-up, slowest rank per step; ours and torch alternate step by step",
     ])
 
 
@@ -414,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows))
     print()
     print(format_table(rows, markdown=ns.markdown))
+    print(TABLE_LEGEND)
     print()
     print("bubble: ours, per rank (rank 0 rank 1), median over the timed steps; simulated: same schedule "
           "with our measured mean F/B times and free messages. The gap:")

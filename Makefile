@@ -44,7 +44,7 @@ test-py: $(BUILD_STAMP)
 test: test-cpp test-py
 
 bench: $(BUILD_STAMP)
-	$(PY) -m pyruntime bench all   # tp, pp, zero, flat with their defaults
+	$(PY) -m pyruntime bench all   # every suite of `pyruntime bench --help` with its defaults
 
 clean:
 	rm -rf build *.egg-info pyruntime/_C*.so

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU check in one call, for a lent single-GPU machine (its python3 holds torch + triton;
-# nothing can be installed there). Run from the repository root:
+# nothing can be fetched there). Run from the repository root:
 #
 #     bash benchmarks/gpu_checks.sh            # on the GPU machine; logs under $OUT (or ./gpu_out)
 #     GPU_CHECKS_SMALL=1 bash benchmarks/gpu_checks.sh   # tiny sizes: checks the plumbing on CPU
@@ -8,7 +8,8 @@
 # Steps (each under its own time limit, so one slow step cannot eat the lease; the limits
 # add up to 590 s, under the device tool's 600 s per call):
 #   1. environment: GPU, driver, torch / triton versions, commit
-#   2. build pyruntime._C in place with the CUDA sources (flat_pack kernel)
+#   2. pip install -e . (no download, no dependency): pyruntime._C built in place with the
+#      CUDA sources (flat_pack kernel), pyruntime.triton_kernels mapped onto triton_kernels/
 #   3. measured ceilings: device-to-device copy bandwidth, bf16 matmul TFLOP/s (random data)
 #   4. kernel and op tests on CUDA: Triton kernels compiled for real, bf16 included
 #   5. bench tp: fused GEMM+bias+GeLU / SwiGLU vs eager, GEMM vs torch.matmul, vocab-parallel
@@ -68,7 +69,9 @@ step environment 20 bash -c "nvidia-smi --query-gpu=name,driver_version,clocks.s
     $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \
 \"triton\", triton.__version__, \"device\", torch.cuda.get_device_name() if torch.cuda.is_available() else \"cpu\")'"
 
-step build 150 env MAX_JOBS="$(nproc)" "$PY" setup.py -q build_ext --inplace
+# The editable install, as the Makefile does it: it builds pyruntime._C in place and maps
+# pyruntime.triton_kernels onto the repository's triton_kernels/ (a bare build_ext would not).
+step build 150 env MAX_JOBS="$(nproc)" "$PY" -m pip install -q --no-build-isolation --no-deps --use-pep517 -e .
 
 step ceilings 40 "$PY" - "$CEIL_N" <<'EOF'
 import sys

@@ -33,8 +33,19 @@ class Device:
     mem_bw: float = 2e12
     """Bytes/s of device memory (the optimizer step is bound by it)."""
     latency: float = 10e-6
-    """Seconds per collective / message before bandwidth counts (a typical NCCL small-message
-    latency; `--calibrate` measures it)."""
+    """Seconds per all-reduce before bandwidth counts (a typical NCCL small-message latency;
+    `--calibrate` measures it)."""
+    gather_latency: float = 10e-6
+    """The same for an all-gather / reduce-scatter as the runtime issues them (on gloo: one
+    broadcast per rank, or an all-reduce of a packed copy)."""
+    p2p_latency: float = 10e-6
+    """The same for one pipeline send / receive."""
+    overlap: bool = True
+    """Whether communication runs beside compute (GPUs: NCCL on its own stream). A CPU rank
+    has one core for both, so its collectives count in full."""
+    micro_overhead: float = 0.0
+    """Seconds per micro-batch and chunk outside the blocks (embedding, rotary tables, loss,
+    hooks); calibrated on CPU."""
     gemm_efficiency: float = 0.6
     """Fraction of peak_flops a large training GEMM sustains (MFU reports of Megatron-LM and
     torchtitan on H100 / A100 are 0.4-0.6 for whole steps); `--calibrate` measures it."""

@@ -79,16 +79,24 @@ def chunk_forward_flops(work: Workload, layout: Layout, layers: int, head: bool)
     return flops / layout.tp
 
 
-def _tp_time(work: Workload, layout: Layout, cluster: Cluster, layers: int, act: int) -> float:
-    """One micro-batch's tp collectives of one chunk, forward (backward: as many)."""
+def _tp_time(work: Workload, layout: Layout, cluster: Cluster, layers: int, act: int, embedding: bool,
+             head: bool) -> float:
+    """One micro-batch's tp collectives of one chunk, forward (backward: as many): per block two
+    all-reduces, or with sequence parallelism two all-gathers and two reduce-scatters; the
+    vocab-parallel embedding's reduction; the vocab-parallel loss's three small all-reduces."""
     t = layout.tp
     if t == 1:
         return 0.0
     d, nbytes = cluster.device, layout.micro_batch * work.seq_len * work.model.dim * act
     bw = _bw(cluster, 1, t)
-    if layout.sp:  # all-gather before, reduce-scatter after each of attention and MLP
-        return layers * 4 * ring(nbytes, t, bw, d.latency)
-    return layers * 2 * ring(nbytes, t, bw, d.latency, all_reduce=True)
+    if layout.sp:
+        one = 2 * ring(nbytes, t, bw, d.gather_latency)
+    else:
+        one = ring(nbytes, t, bw, d.latency, all_reduce=True)
+    total = (2 * layers + embedding) * one
+    if head:
+        total += 3 * d.latency + (ring(nbytes, t, bw, d.gather_latency) if layout.sp else 0.0)
+    return total
 
 
 def _rank_costs(work: Workload, layout: Layout, cluster: Cluster, pp_rank: int) -> tuple[float, float, float, float]:
@@ -99,10 +107,11 @@ def _rank_costs(work: Workload, layout: Layout, cluster: Cluster, pp_rank: int) 
     fwd = bwd = rec = comm = 0.0
     for c in rank_chunks(work, layout, pp_rank):
         flops = chunk_forward_flops(work, layout, c.layers, c.head)
-        blocks = c.layers + (1 if c.head else 0)  # the head + loss costs about a block's dispatch
-        tp = _tp_time(work, layout, cluster, c.layers, act)
-        fwd += flops / rate + blocks * d.block_overhead / 3 + tp
-        bwd += 2 * flops / rate + blocks * 2 * d.block_overhead / 3 + tp
+        # dispatch: the blocks', the head's (about one block) and the chunk's own (rotary, loss)
+        fixed = (c.layers + (1 if c.head else 0)) * d.block_overhead + d.micro_overhead
+        tp = _tp_time(work, layout, cluster, c.layers, act, c.embedding, c.head)
+        fwd += flops / rate + fixed / 3 + tp
+        bwd += 2 * flops / rate + 2 * fixed / 3 + tp
         comm += 2 * tp
         if layout.recompute == "full":
             rec += chunk_forward_flops(work, layout, c.layers, False) / rate + c.layers * d.block_overhead / 3 + tp
@@ -119,22 +128,28 @@ def _dp_time(work: Workload, layout: Layout, cluster: Cluster, backward: float, 
     bw = _bw(cluster, layout.tp * layout.pp, dp)
     grads, n = 4 * states.params, states.params
     if layout.zero == 3:
-        gathers = 2 * ring((2 if d.cuda else 4) * n, dp, bw, d.latency * len(states.units))
-        reduce = ring(grads, dp, bw, d.latency * len(states.units))
-        first = ring(max(states.units), dp, bw, d.latency)
-        per_micro = gathers + reduce
+        units = len(states.units)
+        gathers = 2 * ring((2 if d.cuda else 4) * n, dp, bw, d.gather_latency * units)
+        per_micro = gathers + ring(grads, dp, bw, d.latency * units)  # reduce-scatter: an in-place all-reduce on gloo
+        first = ring(max(states.units), dp, bw, d.gather_latency)
         exposed = micro * (max(0.0, per_micro - forward - backward) + 2 * first)
-        return micro * per_micro, exposed
-    last_bucket = max(states.buckets)
+        return micro * per_micro, exposed if d.overlap else micro * per_micro
     reduce = ring(grads, dp, bw, d.latency * len(states.buckets), all_reduce=layout.zero == 0)
-    tail = ring(last_bucket, dp, bw, d.latency, all_reduce=layout.zero == 0)
+    tail = ring(max(states.buckets), dp, bw, d.latency, all_reduce=layout.zero == 0)
     reductions = micro if layout.zero == 2 else 1
-    exposed = reductions * max(tail, reduce - backward)
     total = reductions * reduce
+    exposed = reductions * max(tail, reduce - backward) if d.overlap else total
     if layout.zero in (1, 2):  # the updated parameters, all-gathered after the step
-        gather = ring(grads, dp, bw, d.latency * len(states.buckets))
+        gather = ring(grads, dp, bw, d.gather_latency * len(states.buckets))
         total, exposed = total + gather, exposed + gather
     return total, exposed
+
+
+def _step_syncs(layout: Layout, device) -> float:
+    """The step's small blocking all-reduces: the loss over dp and over pp, and the global
+    gradient norm (skipped by plain data parallelism, where every rank holds the whole norm)."""
+    count = (layout.dp > 1) + (layout.pp > 1) + (layout.world > 1 and not (layout.dp == layout.world and layout.zero == 0))
+    return count * device.latency
 
 
 def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
@@ -149,7 +164,7 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
         act = 2 if d.cuda else 4
         sn = work.seq_len // layout.tp if layout.sp else work.seq_len
         msg = layout.micro_batch * sn * work.model.dim * act
-        p2p = msg / _bw(cluster, layout.tp, layout.pp) + d.latency
+        p2p = msg / _bw(cluster, layout.tp, layout.pp) + d.p2p_latency
         costs = Costs(forward=fwd, backward=bwd, backward_input=bwd / 2, backward_weight=bwd / 2, comm_latency=p2p)
         sim = simulate(layout.schedule, layout.pp, micro, layout.virtual_stages, costs)
         makespan = sim.makespan
@@ -158,7 +173,7 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     states = rank_states(work, layout, 0)
     shard = states.held.optim // 8  # fp32 elements this rank's optimizer updates
     optimizer = ADAM_BYTES * shard / d.mem_bw
-    step = makespan + dp_exposed + optimizer
+    step = makespan + dp_exposed + optimizer + _step_syncs(layout, d)
     tokens_per_s = work.global_batch * work.seq_len / step
     mfu = tokens_per_s * model_flops_per_token(work.model, work.seq_len) / (layout.world * d.peak_flops)
     return StepTime(fwd, bwd, micro * comm, makespan, bubble, dp_total, dp_exposed, optimizer, step,

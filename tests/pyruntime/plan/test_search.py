@@ -37,6 +37,6 @@ def test_step_time_parts_add_up_and_pipeline_bubble_shrinks_with_microbatches():
     few = step_time(Workload(model=PRESETS["7b"], seq_len=4096, global_batch=8), Layout(pp=4, dp=2), cluster)
     many = step_time(Workload(model=PRESETS["7b"], seq_len=4096, global_batch=64), Layout(pp=4, dp=2), cluster)
     for t in (few, many):
-        assert abs(t.step - (t.pipeline + t.dp_exposed + t.optimizer)) < 1e-9
+        assert 0 <= t.step - (t.pipeline + t.dp_exposed + t.optimizer) < 1e-3  # + the small per-step syncs
         assert 0 < t.mfu < 1
     assert few.bubble / few.pipeline > many.bubble / many.pipeline

@@ -121,5 +121,18 @@ def init_distributed(launch: Launch, device: torch.device, timeout_s: float = 30
         torch.cuda.set_device(device)
     if launch.world_size == 1 and "MASTER_ADDR" not in os.environ:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+    elif "TORCHELASTIC_RESTART_COUNT" in os.environ:
+        dist.init_process_group(backend, store=_attempt_store(launch, timeout), rank=launch.rank,
+                                world_size=launch.world_size, timeout=timeout)
     else:
         dist.init_process_group(backend, rank=launch.rank, world_size=launch.world_size, timeout=timeout)
+
+
+def _attempt_store(launch: Launch, timeout: datetime.timedelta) -> dist.Store:
+    """torchrun's store, with keys scoped to this restart attempt. torchrun (2.13, --standalone)
+    keeps one store at one port across `--max-restarts` attempts, so a restarted worker would
+    read the previous attempt's gloo addresses (and watchdog heartbeats) and fail to connect."""
+    agent_hosts = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), launch.world_size,
+                          is_master=not agent_hosts and launch.rank == 0, timeout=timeout)
+    return dist.PrefixStore(f"pyruntime/attempt_{os.environ['TORCHELASTIC_RESTART_COUNT']}/", store)

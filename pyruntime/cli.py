@@ -35,7 +35,8 @@ TRAIN_FLAGS = {
     "--eval-batches": ("train", "eval_batches", "validation batches (of the global batch size, split over dp) per evaluation"),
     "--log-every": ("train", "log_every", "print a log line every N steps"),
     "--global-batch": ("data", "global_batch", "sequences per step, over all dp ranks"),
-    "--micro-batch": ("data", "micro_batch", "sequences per forward/backward"),
+    "--micro-batch": ("data", "micro_batch", "sequences per forward/backward (default: the largest divisor of "
+                      "global batch / dp up to 8)"),
     "--seq-len": ("data", "seq_len", "tokens per sequence"),
     "--data": ("data", "path", "text file, or .bin/.u16 uint16 token file (default: embedded corpus)"),
     "--lr": ("optim", "lr", "peak learning rate"),

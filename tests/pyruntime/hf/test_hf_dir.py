@@ -105,3 +105,20 @@ def test_bad_directories_fail_in_one_line(tmp_path):
     assert "hidden_act 'gelu'" in broken("act", lambda d: _edit_config(d, hidden_act="gelu"))
     assert "names shard model-00002-of" in broken("shard", lambda d: next(d.glob("model-00002-*")).unlink())
     assert "has shape (97, 32), the model needs (97, 30)" in broken("shape", lambda d: _edit_config(d, hidden_size=30, head_dim=8))
+
+
+def test_init_from_conflicts_fail_in_one_line(tmp_path, capsys):
+    from pyruntime.cli import main
+    from pyruntime.data.tokens import write_tokens
+
+    save_hf("llama_gqa", tmp_path / "m", vocab_size=259)
+    (tmp_path / "run.json").write_text(json.dumps({"model": {"dim": 64}}))
+    write_tokens(tmp_path / "big.bin", list(range(300)) * 10, 300)
+    cases = [(["--preset", "small"], "--preset small and --init-from"),
+             (["--config", str(tmp_path / "run.json")], "model.dim 64 conflicts with"),
+             (["--data", str(tmp_path / "big.bin"), "--seq-len", "16"], "vocabulary of 300, larger than the model's 259")]
+    for extra, message in cases:
+        capsys.readouterr()
+        assert main(["train", "--init-from", str(tmp_path / "m"), "--quiet", *extra]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err

@@ -23,12 +23,15 @@ from pyruntime.schema import ConfigError, at_least, between, each, from_table, g
 
 POSITIVE, NON_NEGATIVE = at_least(1), at_least(0)  # for ints
 PIPELINE_SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved", "zb")
+RECOMPUTE_MODES = ("none", "selective", "full")  # parallel/recompute.py
 KERNEL_BACKENDS = ("auto", "triton", "cpp", "reference")  # = ops/dispatch.py BACKENDS
 
 
 @section("model", vocab_size=POSITIVE, dim=POSITIVE, n_layers=POSITIVE, n_heads=POSITIVE, n_kv_heads=POSITIVE,
          ffn_dim=POSITIVE, max_seq_len=POSITIVE, rope_theta=greater_than(0), norm_eps=greater_than(0),
-         kernels=one_of(*KERNEL_BACKENDS, noun="kernel backend"))
+         kernels=one_of(*KERNEL_BACKENDS, noun="kernel backend"), head_size=POSITIVE,
+         rope_scaling=one_of("linear", "llama3", noun="rope scaling"), rope_factor=greater_than(0),
+         rope_low_freq_factor=greater_than(0), rope_original_max_seq_len=POSITIVE, sliding_window=POSITIVE)
 @dataclass(kw_only=True)
 class ModelConfig:
     """Shape of the Llama-style decoder (pyruntime/model/llama.py)."""
@@ -88,17 +91,9 @@ class ModelConfig:
     def validate(self) -> None:
         if self.head_size is None and self.dim % self.n_heads:
             raise ConfigError(f"model.dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        if self.head_size is not None and self.head_size < 1:
-            raise ConfigError(f"model.head_size must be >= 1, got {self.head_size}")
-        if self.rope_scaling not in (None, "linear", "llama3"):
-            raise ConfigError(f"model.rope_scaling '{self.rope_scaling}' is not supported; use linear or llama3")
-        if self.rope_scaling is not None and not self.rope_factor > 0:
-            raise ConfigError(f"model.rope_factor must be > 0, got {self.rope_factor}")
         if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor > 0:
             raise ConfigError(f"model.rope_high_freq_factor {self.rope_high_freq_factor} must exceed "
                               f"rope_low_freq_factor {self.rope_low_freq_factor} > 0")
-        if self.sliding_window is not None and self.sliding_window < 1:
-            raise ConfigError(f"model.sliding_window must be >= 1, got {self.sliding_window}")
         if self.head_dim % 2:
             raise ConfigError(f"head dim {self.head_dim} must be even for rotary embeddings")
         if self.kv_heads < 1 or self.n_heads % self.kv_heads:
@@ -180,7 +175,8 @@ class OptimConfig:
 
 
 @section("parallel", dp=POSITIVE, pp=POSITIVE, tp=POSITIVE, zero=one_of(0, 1, 2, 3), bucket_mb=greater_than(0),
-         schedule=one_of(*PIPELINE_SCHEDULES, noun="pipeline schedule"), virtual_stages=POSITIVE)
+         schedule=one_of(*PIPELINE_SCHEDULES, noun="pipeline schedule"), virtual_stages=POSITIVE,
+         recompute=one_of(*RECOMPUTE_MODES, noun="recompute mode"), recompute_layers=POSITIVE)
 @dataclass(kw_only=True)
 class ParallelConfig:
     """The layout: dp x pp x tp = world size (pyruntime/mesh.py)."""
@@ -217,6 +213,13 @@ class ParallelConfig:
     mesh_order: str = "dp,pp,tp"
     """Axis order of the rank grid, outermost first: the last axis has adjacent ranks (keep
     tp last so tp traffic stays inside a node)."""
+    recompute: str = "none"
+    """Activation recomputation (parallel/recompute.py): none, selective (norm outputs and the
+    SwiGLU activation are recomputed in backward, GEMM and attention outputs kept) or full
+    (each block keeps only its input and reruns its forward in backward)."""
+    recompute_layers: int | None = None
+    """With recompute: only the first K blocks of each pipeline stage (Megatron's "block"
+    method); None: every block. At most the smallest stage's layer count."""
 
     def validate(self) -> None:
         if self.schedule == "interleaved" and self.pp > 1 and self.virtual_stages < 2:
@@ -229,7 +232,8 @@ class ParallelConfig:
 
 @section("train", preset=one_of(*PRESETS, noun="preset"), steps=POSITIVE, seed=between(0, 2**63 - 1),
          eval_every=NON_NEGATIVE, eval_batches=NON_NEGATIVE, log_every=POSITIVE, save_every=NON_NEGATIVE,
-         peer_timeout_s=between(0, 86400, low_open=True))
+         peer_timeout_s=between(0, 86400, low_open=True), export_shard_mb=greater_than(0),
+         export_dtype=one_of("float32", "bfloat16", "float16", noun="export dtype"))
 @dataclass(kw_only=True)
 class TrainConfig:
     """The run itself."""
@@ -277,10 +281,6 @@ class TrainConfig:
         if self.eval_every and not self.eval_batches:
             raise ConfigError(f"train.eval_batches must be >= 1 when eval_every is {self.eval_every} "
                               "(or set eval_every 0: no validation)")
-        if self.export_dtype not in ("float32", "bfloat16", "float16"):
-            raise ConfigError(f"train.export_dtype '{self.export_dtype}' is not one of float32, bfloat16, float16")
-        if not self.export_shard_mb > 0:
-            raise ConfigError(f"train.export_shard_mb must be > 0, got {self.export_shard_mb}")
 
 
 @dataclass(kw_only=True)
@@ -312,9 +312,6 @@ class Config:
     @property
     def metrics_path(self) -> Path:
         return Path(self.train.metrics) if self.train.metrics else Path(self.train.out) / "metrics.jsonl"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 SECTIONS = {"train": TrainConfig, "model": ModelConfig, "data": DataConfig,

@@ -112,6 +112,10 @@ BAD = {
     "config malformed JSON": (["--config", "{d}/broken.json"], "cannot parse config file {d}/broken.json as JSON"),
     "config malformed TOML": (["--config", "{d}/broken.toml"], "cannot parse config file {d}/broken.toml as TOML"),
     "config heads do not divide dim": (["--config", "{d}/heads.json"], "model.dim 128 is not divisible by n_heads 3"),
+    "config rope scaling unknown": (["--config", "{d}/rope.json"], "unknown rope scaling 'yarn' (model.rope_scaling)"),
+    "config sliding window zero": (["--config", "{d}/window.json"], "model.sliding_window must be >= 1, got 0"),
+    "export-dtype unknown": (["--export-dtype", "int8"], "unknown export dtype 'int8' (train.export_dtype)"),
+    "export-shard-mb zero": (["--export-shard-mb", "0"], "train.export_shard_mb must be > 0"),
 }
 
 CONFIG_FILES = {
@@ -132,6 +136,8 @@ CONFIG_FILES = {
     "broken.json": '{"train": {"steps": 3,}}',
     "broken.toml": "[train\nsteps = 3\n",
     "heads.json": json.dumps({"model": {"n_heads": 3, "n_kv_heads": 3}}),
+    "rope.json": json.dumps({"model": {"rope_scaling": "yarn"}}),
+    "window.json": json.dumps({"model": {"sliding_window": 0}}),
 }
 
 

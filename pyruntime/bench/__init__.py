@@ -21,6 +21,8 @@ SUITES: dict[str, tuple[str, str]] = {
     "adam": ("adam", "the C++ host AdamW vs torch.optim.AdamW fused / foreach on CPU, 1M-100M params, GB/s next "
                      "to a triad measured in the same run"),
     "initmem": ("initmem", "peak memory of building a ZeRO-3 model, deferred vs eager init, gloo ranks"),
+    "hf": ("hf", "Hugging Face directory load (1B shape, bf16 shards) vs transformers.from_pretrained, tp 2 "
+                 "peak RSS per rank; tokenize vs tokenizers' encode_batch"),
     "plan": ("plan", "the planner's predicted step time vs the trainer's measured one, 12 layouts of <= 2 "
                      "gloo ranks after plan --calibrate; Kendall tau of the ranking"),
 }

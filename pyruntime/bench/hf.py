@@ -1,0 +1,158 @@
+"""Hugging Face interop, side by side with the ecosystem's own tools in one run:
+
+  load      a Llama-3.2-1B-shaped directory (bf16 shards, tied embeddings, written here with
+            random values) read into fp32 parameters: ours (meta model + HFInit, dp 1) vs
+            transformers' AutoModelForCausalLM.from_pretrained(dtype=float32), wall time;
+            then peak resident memory per rank at tp 2 (2 gloo ranks, each reading its
+            blocks) against the full fp32 model's bytes.
+  tokenize  `tokenize_files` (our tokenize command) vs calling tokenizers' encode_batch
+            directly on the same text, tokens per second.
+
+    python -m pyruntime bench hf                 # both, 1B shape (needs ~12 GB of RAM)
+    python -m pyruntime bench hf --layers 4      # a smaller model
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _status_mb() -> dict[str, float]:
+    with open("/proc/self/status") as f:
+        return {line.split(":")[0]: int(line.split()[1]) / 1024 for line in f if line.startswith(("VmHWM", "VmRSS"))}
+
+
+def write_model_dir(path: Path, args) -> dict:
+    """A Llama config.json and bf16 shards of random weights (one tensor in memory at a time)."""
+    from safetensors.torch import save_file
+
+    from pyruntime.hf.config import model_config_from_hf
+    from pyruntime.hf.export import plan_shards
+    from pyruntime.hf.load import INDEX, hf_name
+    from pyruntime.model.llama import reference_shapes
+
+    raw = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": args.vocab,
+           "hidden_size": args.dim, "intermediate_size": args.ffn, "num_hidden_layers": args.layers,
+           "num_attention_heads": args.heads, "num_key_value_heads": args.kv_heads, "hidden_act": "silu",
+           "max_position_embeddings": 131072, "rms_norm_eps": 1e-5, "rope_theta": 500000.0,
+           "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+           "tie_word_embeddings": True, "torch_dtype": "bfloat16"}
+    shapes = reference_shapes(model_config_from_hf(raw))
+    shards = plan_shards({n: math.prod(s) * 2 for n, s in shapes.items()}, int(args.shard_gb * 1e9))
+    weight_map = {}
+    for i, names in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file({hf_name(n): torch.randn(shapes[n], dtype=torch.bfloat16) * 0.02 for n in names}, str(path / file))
+        weight_map.update({hf_name(n): file for n in names})
+    (path / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (path / "config.json").write_text(json.dumps(raw))
+    return {"params": sum(math.prod(s) for s in shapes.values())}
+
+
+def load_ours(path: str) -> float:
+    from pyruntime.hf.load import HFDir, HFInit
+    from pyruntime.model import Transformer
+
+    t0 = time.perf_counter()
+    hf = HFDir.open(path)
+    with torch.device("meta"):
+        model = Transformer(hf.model)
+    HFInit(model, hf, None, torch.device("cpu")).materialize([model])
+    return time.perf_counter() - t0
+
+
+def load_transformers(path: str) -> float:
+    import transformers
+
+    t0 = time.perf_counter()
+    transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return time.perf_counter() - t0
+
+
+def _tp_rank(rank: int, world: int, path: str) -> dict:
+    from pyruntime.hf.load import HFDir, HFInit
+    from pyruntime.mesh import ParallelDims
+    from pyruntime.model import Transformer
+    from pyruntime.parallel.tensor import apply_tp
+
+    dims = ParallelDims(dp=1, pp=1, tp=world, world_size=world).build_mesh("cpu")
+    before = _status_mb()
+    hf = HFDir.open(path)
+    with torch.device("meta"):
+        model = Transformer(hf.model)
+    apply_tp(model, dims)
+    init = HFInit(model, hf, dims.group("tp"), torch.device("cpu"))
+    init.materialize([model])
+    after = _status_mb()
+    return {"peak_mb": after["VmHWM"] - before["VmHWM"], "read_mb": init.reader.bytes_read / 2**20}
+
+
+def bench_load(args) -> list[str]:
+    from pyruntime.spawn import run_world
+
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        info = write_model_dir(Path(tmp), args)
+        full_mb = info["params"] * 4 / 2**20
+        ours = min(load_ours(tmp) for _ in range(args.repeat))
+        theirs = min(load_transformers(tmp) for _ in range(args.repeat))
+        ranks = run_world(2, _tp_rank, tmp, timeout=1800)
+    lines = [f"load: {info['params'] / 1e9:.2f} B params, bf16 shards -> fp32; best of {args.repeat}",
+             "| what | ours | transformers.from_pretrained | transformers / ours |", "|---|---|---|---|",
+             f"| dp 1 load wall time | {ours:.2f} s | {theirs:.2f} s | {theirs / ours:.2f}x |"]
+    for r, res in enumerate(ranks):
+        lines.append(f"| tp 2 rank {r} peak RSS | {res['peak_mb']:.0f} MiB = {res['peak_mb'] / full_mb:.2f}x the full "
+                     f"fp32 model ({full_mb:.0f} MiB); read {res['read_mb']:.0f} MiB of bf16 | | |")
+    return lines
+
+
+def bench_tokenize(args) -> list[str]:
+    from pyruntime.data.tokenize import documents, tokenize_files, train_bpe
+
+    line = "The quick brown fox jumps over the lazy dog; fine-tuning a model on its own data. "
+    with tempfile.TemporaryDirectory(dir=args.tmp) as tmp:
+        src = Path(tmp) / "corpus.jsonl"
+        src.write_text("".join(json.dumps({"text": f"{i}: " + line * 8}) + "\n" for i in range(args.docs)))
+        tok = train_bpe(iter([line * 50]), 1000, Path(tmp) / "tokenizer.json")
+        t0 = time.perf_counter()
+        total, _ = tokenize_files([str(src)], Path(tmp) / "out.bin", tok)
+        ours = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        texts = [t for doc in documents([str(src)], tok, "text") for t, _ in doc]
+        direct = sum(len(e.ids) for e in tok.tok.encode_batch(texts, add_special_tokens=False))
+        theirs = time.perf_counter() - t0
+    return [f"tokenize: {args.docs} JSON lines, {total} tokens (ours, EOS included) / {direct} (direct)",
+            "| what | ours (tokenize_files) | tokenizers encode_batch | ours / direct throughput |",
+            "|---|---|---|---|",
+            f"| tokens/s | {total / ours:,.0f} | {direct / theirs:,.0f} | {(total / ours) / (direct / theirs):.2f}x |"]
+
+
+def main(argv=None) -> int:
+    from pyruntime.bench.harness import header
+
+    parser = argparse.ArgumentParser(prog="pyruntime bench hf", description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["load", "tokenize", "both"], default="both")
+    parser.add_argument("--dim", type=int, default=2048)
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--kv-heads", type=int, default=8)
+    parser.add_argument("--ffn", type=int, default=8192)
+    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--shard-gb", type=float, default=1.0)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--docs", type=int, default=20000)
+    parser.add_argument("--tmp", default=None, help="where the model directory is written (default: the system's)")
+    args = parser.parse_args(argv)
+    lines = header(["hf", *(argv or [])], "reference", "CPU loading and tokenizing")[:3]
+    if args.part in ("load", "both"):
+        lines += bench_load(args)
+    if args.part in ("tokenize", "both"):
+        lines += bench_tokenize(args)
+    print("\n".join(lines), flush=True)
+    return 0

@@ -1,0 +1,9 @@
+"""bench hf runs (tokenize part, tiny): both sides tokenize the same documents and the table
+names the ratio."""
+from pyruntime.bench.hf import main
+
+
+def test_bench_hf_tokenize_part_prints_the_ratio(capsys):
+    assert main(["--part", "tokenize", "--docs", "200"]) == 0
+    out = capsys.readouterr().out
+    assert "tokenize: 200 JSON lines" in out and "| tokens/s |" in out and out.rstrip().endswith("x |")

@@ -1,6 +1,7 @@
 """Kill and resume: a SIGKILLed rank is named by the others, which exit non-zero within a
-bounded time; --resume from the last checkpoint then reproduces the uninterrupted run's
-losses exactly (CPU, same layout: dp 1 x pp 2, with a checkpoint every 10 steps)."""
+bounded time; --resume given the run's --out directory (what a user naturally passes) then
+continues from its last checkpoint and reproduces the uninterrupted run's losses exactly
+(CPU, same layout: dp 1 x pp 2, with a checkpoint every 10 steps)."""
 import json
 import os
 import signal
@@ -8,7 +9,7 @@ import time
 
 import pytest
 
-from launch import launch
+from support.launch import launch
 
 ARGS = ["--preset", "tiny", "--steps", "80", "--pp", "2", "--seq-len", "32", "--global-batch", "4",
         "--micro-batch", "1", "--eval-every", "0", "--save-every", "10", "--peer-timeout", "5"]
@@ -40,11 +41,13 @@ def test_killed_rank_then_resume_reproduces_the_uninterrupted_run(tmp_path):
             pytest.fail("rank 0 still running 40 s after rank 1 was killed\n" + ranks.all_stderr())
         print(f"rank 0 exited {time.monotonic() - killed:.1f} s after the kill")
         assert code != 0
-        assert "rank 1 (dp 0, pp 1, tp 0)" in ranks.stderr(0), ranks.all_stderr()
+        assert ranks.stderr(0).startswith("pyruntime: error: rank 1 (dp 0, pp 1, tp 0) stopped responding"), \
+            ranks.all_stderr()
+        assert ranks.stderr(0).count("\n") == 1, ranks.all_stderr()
     last = int((crashed / "checkpoints" / "latest").read_text().strip().removeprefix("step_"))
     assert last >= 20
 
-    with launch(2, ARGS + ["--out", str(crashed), "--resume", str(crashed / "checkpoints")]) as ranks:
+    with launch(2, ARGS + ["--out", str(crashed), "--resume", str(crashed)]) as ranks:
         assert ranks.wait(timeout=240) == [0, 0], ranks.all_stderr()
     resumed = losses(crashed)
     assert sorted(resumed) == sorted(reference)

@@ -19,6 +19,7 @@ from pyruntime.parallel import deferred_init
 from pyruntime.train import checkpoint as ckpt_mod
 from pyruntime.train.checkpoint import (CheckpointError, export_safetensors, import_safetensors, load_checkpoint,
                                         save_checkpoint)
+from pyruntime.train.ckpt_dirs import resolve_checkpoint, resolve_resume
 from pyruntime.train.trainer import Trainer
 
 from support.ckpt_world import MODEL, RESUMERS, SAVE_AT, SECOND_SAVE, STEPS, config, losses, world_run
@@ -221,6 +222,18 @@ def test_different_model_shape(out, dims, single_ckpt):
     wide = dataclasses.replace(MODEL, dim=64)
     msg = raises_one_line(r"model\.dim 32 != run's 64", load_checkpoint, single(out, dims, model=wide), single_ckpt[0])
     assert str(single_ckpt[0]) in msg
+
+
+def test_resume_takes_the_run_directory_and_auto(out, single_ckpt):
+    run = out / "run_dir"
+    copy_of(single_ckpt[0].parent, run / "checkpoints")  # <out>/checkpoints/{latest, step_N}
+    step_dir = run / "checkpoints" / single_ckpt[0].name
+    assert resolve_checkpoint(run) == step_dir  # --resume OUT: what a user naturally passes
+    assert resolve_resume("auto", str(run)) == step_dir
+    assert resolve_resume("auto", str(out / "fresh_run")) is None  # nothing saved yet: start fresh
+    assert resolve_resume(None, str(run)) is None
+    (run / "checkpoints" / "latest").write_text("step_7\n")  # auto never hides a broken checkpoint
+    raises_one_line("names 'step_7'", resolve_resume, "auto", str(run))
 
 
 def test_missing_paths_and_metadata(out, dims, single_ckpt):

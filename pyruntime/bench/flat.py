@@ -19,6 +19,7 @@ from pyruntime.config import PRESETS
 from pyruntime.model import Transformer
 from pyruntime.ops.adamw import DecayMask, adamw_step
 from pyruntime.ops.flat import flat_pack, flat_unpack, plan_flat_layout
+from pyruntime.parallel.optimizer import is_decayed
 
 
 def model_shapes(preset: str) -> list[torch.Size]:
@@ -51,7 +52,7 @@ def adamw_rows(tensors, layout, repeat):
     master = flat_pack(tensors, layout)
     grad = torch.randn(n, device=device) * 1e-3
     m, v = torch.zeros_like(master), torch.zeros_like(master)
-    segments = [(o, o + t.numel()) for o, t in zip(layout.offsets, tensors) if t.dim() >= 2]
+    segments = [(o, o + t.numel()) for o, t in zip(layout.offsets, tensors) if is_decayed(t)]
     decay = DecayMask.from_segments(n, segments, device)
     hyper = {"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
     step = [0]
@@ -64,8 +65,8 @@ def adamw_rows(tensors, layout, repeat):
         params = [t.clone().requires_grad_(True) for t in tensors]
         for p in params:
             p.grad = torch.randn_like(p) * 1e-3
-        groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": hyper["weight_decay"]},
-                  {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+        groups = [{"params": [p for p in params if is_decayed(p)], "weight_decay": hyper["weight_decay"]},
+                  {"params": [p for p in params if not is_decayed(p)], "weight_decay": 0.0}]
         return torch.optim.AdamW(groups, lr=hyper["lr"], betas=hyper["betas"], eps=hyper["eps"], **impl).step
 
     moved = 28 * n + n  # read p, g, m, v and write p, m, v (fp32), plus the 1-byte decay mask

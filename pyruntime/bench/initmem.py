@@ -27,8 +27,7 @@ def _status_mb() -> dict[str, float]:
 def _build(rank: int, world: int, model_cfg, eager: bool) -> dict[str, float]:
     from pyruntime.config import Config, DataConfig, ParallelConfig, TrainConfig
     from pyruntime.mesh import ParallelDims
-    from pyruntime.parallel.data import apply_data_parallel
-    from pyruntime.train.trainer import Trainer, build_model
+    from pyruntime.parallel.parallelize import build_model, meta_model, parallelize
 
     cfg = Config(model=model_cfg, data=DataConfig(global_batch=world, micro_batch=1),
                  parallel=ParallelConfig(dp=world, zero=3), train=TrainConfig(quiet=True))
@@ -36,9 +35,9 @@ def _build(rank: int, world: int, model_cfg, eager: bool) -> dict[str, float]:
     before = _status_mb()
     t0 = time.perf_counter()
     if eager:
-        apply_data_parallel(build_model(cfg, torch.device("cpu")), dims, cfg)
+        parallelize(build_model(cfg, torch.device("cpu")), dims, cfg, torch.device("cpu"))
     else:
-        Trainer(cfg, dims, torch.device("cpu"), rank=rank)
+        parallelize(meta_model(cfg), dims, cfg, torch.device("cpu"))
     after = _status_mb()
     return {"peak_mb": after["VmHWM"] - before["VmHWM"], "held_mb": after["VmRSS"] - before["VmRSS"],
             "seconds": time.perf_counter() - t0}

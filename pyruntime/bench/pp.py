@@ -103,6 +103,7 @@ class TorchStageModule(nn.Module):
 
 def _config(args: Args, schedule: str, virtual_stages: int):
     from pyruntime.config import PRESETS, Config, DataConfig, ParallelConfig, TrainConfig
+    from pyruntime.parallel.validate import validate
 
     cfg = Config(train=TrainConfig(preset=args.preset, seed=args.seed, quiet=True),
                  model=dataclasses.replace(PRESETS[args.preset]),
@@ -110,21 +111,18 @@ def _config(args: Args, schedule: str, virtual_stages: int):
                                  global_batch=args.micro_batch * args.microbatches),
                  parallel=ParallelConfig(dp=1, pp=PP, schedule=schedule, virtual_stages=virtual_stages))
     cfg.validate()
+    validate(cfg)
     return cfg
 
 
 def _build_ours(cfg, dims, device):
-    """Exactly the Trainer's pipeline path at dp = tp = 1: split, data-parallel engine (owns
-    AdamW), executor. Returns (model, engine, executor)."""
-    from pyruntime.parallel.data import apply_data_parallel
-    from pyruntime.parallel.pipeline.apply import build_executor, split_model
-    from pyruntime.train.trainer import build_model, lm_loss
+    """Exactly the Trainer's pipeline path at dp = tp = 1 (parallelize: split, data-parallel
+    engine owning AdamW, executor), from the same full weights as PyTorch's side. Returns
+    (model, engine, executor)."""
+    from pyruntime.parallel.parallelize import build_model, parallelize
 
-    model = build_model(cfg, device)
-    chunks, _ = split_model(model, cfg, dims)
-    engine = apply_data_parallel(model, dims, cfg)
-    executor = build_executor(chunks, model, cfg, dims, device, lm_loss, engine, torch.autocast("cpu", enabled=False))
-    return model, engine, executor
+    par = parallelize(build_model(cfg, device), dims, cfg, device)
+    return par.model, par.engine, par.executor
 
 
 def _build_torch(cfg, dims, device, torch_schedule: str):
@@ -133,8 +131,9 @@ def _build_torch(cfg, dims, device, torch_schedule: str):
     import torch.distributed.pipelining as pipelining
 
     from pyruntime.parallel.pipeline.apply import activation_shape, split_model
-    from pyruntime.train.optim import build_adamw
-    from pyruntime.train.trainer import build_model, lm_loss
+    from pyruntime.parallel.optimizer import build_adamw
+    from pyruntime.model.loss import lm_loss
+    from pyruntime.parallel.parallelize import build_model
 
     model = build_model(cfg, device)
     chunks, _ = split_model(model, cfg, dims)

@@ -50,26 +50,22 @@ def _config(args):
                  data=DataConfig(seq_len=args.seq_len, micro_batch=args.batch, global_batch=args.batch),
                  parallel=ParallelConfig(tp=args.tp, sequence_parallel=args.sp or args.tp_overlap,
                                          tp_overlap=args.tp_overlap))
+    from pyruntime.parallel.validate import validate
+
     cfg.validate()
-    cfg.model.validate_tp(args.tp)
+    validate(cfg)
     return cfg
 
 
 def _build_ours(cfg, dims, device):
-    """The Trainer's tp path at dp = pp = 1: apply_tp, vocab-parallel loss, the engine's AdamW."""
-    import functools
+    """The Trainer's tp path at dp = pp = 1 (parallelize: apply_tp, vocab-parallel loss, the
+    engine's AdamW), from the same full weights as PyTorch's side."""
+    from pyruntime.parallel.parallelize import build_model, parallelize
+    from pyruntime.parallel.tensor import tp_replicas
 
-    from pyruntime.parallel.data import apply_data_parallel
-    from pyruntime.parallel.tensor import apply_tp, tp_replicas, vocab_parallel_cross_entropy
-    from pyruntime.train.trainer import build_model
-
-    model = build_model(cfg, device)
-    apply_tp(model, dims, sequence_parallel=cfg.parallel.sequence_parallel, overlap=cfg.parallel.tp_overlap)
-    loss_fn = functools.partial(vocab_parallel_cross_entropy, tp_group=dims.group("tp"),
-                                vocab_size=cfg.model.vocab_size, backend=cfg.model.kernels)
-    engine = apply_data_parallel(model, dims, cfg)
-    grads = lambda: engine.gradient_pieces(lambda p: tp_replicas(p, dims.tp))  # noqa: E731
-    return model, loss_fn, engine.optimizer, grads
+    par = parallelize(build_model(cfg, device), dims, cfg, device)
+    grads = lambda: par.engine.gradient_pieces(lambda p: tp_replicas(p, dims.tp))  # noqa: E731
+    return par.model, par.loss_fn, par.engine.optimizer, grads
 
 
 def torch_tp_plan(n_layers: int, sequence_parallel: bool) -> dict:
@@ -104,8 +100,9 @@ def _build_torch(cfg, dims, device):
     from torch.distributed.tensor import DTensor
     from torch.distributed.tensor.parallel import loss_parallel, parallelize_module
 
-    from pyruntime.train.optim import build_adamw
-    from pyruntime.train.trainer import build_model, lm_loss
+    from pyruntime.parallel.optimizer import build_adamw
+    from pyruntime.model.loss import lm_loss
+    from pyruntime.parallel.parallelize import build_model
 
     model = build_model(cfg, device)
     sp = cfg.parallel.sequence_parallel

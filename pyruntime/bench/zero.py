@@ -96,18 +96,15 @@ def _setup(variant: str, cfg, world: int, device: torch.device):
     """(model, optimizer, one_step) for a variant; one_step(x, y) runs forward, backward,
     gradient sync, clipping and the optimizer step."""
     from pyruntime.mesh import ParallelDims
-    from pyruntime.parallel.data import apply_data_parallel
-    from pyruntime.train.optim import build_adamw, clip_grad_norm
-    from pyruntime.model import Transformer
-    from pyruntime.parallel.deferred_init import DeferredInit
-    from pyruntime.train.trainer import build_model, lm_loss
+    from pyruntime.model.loss import lm_loss
+    from pyruntime.parallel.optimizer import build_adamw
+    from pyruntime.parallel.parallelize import build_model, meta_model, parallelize
+    from pyruntime.train.optim import clip_grad_norm
 
     if variant.startswith("ours"):  # as the Trainer: built on meta, made by the engine (ZeRO-3: unit by unit)
-        with torch.device("meta"):
-            model = Transformer(cfg.model)
         dims = ParallelDims(world, 1, 1, world).build_mesh(device.type)
-        init = DeferredInit(model, cfg.model, cfg.train.seed, None, device)
-        engine = apply_data_parallel(model, dims, cfg, init=init)
+        par = parallelize(meta_model(cfg), dims, cfg, device)
+        model, engine = par.model, par.engine
 
         def one_step(x, y):
             with engine.micro_batch(last=True):

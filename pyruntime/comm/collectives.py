@@ -31,6 +31,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from pyruntime.comm.raw import all_gather_into, reduce_scatter_into
+
 DEBUG_DELAY_ENV = "PYRUNTIME_COMM_DEBUG_DELAY_S"
 KINDS = ("all_reduce", "reduce_scatter", "all_gather")
 
@@ -128,17 +130,6 @@ class _Works:
             w.wait()
 
 
-def _all_gather_into(out, inp, group, async_op):
-    # all_gather_single is the current name; all_gather_into_tensor the older one.
-    fn = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return fn(out, inp, group=group, async_op=async_op)
-
-
-def _reduce_scatter_into(out, inp, op, group, async_op):
-    fn = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    return fn(out, inp, op=op, group=group, async_op=async_op)
-
-
 class Collectives:
     """The async collectives of data parallelism over `group`, counted into `stats`."""
 
@@ -184,7 +175,7 @@ class Collectives:
                 out.fill_(float("nan"))  # a premature reader sees NaN
             mine = inp[self.rank * out.numel():(self.rank + 1) * out.numel()]
             return Pending(work, self.debug, lambda: out.copy_(mine), keep=(out, inp))
-        return self._issue(out, inp, lambda dst: _reduce_scatter_into(dst, inp, dist.ReduceOp.AVG, self.group, True))
+        return self._issue(out, inp, lambda dst: reduce_scatter_into(dst, inp, self.group, True, dist.ReduceOp.AVG))
 
     def all_gather(self, out: torch.Tensor, inp: torch.Tensor) -> Pending:
         """out <- the concatenation of every rank's inp, in rank order.
@@ -200,7 +191,7 @@ class Collectives:
         self.stats.record("all_gather", out.numel() * out.element_size())
         if out.device.type == "cpu":
             return self._issue(out, inp, lambda dst: self._broadcast_slices(dst, inp))
-        return self._issue(out, inp, lambda dst: _all_gather_into(dst, inp, self.group, True))
+        return self._issue(out, inp, lambda dst: all_gather_into(dst, inp, self.group, True))
 
     def _broadcast_slices(self, out: torch.Tensor, inp: torch.Tensor) -> "_Works":
         n = inp.numel()

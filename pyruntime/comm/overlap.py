@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 import torch
 import torch.distributed as dist
 
-from pyruntime.comm.tp import all_gather_into, reduce_scatter_into
+from pyruntime.comm.raw import all_gather_into, reduce_scatter_into
 
 Gemm = Callable[..., torch.Tensor]
 log = logging.getLogger("pyruntime.comm")

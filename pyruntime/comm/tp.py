@@ -10,32 +10,16 @@ Two ways an activation can be split over the tp ranks:
     seq shard --all_gather_sequence--> [column GEMM] ... [row GEMM] --reduce_scatter_sequence--> seq shard
 
 Every function takes the tp process group explicitly; with a group of one rank each is the
-identity. The raw collectives use the single-tensor forms (all_gather_into_tensor /
-reduce_scatter_tensor), which gloo and nccl both implement.
+identity. The raw collectives underneath are comm/raw.py's.
 """
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
 
+from pyruntime.comm.raw import all_gather_into, reduce_scatter_into
+
 SEQ_DIM = 1  # (B, T, C) activations: the sequence is dim 1
-
-
-# -- raw collectives (no autograd) -----------------------------------------------------------
-def all_gather_into(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
-    """out (world * x.shape[0], ...) <- every rank's x, concatenated along dim 0 in rank order.
-
-    Newer torch renamed all_gather_into_tensor to all_gather_single (the old name warns);
-    the choice is made per call, so any torch the runtime supports works.
-    """
-    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-    return gather(out, x, group=group, async_op=async_op)
-
-
-def reduce_scatter_into(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup, async_op: bool = False):
-    """out <- the sum over ranks of block `rank` of x (world * out.shape[0], ...) along dim 0."""
-    scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
-    return scatter(out, x, op=dist.ReduceOp.SUM, group=group, async_op=async_op)
 
 
 def gather_along(x: torch.Tensor, group: dist.ProcessGroup, dim: int) -> torch.Tensor:

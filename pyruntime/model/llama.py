@@ -173,14 +173,19 @@ class Transformer(nn.Module):
         self.sequence_shards = 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed_tokens(x) if self.embed_tokens is not None else x  # (B, T, C)
+        return self.run(x, list(self.layers.keys()), embed=self.embed_tokens is not None,
+                        head=self.lm_head is not None)
+
+    def run(self, x: torch.Tensor, layer_keys: list[str], *, embed: bool, head: bool) -> torch.Tensor:
+        """The one block loop: the embedding (embed), the blocks named by layer_keys, then the
+        final norm and the LM head (head). A pipeline stage (parallel/pipeline/split.py) runs
+        its slice of the model through it."""
+        h = self.embed_tokens(x) if embed else x  # (B, T, C)
         T = h.shape[1] * self.sequence_shards
         cos, sin = model_rotary(self.cfg, T, h.device, h.dtype)
-        for layer in self.layers.values():
-            h = layer(h, cos, sin)
-        if self.norm is not None:
-            h = self.norm(h)
-        return self.lm_head(h) if self.lm_head is not None else h  # (B, T, V) or (B, T, C)
+        for key in layer_keys:
+            h = self.layers[key](h, cos, sin)
+        return self.lm_head(self.norm(h)) if head else h  # (B, T, V) or (B, T, C)
 
 
 def reference_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -5,7 +5,10 @@ pure-PyTorch reference.
 
 Rules (the whole policy lives here, op files only list which backends they have):
 - "auto" takes the first available candidate in the order given (fastest first). When that
-  is not the first candidate, the fallback is logged once per (op, backend, reason).
+  is not the first candidate, the fallback is printed once per (op, backend, reason) on
+  stderr by rank 0 (pyruntime.log.warn), naming the op, the device and why; except that
+  Triton is never expected on CPU (its kernels are for CUDA), so skipping it there is the
+  design, not a fallback, and is only logged at DEBUG.
 - An explicitly requested backend that cannot run raises BackendUnavailable naming why.
 - Triton runs on CUDA tensors; on CPU only under TRITON_INTERPRET=1 and only when asked for
   explicitly (the interpreter is for tests: far too slow to be chosen automatically).
@@ -18,6 +21,8 @@ import logging
 import os
 
 import torch
+
+from pyruntime.log import warn
 
 log = logging.getLogger("pyruntime.ops")
 
@@ -64,8 +69,15 @@ def unavailable_reason(backend: str, device: torch.device, explicit: bool) -> st
 
 
 @functools.lru_cache(maxsize=None)
-def _log_fallback_once(op: str, wanted: str, got: str, reason: str) -> None:
-    log.info("%s: %s unavailable (%s); using %s", op, wanted, reason, got)
+def _report_fallback_once(op: str, device_type: str, wanted: str, got: str, reason: str) -> None:
+    line = f"{op} on {device_type}: {wanted} kernel unavailable ({reason}); running the {got} one"
+    if device_type == "cpu" and wanted == "triton":
+        log.debug(line)
+        return
+    import torch.distributed as dist  # the fallback is the same on every rank: rank 0 says it
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        warn(line)
 
 
 def choose(op: str, requested: str, device: torch.device, candidates: tuple[str, ...]) -> str:
@@ -84,7 +96,7 @@ def choose(op: str, requested: str, device: torch.device, candidates: tuple[str,
         reason = unavailable_reason(backend, device, explicit=False)
         if reason is None:
             if backend != candidates[0]:
-                _log_fallback_once(op, candidates[0], backend, first_reason)
+                _report_fallback_once(op, device.type, candidates[0], backend, first_reason)
             return backend
         first_reason = first_reason or reason
     raise BackendUnavailable(f"{op}: no backend available on {device.type}")

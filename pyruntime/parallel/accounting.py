@@ -51,10 +51,6 @@ class ModelStateBytes:
     def total(self) -> int:
         return self.param + self.grad + self.optim
 
-    @property
-    def unsharded_total(self) -> int:
-        return self.unsharded_param + self.unsharded_grad + self.unsharded_optim
-
     def fields(self) -> dict[str, int]:
         """Metric fields: param_bytes, grad_bytes, optim_bytes and their unsharded_* figures."""
         return {"param_bytes": self.param, "grad_bytes": self.grad, "optim_bytes": self.optim,

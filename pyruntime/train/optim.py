@@ -1,25 +1,13 @@
-"""AdamW, the learning-rate schedule, and global-norm gradient clipping."""
+"""The learning-rate schedule and global-norm gradient clipping (the optimizer itself:
+parallel/optimizer.py, built by each data-parallel engine)."""
 from __future__ import annotations
 
 import math
-from typing import Iterable
 
 import torch
 import torch.distributed as dist
 
 from pyruntime.config import OptimConfig
-
-
-def build_adamw(params: Iterable[tuple[str, torch.nn.Parameter]], cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW with weight decay on matrices only (norm weights are not decayed)."""
-    decay, no_decay = [], []
-    for _, p in params:
-        (decay if p.dim() >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]
-    fused = bool(decay or no_decay) and all(p.is_cuda for p in decay + no_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
-                             **({"fused": True} if fused else {"foreach": True}))
 
 
 def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
@@ -38,7 +26,8 @@ def lr_at(step: int, total_steps: int, cfg: OptimConfig) -> float:
 @torch.no_grad()
 def clip_grad_norm(grads: list[torch.Tensor], max_norm: float, group: dist.ProcessGroup | None = None,
                    replication: list[int] | None = None) -> torch.Tensor:
-    """Clip `grads` in place to a global L2 norm of max_norm; returns the norm before clipping.
+    """Clip `grads` in place to a global L2 norm of max_norm; returns the norm before clipping
+    (summed in fp64, returned in fp32).
 
     Works for any composition of layouts with ONE all-reduce over `group` (the whole world):
     each rank passes the gradient tensors it holds, and for each the number of ranks that
@@ -50,22 +39,39 @@ def clip_grad_norm(grads: list[torch.Tensor], max_norm: float, group: dist.Proce
     replication = replication or [1] * len(grads)
     if len(replication) != len(grads):
         raise ValueError(f"clip_grad_norm: {len(grads)} grads but {len(replication)} replication counts")
-    sq = torch.zeros((), dtype=torch.float32, device=grads[0].device if grads else "cpu")
+    sq = torch.zeros((), dtype=torch.float64, device=grads[0].device if grads else "cpu")
     by_replication: dict[int, list[torch.Tensor]] = {}
     for g, r in zip(grads, replication):
         by_replication.setdefault(r, []).append(g.detach())
     for r, group_grads in by_replication.items():
-        # One foreach launch per replication count (not a few ops per tensor: a model has
-        # hundreds); each norm reduces in fp32 without materialising g**2.
-        norms = torch._foreach_norm(group_grads, 2, dtype=torch.float32)
-        sq += torch.stack(norms).square().sum() / r
+        sq += _squared_norm(group_grads) / r
     if group is not None:
         dist.all_reduce(sq, group=group)
     norm = sq.sqrt()
     if max_norm > 0 and grads:
-        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
+        scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0).float()
         torch._foreach_mul_([g.detach() for g in grads], scale)
-    return norm
+    return norm.float()  # as torch.nn.utils.clip_grad_norm_ returns it
+
+
+# Tensors up to this many elements get their fp64 norm in one foreach launch (which makes an
+# fp64 copy of its inputs); larger ones one at a time, reduced in fp64 as they are read.
+_FOREACH_NUMEL = 1 << 16
+
+
+def _squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of squares of `grads`, accumulated in fp64. An fp32 reduction of a long flat shard
+    (ZeRO's millions of elements in one tensor) loses ~1e-5 relative on CPU, and the norm
+    scales every step's update through clipping, so layouts that cut the gradient differently
+    would drift apart; fp64 makes the norm independent of how it is cut."""
+    small = [g for g in grads if g.numel() <= _FOREACH_NUMEL]
+    total = torch.zeros((), dtype=torch.float64, device=grads[0].device)
+    if small:
+        total += torch.stack(torch._foreach_norm(small, 2, dtype=torch.float64)).square().sum()
+    for g in grads:
+        if g.numel() > _FOREACH_NUMEL:
+            total += torch.linalg.vector_norm(g, dtype=torch.float64).square()
+    return total
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -3,12 +3,10 @@
     executor = PipelineExecutor(chunks, actions[pp_rank], PipelineSpec(...), loss_fn=..., engine=...)
     loss_sum = executor.run_step(micro_batches)       # summed micro-batch losses (last stage)
 
-Communication follows the executor convention of schedule.py / csrc/core/schedule.h:
-consecutive SEND/RECV actions between two computes are posted as ONE dist.batch_isend_irecv
-and posting never blocks: an F or B waits, just before it runs, for the receive of its input
-(on NCCL for the whole batch, which completes as a unit; gloo returns one work per op), so
-computes that need nothing from a message in flight overlap with it; sends are waited for at
-the end of the step (their handles and tensors kept until then). On gloo a batch's receives
+Communication follows the executor convention written in csrc/core/schedule.h (one
+batch_isend_irecv per run of SEND/RECV actions, posting never blocks, an F or B waits just
+before it runs for the receive of its input, sends are waited for at the end of the
+step). On gloo a batch's receives
 are posted one compute earlier than listed (see receive_ahead), so the transfer overlaps
 that compute. Receive buffers are allocated from the shapes the config fixes (micro-batch,
 sequence or sequence shard, hidden size), so there is no per-message handshake. With

@@ -8,7 +8,7 @@
 Placement: with pp ranks and v chunks per rank, chunk c of rank r is global stage c*pp + r
 (Megatron interleaved); stage 0 holds the embedding, stage pp*v-1 the loss.
 
-Schedules (SCHEDULES):
+Schedules (schedule_names(): the C++ generator's list, the one source of the names):
   naive        one micro-batch at a time through every stage, forward then backward.
   gpipe        all forwards, then all backwards.
   1f1b         pp-rank-1 warm-up forwards, then one forward / one backward, then drain.
@@ -20,20 +20,9 @@ Actions: F, B, W compute one (chunk, micro-batch); B is the full backward unless
 has W actions. SEND_F/RECV_F carry activations to the next stage, SEND_B/RECV_B gradients to
 the previous one; `peer` is the other rank.
 
-Executor convention (the simulator models exactly this; generated lists cannot deadlock
-under it, on NCCL or gloo):
-  1. Consecutive SEND_*/RECV_* actions between two compute actions form one batch: post them
-     together, in list order, with one dist.batch_isend_irecv.
-  2. Posting never blocks. An F or B that consumes a received tensor waits, just before it
-     runs, for the whole batch that received it (NCCL completes a group as a unit); other
-     computes go on meanwhile. Sends (handles and tensors kept) are waited for at the end
-     of the step. On gloo, where every op is its own work and no stream serialises them,
-     the executor posts a batch's receives one compute earlier than listed (per-peer order
-     kept): posting earlier only moves events earlier than simulated.
-  3. A rank's batches run one after another (as on one NCCL stream); an op completes when
-     the peer has posted the matching op.
-  4. Messages between two ranks match first-in-first-out (NCCL ignores tags), so both sides
-     list them in the same order; the validator enforces it.
+Executor convention (how SEND/RECV actions are posted and waited for; what the simulator
+models and why generated lists cannot deadlock on NCCL or gloo): written once, in
+csrc/core/schedule.h; the executor (executor.py) implements it.
 
 The generators, the validator and the simulator are C++ (csrc/core/schedule.h, through
 pyruntime._C); this module converts their results into the frozen dataclasses below.
@@ -48,7 +37,12 @@ from typing import Sequence, Union
 
 from pyruntime.core import load_core
 
-SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved", "zb")
+
+
+def schedule_names() -> tuple[str, ...]:
+    """The schedules the C++ generator accepts (csrc/core/schedule_gen.cpp holds the list)."""
+    return tuple(load_core("pipeline schedules").schedule_names())
+
 COMPUTE_KINDS = ("F", "B", "W")
 COMM_KINDS = ("SEND_F", "RECV_F", "SEND_B", "RECV_B")
 
@@ -134,7 +128,7 @@ def _from_core(actions) -> list[list[Action]]:
 
 def build_schedule(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1, *,
                    communication: bool = True) -> list[list[Action]]:
-    """Per-rank action lists of a named schedule (one of SCHEDULES). With communication=False
+    """Per-rank action lists of a named schedule (one of schedule_names()). With communication=False
     only the F/B/W order, e.g. to edit and pass to insert_communication or a CSV file.
 
     Raises ValueError (naming the numbers) for pp < 1, microbatches < 1, 1f1b/zb/interleaved

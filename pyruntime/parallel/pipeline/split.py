@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from pyruntime.config import ConfigError, ModelConfig
-from pyruntime.model.llama import count_params, model_rotary
+from pyruntime.model.llama import count_params
 
 LAYOUTS = ("even", "balanced")
 
@@ -131,15 +131,7 @@ class StageChunk(nn.Module):
         return [p for mod in mods for p in mod.parameters() if p.requires_grad]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        m = self.model
-        h = m.embed_tokens(x) if self.is_first else x
-        T = h.shape[1] * m.sequence_shards
-        cos, sin = model_rotary(m.cfg, T, h.device, h.dtype)
-        for key in self.layer_keys:
-            h = m.layers[key](h, cos, sin)
-        if self.is_last:
-            h = m.lm_head(m.norm(h))
-        return h
+        return self.model.run(x, self.layer_keys, embed=self.is_first, head=self.is_last)
 
 
 def keep_local_stages(model: nn.Module, counts: list[int], pp: int, pp_rank: int,

@@ -15,24 +15,15 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Iterable, Protocol, Sequence, Union
+from typing import Iterable, Sequence, Union
 
-from pyruntime.parallel.pipeline.schedule import COMPUTE_KINDS, Costs, Schedule, SimResult, simulate
+from pyruntime.parallel.pipeline.schedule import COMPUTE_KINDS, Costs, Schedule, SimResult, TimedEvent, simulate
 
 # Blue / green / orange: distinct in colour and in lightness, so they survive grayscale.
 COLORS = {"F": "#3A6FB0", "B": "#4E9A4E", "W": "#E08A2E"}
 
 
-class Event(Protocol):
-    rank: int
-    kind: str
-    microbatch: int
-    chunk: int
-    start: float
-    end: float
-
-
-def write_chrome_trace(events: Iterable[Event], path: str | os.PathLike, *, us_per_unit: float = 1000.0,
+def write_chrome_trace(events: Iterable[TimedEvent], path: str | os.PathLike, *, us_per_unit: float = 1000.0,
                        name: str = "pipeline") -> None:
     """Chrome trace JSON (open in https://ui.perfetto.dev or chrome://tracing): one process per
     pipeline stage (an event's rank) with a "compute" and a "comm" thread, one complete ("ph":
@@ -75,7 +66,7 @@ def _text_color(rgb: Sequence[float]) -> str:
     return "black" if luminance > 0.6 else "white"
 
 
-def draw_timeline(events: Iterable[Event], path: str | os.PathLike, *, pp: int | None = None,
+def draw_timeline(events: Iterable[TimedEvent], path: str | os.PathLike, *, pp: int | None = None,
                   title: str = "", unit: str = "F = 1", global_ranks: Sequence[int] | None = None) -> None:
     """Gantt chart PNG in the style of the classic pipeline diagrams: one row per pipeline stage
     (an event's `rank` is its stage, stage 0 on top), F / B / W boxes in blue / green / orange

@@ -20,10 +20,12 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from pyruntime.comm.collectives import CommDebug, Collectives, Pending
-from pyruntime.comm.tp import all_gather_into
+from pyruntime.comm.raw import all_gather_into
 from pyruntime.config import OptimConfig
 from pyruntime.ops.adamw import DecayMask, adamw_step
 from pyruntime.ops.flat import FlatLayout, plan_flat_layout
+from pyruntime.parallel.accounting import storage_bytes
+from pyruntime.parallel.optimizer import is_decayed
 
 
 @dataclass
@@ -102,10 +104,9 @@ class ShardedAdamW:
         self.steps = 0
 
     def _decay_segments(self, group: FlatGroup) -> list[tuple[int, int]]:
-        """The [begin, end) ranges of this rank's shard of `group` that get weight decay:
-        matrices, not norm weights (as build_adamw)."""
+        """The [begin, end) ranges of this rank's shard of `group` that get weight decay."""
         return [(piece.shard_offset, piece.shard_offset + piece.numel) for piece in group.layout.pieces(self.rank)
-                if group.params[piece.tensor_index].dim() >= 2]
+                if is_decayed(group.params[piece.tensor_index])]
 
     @torch.no_grad()
     def copy_in(self, i: int, values: Sequence[Callable[[], torch.Tensor]] | None = None) -> None:
@@ -275,9 +276,11 @@ class GradientReductions:
         return sum(item[3] for item in self.items)
 
 
-class ShardedCheckpointing:
-    """Checkpoint methods of the ZeRO engines (whose optimizer is a ShardedAdamW over the
-    model's parameters): state in and out by parameter name; see DataParallelEngine."""
+class ShardedState:
+    """What the ZeRO engines (whose optimizer is a ShardedAdamW over the model's parameters)
+    share of DataParallelEngine's interface: checkpoint state in and out by parameter name, and
+    the bytes held (the model's parameters + the fp32 master shard; the full-size .grad tensors
+    + the gradient shards; the two moment shards)."""
 
     def optimizer_steps(self) -> int:
         return self.optimizer.steps
@@ -289,3 +292,16 @@ class ShardedCheckpointing:
     def _import_shards(self, state: dict[str, dict[str, torch.Tensor]], steps: int) -> None:
         names = {p: n for n, p in self.model.named_parameters()}
         self.optimizer.import_state(names, self.comm.rank, state, steps)
+
+    # -- memory accounting -----------------------------------------------------------------
+    def _shard_bytes(self) -> int:
+        return self.optimizer.master.numel() * self.optimizer.master.element_size()
+
+    def held_param_bytes(self) -> int:
+        return storage_bytes(self.params) + self._shard_bytes()
+
+    def held_grad_bytes(self) -> int:
+        return storage_bytes([*(p.grad for p in self.params), *self.optimizer.held_grads()])
+
+    def held_optim_bytes(self) -> int:
+        return self.optimizer.state_bytes()

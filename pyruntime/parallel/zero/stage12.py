@@ -32,10 +32,10 @@ import torch.nn as nn
 from pyruntime.comm.collectives import Collectives
 from pyruntime.config import OptimConfig
 from pyruntime.ops.flat import flat_pack, flat_unpack
-from pyruntime.parallel.accounting import ModelStateBytes, storage_bytes
-from pyruntime.parallel.data import (ALIGN, DataParallelEngine, GradReadyTracker, Replicas, gradient_buckets,
+from pyruntime.parallel.accounting import ModelStateBytes
+from pyruntime.parallel.engine import (ALIGN, DataParallelEngine, GradReadyTracker, Replicas, gradient_buckets,
                                      grad_or_zeros, trainable_params)
-from pyruntime.parallel.zero.sharded import GradientReductions, ShardedAdamW, ShardedCheckpointing, plan_groups
+from pyruntime.parallel.zero.sharded import GradientReductions, ShardedAdamW, ShardedState, plan_groups
 
 # ZeRO-2/3: reduce-scatters (each holding a bucket- or unit-sized flat gradient) in flight when
 # the next one is issued. The previous one is completed just before the next is packed: it has
@@ -43,7 +43,7 @@ from pyruntime.parallel.zero.sharded import GradientReductions, ShardedAdamW, Sh
 MAX_IN_FLIGHT = 1
 
 
-class ZeroBucketEngine(ShardedCheckpointing, DataParallelEngine):
+class ZeroBucketEngine(ShardedState, DataParallelEngine):
     def __init__(self, model: nn.Module, comm: Collectives, optim_cfg: OptimConfig, bucket_bytes: int, *,
                  stage: int, kernels: str = "auto"):
         if stage not in (1, 2):
@@ -104,24 +104,12 @@ class ZeroBucketEngine(ShardedCheckpointing, DataParallelEngine):
             pending.wait()
             flat_unpack(full, [p.detach() for p in g.params], g.layout)
 
-    # -- checkpoints (see DataParallelEngine, sharded.ShardedCheckpointing) --------------------
+    # -- checkpoints (see DataParallelEngine, sharded.ShardedState) --------------------
     def import_local_state(self, state: dict[str, dict[str, torch.Tensor]], steps: int) -> None:
         self._import_shards(state, steps)
         self._publish()  # the replicated parameters become the loaded master weights
 
-    # -- memory accounting -----------------------------------------------------------------
-    def _shard_bytes(self) -> int:
-        return self.optimizer.master.numel() * self.optimizer.master.element_size()
-
-    def held_param_bytes(self) -> int:
-        return storage_bytes(self.params) + self._shard_bytes()  # replicated params + fp32 master shard
-
-    def held_grad_bytes(self) -> int:
-        return storage_bytes([*(p.grad for p in self.params), *self.optimizer.held_grads()])
-
-    def held_optim_bytes(self) -> int:
-        return self.optimizer.state_bytes()
-
+    # -- memory accounting (held_*: sharded.ShardedState) ---------------------------------
     def planned_bytes(self) -> ModelStateBytes:
         full_grads = 4 * sum(p.numel() for p in self.params) if self.stage == 1 else 0
         return ModelStateBytes.unsharded(self.params, param=self.held_param_bytes(),

@@ -40,9 +40,9 @@ from pyruntime.comm.collectives import Collectives, Pending
 from pyruntime.config import OptimConfig
 from pyruntime.ops.flat import flat_pack
 from pyruntime.parallel.accounting import ModelStateBytes, mb, storage_bytes
-from pyruntime.parallel.data import ALIGN, DataParallelEngine, GradReadyTracker, Replicas, grad_or_zeros
+from pyruntime.parallel.engine import ALIGN, DataParallelEngine, GradReadyTracker, Replicas, grad_or_zeros
 from pyruntime.parallel.deferred_init import DeferredInit
-from pyruntime.parallel.zero.sharded import (FlatGroup, GradientReductions, ShardedAdamW, ShardedCheckpointing,
+from pyruntime.parallel.zero.sharded import (FlatGroup, GradientReductions, ShardedAdamW, ShardedState,
                                              plan_groups)
 from pyruntime.parallel.zero.stage12 import MAX_IN_FLIGHT
 
@@ -109,7 +109,7 @@ class _Unit:
         self.full.untyped_storage().resize_(0)
 
 
-class FullyShardedEngine(ShardedCheckpointing, DataParallelEngine):
+class FullyShardedEngine(ShardedState, DataParallelEngine):
     """--zero 3 (see the module docstring)."""
 
     def __init__(self, model: nn.Module, comm: Collectives, optim_cfg: OptimConfig, *, kernels: str = "auto",
@@ -234,7 +234,7 @@ class FullyShardedEngine(ShardedCheckpointing, DataParallelEngine):
     def gradient_pieces(self, replicas: Replicas | None = None) -> tuple[list[torch.Tensor], list[int]]:
         return self.optimizer.gradient_pieces(self.comm.rank, replicas)
 
-    # -- checkpoints (see DataParallelEngine, sharded.ShardedCheckpointing) --------------------
+    # -- checkpoints (see DataParallelEngine, sharded.ShardedState) --------------------
     def import_local_state(self, state: dict[str, dict[str, torch.Tensor]], steps: int) -> None:
         # Only the shards change: units are gathered from them at the next forward (one still
         # gathered would hold the old weights, so none is).
@@ -242,19 +242,7 @@ class FullyShardedEngine(ShardedCheckpointing, DataParallelEngine):
             unit.free()
         self._import_shards(state, steps)
 
-    # -- memory accounting -----------------------------------------------------------------
-    def _shard_bytes(self) -> int:
-        return self.optimizer.master.numel() * self.optimizer.master.element_size()
-
-    def held_param_bytes(self) -> int:
-        return storage_bytes(self.params) + self._shard_bytes()  # gathered units + fp32 master shard
-
-    def held_grad_bytes(self) -> int:
-        return storage_bytes([*(p.grad for p in self.params), *self.optimizer.held_grads()])
-
-    def held_optim_bytes(self) -> int:
-        return self.optimizer.state_bytes()
-
+    # -- memory accounting (held_*: sharded.ShardedState) ---------------------------------
     def planned_bytes(self) -> ModelStateBytes:
         return ModelStateBytes.unsharded(self.params, param=self._shard_bytes(), grad=self._shard_bytes(),
                                          optim=self.held_optim_bytes())

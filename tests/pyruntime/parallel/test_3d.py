@@ -4,9 +4,9 @@ mesh order, up to 8 ranks, reproduce single-process training over 20 steps (loss
 gradient norms, validation losses within 1e-5 relative)."""
 import pytest
 
-from layout_cases import (COMPOSED, PIPELINE, RESHARD_AT, RESHARD_SAVER, RESHARD_STEPS, RESHARD_TARGETS,
+from support.layouts import (COMPOSED, PIPELINE, RESHARD_AT, RESHARD_SAVER, RESHARD_STEPS, RESHARD_TARGETS,
                           RESHARD_WORLD, assert_matches)
-from dp_cases import assert_losses_match
+from support.dp_cases import assert_losses_match
 
 ALL = [l for w in sorted(COMPOSED) for l in COMPOSED[w]]
 

@@ -3,7 +3,7 @@ per rank, uneven and balanced layer splits) reproduces single-process training o
 steps: losses, gradient norms and validation losses within 1e-5 relative."""
 import pytest
 
-from layout_cases import PIPELINE, assert_matches
+from support.layouts import PIPELINE, assert_matches
 
 
 @pytest.mark.parametrize("layout", [l for w in sorted(PIPELINE) for l in PIPELINE[w]], ids=lambda l: l.name())

@@ -5,9 +5,9 @@ import dataclasses
 
 import pytest
 
-import pp_workers
-from layout_cases import Layout, config
-from multiproc import run_world
+from support import pipeline_faults
+from support.layouts import Layout, config
+from support.world import run_world
 from pyruntime.cli import build_parser, config_from_args
 from pyruntime.config import ConfigError
 from pyruntime.parallel.pipeline.split import plan_stage_layers
@@ -60,12 +60,12 @@ def _config(tmp_path):
 
 
 def test_debug_headers_name_a_shape_mismatch(tmp_path):
-    mismatch = run_world(2, pp_workers.shape_mismatch, _config(tmp_path))[1]
+    mismatch = run_world(2, pipeline_faults.shape_mismatch, _config(tmp_path))[1]
     assert ("pp rank 1 RECV_F(mb=0, chunk=0) from pp rank 0 expected activation of micro-batch 0 from stage 0, "
             "shape (4, 17, 32), torch.float32 but pp rank 0 sent activation of micro-batch 0 from stage 0, "
             "shape (4, 16, 32)") in mismatch
 
 
 def test_a_silent_peer_is_named_after_the_timeout(tmp_path):
-    message = run_world(2, pp_workers.silent_peer, _config(tmp_path))[0]
+    message = run_world(2, pipeline_faults.silent_peer, _config(tmp_path))[0]
     assert "waited 3 s at most for" in message and "no answer from pp rank 1 (global rank 1)" in message

@@ -6,7 +6,7 @@ import pickle
 
 import pytest
 
-from pyruntime.parallel.pipeline import (SCHEDULES, Action, Costs, build_schedule, insert_communication,
+from pyruntime.parallel.pipeline import (Action, schedule_names, Costs, build_schedule, insert_communication,
                                          load_schedule_csv, plan_and_draw, save_schedule_csv, simulate)
 
 RANKS = (2, 3, 4, 8)
@@ -27,7 +27,7 @@ def test_bindings_round_trip():
     a = _C.PipelineAction("recv_f", 3, chunk=1, peer=0)
     assert (a.kind, a.microbatch, a.chunk, a.peer, a.stage, a.is_comm) == ("RECV_F", 3, 1, 0, -1, True)
     assert pickle.loads(pickle.dumps(a)) == a
-    assert list(_C.schedule_names()) == list(SCHEDULES)
+    assert schedule_names() == ("naive", "gpipe", "1f1b", "interleaved", "zb") == tuple(_C.schedule_names())
     raw = _C.generate_schedule("1f1b", 2, 4)
     result = _C.validate_schedule(raw, 2, 4)
     assert result.makespan == pytest.approx(3 * (4 + 2 - 1))
@@ -42,7 +42,7 @@ def test_bindings_round_trip():
     assert insert_communication(compute, 3, 5) == actions
 
 
-@pytest.mark.parametrize("name", SCHEDULES)
+@pytest.mark.parametrize("name", ["naive", "gpipe", "1f1b", "interleaved", "zb"])
 @pytest.mark.parametrize("pp", RANKS)
 def test_every_schedule_validates(name, pp):
     v = 2 if name == "interleaved" else 1

@@ -5,13 +5,13 @@ parallelism and overlap, odd shapes, a vocabulary that divides by neither tp; th
 overlapped layers and the cross-entropy once more on the Triton kernels (interpreted); and a
 tp 2 model with sequence parallelism and overlap under bf16 autocast (as on CUDA) against
 the unsharded one under the same autocast."""
-import tp_workers
-from multiproc import run_world
+from support import tp_checks
+from support.world import run_world
 from pyruntime.comm.overlap import chunk_sizes
 
 
 def test_layers_match_unsharded_reference_for_tp_2_and_4():
-    results = run_world(4, tp_workers.layer_checks)
+    results = run_world(4, tp_checks.layer_checks)
     expected = ["overlap refused once, indivisible sequence refused"] + [
         item for tp in (2, 4) for item in (
             f"tp{tp} sp=False overlap=False", f"tp{tp} sp=True overlap=False", f"tp{tp} sp=True overlap=True",

@@ -15,7 +15,7 @@ from pyruntime.model.llama import Block, rotary_tables
 from pyruntime.ops import wgrad
 from pyruntime.ops.dispatch import unavailable_reason
 
-from helpers import TEST_MODEL
+from support.configs import TEST_MODEL
 
 CFG = dataclasses.replace(TEST_MODEL, kernels="reference")
 

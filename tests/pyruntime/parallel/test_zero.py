@@ -18,10 +18,11 @@ from pyruntime.ops.flat import flat_pack
 from pyruntime.parallel import deferred_init
 from pyruntime.parallel.zero.stage12 import ZeroBucketEngine
 from pyruntime.parallel.zero.stage3 import FullyShardedEngine, transformer_units
-from pyruntime.train.optim import build_adamw, clip_grad_norm
+from pyruntime.parallel.optimizer import build_adamw
+from pyruntime.train.optim import clip_grad_norm
 
-from dp_cases import VARIANTS
-from helpers import TEST_MODEL
+from support.dp_cases import VARIANTS
+from support.configs import TEST_MODEL
 
 
 def padded16(n: int) -> int:

@@ -6,7 +6,7 @@ import torch
 
 from pyruntime.mesh import Launch, ParallelDims, init_distributed
 from pyruntime.train.trainer import Trainer
-from helpers import tiny_config
+from support.configs import tiny_config
 
 
 @pytest.fixture(scope="module")

@@ -18,3 +18,7 @@ def tiny_config(tmp_path, *, steps=4, global_batch=8, micro_batch=4, seq_len=16,
                         max_bytes=200_000),
         optim=OptimConfig(lr=3e-3, warmup_steps=2),
     )
+
+
+def with_parallel(cfg: Config, **parallel) -> Config:
+    return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, **parallel))

@@ -13,7 +13,7 @@ from pyruntime.mesh import ParallelDims
 from pyruntime.train.checkpoint import export_safetensors, import_safetensors, load_checkpoint, save_checkpoint
 from pyruntime.train.trainer import Trainer, open_corpus
 
-from helpers import tiny_config
+from support.configs import tiny_config
 
 # 8 query / 4 KV heads and ffn 64 divide by tp 4; a vocabulary of 259 does not divide by 2 or 4,
 # so the embedding and the head carry zero padding rows under tp.

@@ -3,7 +3,8 @@
 Layer checks: every rank seeds the same RNG, builds the same full (unsharded) reference,
 runs its shard of the tensor-parallel layer, and compares with its slice of the reference.
 A failing comparison raises on the rank; multiproc.run_world re-raises it with the rank's
-traceback. Model checks: train_records runs the real Trainer.
+traceback. shard_report checks a real Trainer's model
+(support/layouts.py's tp layouts).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pyruntime.model.llama import RMSNorm
 from pyruntime.parallel.tensor import (ColumnParallelLinear, ColumnParallelSwiGLU, RowParallelLinear,
                                        SequenceParallelRMSNorm, VocabParallelEmbedding, full_state_dict,
                                        vocab_parallel_cross_entropy)
-from pyruntime.train.trainer import Trainer, build_model
+from pyruntime.parallel.parallelize import build_model
 
 B, T = 3, 8  # batch 3 (odd); sequence 8 divides by tp 2 and 4
 IN, OUT, VOCAB, HIDDEN = 13, 11, 11, 12  # 11 does not divide by 2 or 4: padded shards
@@ -269,22 +270,12 @@ def check_full_weights(model, reference, dims) -> None:
         assert torch.equal(full[name], t), name
 
 
-def train_records(rank: int, world_size: int, configs: list) -> list[dict[str, list[float]]]:
-    """Worker: the real Trainer on each config in turn (a fresh mesh each); per config the
-    per-step losses and gradient norms, the validation losses, and the model's local
-    parameter count and sequence shards (proof that it was sharded). Before training, the
-    shards gathered back must equal the unsharded model built from the same seed."""
-    out = []
-    for cfg in configs:
-        p = cfg.parallel
-        dims = ParallelDims(p.dp, p.pp, p.tp, world_size).build_mesh("cpu")
-        trainer = Trainer(cfg, dims, torch.device("cpu"), rank=rank)
-        check_full_weights(trainer.model, build_model(cfg, torch.device("cpu")), dims)
-        layout = [sum(q.numel() for q in trainer.model.parameters()), trainer.model.sequence_shards]
-        records = trainer.fit()
-        run = {key: [r[key] for r in records if key in r] for key in ("loss", "grad_norm", "val_loss")}
-        out.append({**run, "layout": layout})
-    return out
+def shard_report(trainer) -> list[int]:
+    """Run.inspect for the tp layouts: the shards gathered back must equal the unsharded model
+    built from the same seed; returns [local parameter count, sequence shards] (proof that
+    the model was sharded)."""
+    check_full_weights(trainer.model, build_model(trainer.cfg, torch.device("cpu")), trainer.dims)
+    return [sum(q.numel() for q in trainer.model.parameters()), trainer.model.sequence_shards]
 
 
 def check_bf16_autocast_model(group) -> None:

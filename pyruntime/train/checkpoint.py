@@ -352,8 +352,8 @@ def export_safetensors(trainer, path: str | os.PathLike, *, dtype: torch.dtype =
                       str(tmp), metadata={"format": "pt", "producer": "pyruntime",
                                           "model": json.dumps(dataclasses.asdict(trainer.cfg.model))})
             os.replace(tmp, path)
-        except OSError as e:
-            error = f"cannot write {path}: {_one_line(e)}"
+        except Exception as e:  # noqa: BLE001 - OSError, or safetensors' own error for a full disk
+            error = f"cannot write {path}: {os_cause(e) or _one_line(e)}"
     _agree(trainer, error, f"export to {path}")  # also: the file exists when any rank returns
     return path
 

@@ -11,22 +11,30 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import re
 
 
 class IOFault(RuntimeError):
     """A file the run writes could not be written; the message is one line naming it."""
 
 
+def _errno_words(code: int) -> str:
+    text, name = os.strerror(code), errno.errorcode.get(code, str(code))
+    return f"{text[:1].lower()}{text[1:]} ({name})"
+
+
 def os_cause(error: BaseException) -> str | None:
     """"no space left on device (ENOSPC)" for the first OSError in `error`'s chain (torch's
     serializer, for one, reports a full disk as "unexpected pos ..." with the OSError as
-    its context), or None when the chain holds none."""
+    its context) or the first "os error N" in a message (Rust's, e.g. safetensors'), or
+    None when there is neither."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
         if isinstance(error, OSError) and error.errno:
-            text, name = os.strerror(error.errno), errno.errorcode.get(error.errno, str(error.errno))
-            return f"{text[:1].lower()}{text[1:]} ({name})"
+            return _errno_words(error.errno)
+        if found := re.search(r"\(os error (\d+)\)", str(error)):
+            return _errno_words(int(found.group(1)))
         error = error.__cause__ or error.__context__
     return None
 

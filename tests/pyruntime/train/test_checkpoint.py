@@ -211,6 +211,21 @@ def test_safetensors_bad_files(out, dims):
     raises_one_line("no safetensors file", import_safetensors, t, out / "nowhere.safetensors")
 
 
+def test_safetensors_export_on_a_full_disk(out, dims, monkeypatch):
+    """safetensors (Rust) reports a full disk as its own error, "(os error 28)": one line,
+    and nothing under the export's name."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    def full_disk(*_args, **_kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    target = out / "full" / "model.safetensors"
+    msg = raises_one_line("no space left", export_safetensors, single(out, dims), target)
+    assert msg == f"cannot write {target}: no space left on device (ENOSPC)" and not target.exists()
+
+
 # -- bad checkpoints ------------------------------------------------------------------------
 def copy_of(path, dest):
     shutil.rmtree(dest, ignore_errors=True)

@@ -52,9 +52,12 @@ TRAIN_FLAGS = {
     "--virtual-stages": ("parallel", "virtual_stages", "model chunks per pipeline rank (interleaved)"),
     "--pp-layout": ("parallel", "pp_layout", "layers per stage: even, balanced or counts like 4,4,3,5"),
     "--mesh-order": ("parallel", "mesh_order", "rank-grid axis order, outermost first (default dp,pp,tp)"),
+    "--recompute": ("parallel", "recompute", "activation recomputation: none, selective, full"),
+    "--recompute-layers": ("parallel", "recompute_layers", "recompute only the first K blocks of each stage"),
     "--timeline": ("train", "timeline", "pp: write the measured pipeline timeline (PNG, Chrome trace) here"),
     "--save-every": ("train", "save_every", "checkpoint every N steps into OUT/checkpoints (0: never)"),
-    "--resume": ("train", "resume", "continue from this checkpoint (a step_N dir, or a checkpoints dir)"),
+    "--resume": ("train", "resume", "continue from a checkpoint: a step_N dir, a checkpoints dir, a run's --out "
+                 "dir, or auto (OUT/checkpoints' latest if any, else a fresh start)"),
     "--peer-timeout": ("train", "peer_timeout_s",
                        "seconds without a heartbeat before a rank is reported lost and all exit"),
     "--init-from": ("train", "init_from", "start from a Hugging Face model directory (config.json + safetensors)"),

@@ -9,7 +9,8 @@ gradient clipping (gloo on CPU, nccl on CUDA).
 Step time: ours and PyTorch's variant are built side by side in one world and their steps
 alternate one by one (who goes first alternating too, a barrier before each), so machine
 noise hits both alike; a step's time is its slowest rank's; the table shows each side's
-median and torch/ours, the median over the back-to-back pairs of steps of their ratio.
+median, torch/ours (the ratio of those medians) and pairs (the median over the back-to-back
+pairs of steps of their ratio).
 Peak memory: each variant alone in a fresh world (so no other variant's tensors count), over
 MEMORY_STEPS steps after a first one: on CUDA torch.cuda.max_memory_allocated; on CPU the peak
 of malloc's bytes in use during those steps over those before the model was built
@@ -245,12 +246,13 @@ def run_world(world: int, job, args) -> list[dict]:
 
 
 def paired_summary(per_rank: list[dict], ours: str, theirs: str) -> dict:
-    """Median step time of each side (a step's time: its slowest rank's) and torch/ours: the
-    median over the back-to-back pairs of steps of their ratio (> 1: ours is faster)."""
+    """Median step time of each side (a step's time: its slowest rank's), their ratio
+    torch/ours, and `pairs`: the median over the back-to-back pairs of steps of that ratio
+    (robust to load that changes during the run). > 1: ours is faster."""
     n = len(per_rank[0]["times"][ours])
     slowest = {v: [max(r["times"][v][i] for r in per_rank) for i in range(n)] for v in (ours, theirs)}
     return {"ours_s": statistics.median(slowest[ours]), "torch_s": statistics.median(slowest[theirs]),
-            "ratio": statistics.median(t / o for o, t in zip(slowest[ours], slowest[theirs]))}
+            "pairs": statistics.median(t / o for o, t in zip(slowest[ours], slowest[theirs]))}
 
 
 def main(argv=None) -> int:
@@ -265,16 +267,17 @@ def main(argv=None) -> int:
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores), gloo"
     print(f"bench_zero | preset {args.preset} | global batch {args.global_batch} x {args.seq_len} | {device} | "
           f"median of {args.steps} steps after {args.warmup} warm-up, ours and torch alternating step by step; "
-          "torch/ours: median over back-to-back pairs of steps of DDP's / FSDP2's time over ours, > 1: ours is "
+          "baseline: torch DDP for --zero 0, torch FSDP2 for --zero 3; torch/ours: the ratio of the two step "
+          "medians shown; pairs: median over back-to-back pairs of steps of torch's time over ours; > 1: ours is "
           f"faster | peak memory: each variant alone, {MEMORY_STEPS} steps")
-    header = (f"{'ranks':>5} {'variant':<14} {'step ms':>9} {'torch/ours':>10} {'peak MB/rank':>13} "
+    header = (f"{'ranks':>5} {'variant':<14} {'step ms':>9} {'torch/ours':>10} {'pairs':>7} {'peak MB/rank':>13} "
               f"{'state MB/rank':>14} {'setup extra MB':>14}")
     print(header + "\n" + "-" * len(header), flush=True)
     for world in args.worlds:
         rows = {}
         for ours, theirs in BASELINE_OF.items():
             pair = paired_summary(run_world(world, ("time", (ours, theirs)), args), ours, theirs)
-            rows[ours] = {"step_s": pair["ours_s"], "ratio": pair["ratio"]}
+            rows[ours] = {"step_s": pair["ours_s"], "ratio": pair["torch_s"] / pair["ours_s"], "pairs": pair["pairs"]}
             rows[theirs] = {"step_s": pair["torch_s"]}
         for variant in VARIANTS:
             per_rank = run_world(world, ("memory", variant), args)
@@ -283,7 +286,7 @@ def main(argv=None) -> int:
             rows[variant]["setup_extra_mb"] = max(r["setup_extra_mb"] for r in per_rank)
         for variant in VARIANTS:
             r = rows[variant]
-            ratio = f"{r['ratio']:9.2f}x" if "ratio" in r else f"{'':>10}"
+            ratio = f"{r['ratio']:9.2f}x {r['pairs']:6.2f}x" if "ratio" in r else f"{'':>10} {'':>7}"
             state = f"{r['state_mb']:14.1f}" if r["state_mb"] else f"{'':>14}"
             print(f"{world:>5} {variant:<14} {r['step_s'] * 1e3:9.1f} {ratio} {r['peak_mb']:13.1f} {state} "
                   f"{r['setup_extra_mb']:14.1f}", flush=True)

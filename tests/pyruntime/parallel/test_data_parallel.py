@@ -240,7 +240,8 @@ def test_bad_parallel_config(fields, message):
 @pytest.mark.parametrize("argv,message", [
     (["--bucket-mb", "0"], "parallel.bucket_mb must be > 0, got 0.0"),
     (["--zero", "7"], "parallel.zero must be 0, 1, 2 or 3, got 7"),
-    (["--dp", "3", "--global-batch", "8"], "global batch 8 does not divide into dp 3 x micro-batch 8"),
+    (["--dp", "3", "--global-batch", "8", "--micro-batch", "8"], "global batch 8 does not divide into dp 3 x micro-batch 8"),
+    (["--dp", "3", "--global-batch", "8"], "global batch 8 does not divide into dp 3 x micro-batch 2"),
     (["--dp", "2", "--global-batch", "16", "--zero", "1"], "does not match world size 1"),
 ])
 def test_bad_flags_exit_2_with_one_line(argv, message, capsys):

@@ -54,6 +54,8 @@ TRAIN_FLAGS = {
     "--mesh-order": ("parallel", "mesh_order", "rank-grid axis order, outermost first (default dp,pp,tp)"),
     "--recompute": ("parallel", "recompute", "activation recomputation: none, selective, full"),
     "--recompute-layers": ("parallel", "recompute_layers", "recompute only the first K blocks of each stage"),
+    "--recompute": ("parallel", "recompute", "activation recomputation: none, selective, full"),
+    "--recompute-layers": ("parallel", "recompute_layers", "recompute only the first K blocks of each stage"),
     "--timeline": ("train", "timeline", "pp: write the measured pipeline timeline (PNG, Chrome trace) here"),
     "--save-every": ("train", "save_every", "checkpoint every N steps into OUT/checkpoints (0: never)"),
     "--resume": ("train", "resume", "continue from a checkpoint: a step_N dir, a checkpoints dir, a run's --out "

@@ -24,6 +24,7 @@ from pyruntime.schema import ConfigError, at_least, between, each, from_table, g
 POSITIVE, NON_NEGATIVE = at_least(1), at_least(0)  # for ints
 PIPELINE_SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved", "zb")
 RECOMPUTE_MODES = ("none", "selective", "full")  # parallel/recompute.py
+RECOMPUTE_MODES = ("none", "selective", "full")  # parallel/recompute.py
 KERNEL_BACKENDS = ("auto", "triton", "cpp", "reference")  # = ops/dispatch.py BACKENDS
 
 
@@ -213,6 +214,13 @@ class ParallelConfig:
     mesh_order: str = "dp,pp,tp"
     """Axis order of the rank grid, outermost first: the last axis has adjacent ranks (keep
     tp last so tp traffic stays inside a node)."""
+    recompute: str = "none"
+    """Activation recomputation (parallel/recompute.py): none, selective (norm outputs and the
+    SwiGLU activation are recomputed in backward, GEMM and attention outputs kept) or full
+    (each block keeps only its input and reruns its forward in backward)."""
+    recompute_layers: int | None = None
+    """With recompute: only the first K blocks of each pipeline stage (Megatron's "block"
+    method); None: every block. At most the smallest stage's layer count."""
     recompute: str = "none"
     """Activation recomputation (parallel/recompute.py): none, selective (norm outputs and the
     SwiGLU activation are recomputed in backward, GEMM and attention outputs kept) or full

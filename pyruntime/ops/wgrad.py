@@ -75,6 +75,12 @@ class WeightGradStore:
     def add(self, weight: torch.Tensor, x2d: torch.Tensor, dy2d: torch.Tensor) -> None:
         """weight: the GEMM's weight input (the parameter, or its autocast copy); its
         gradient will be dy2d^T @ x2d."""
+        if weight.grad_fn is None:
+            # The parameter itself, named by its AccumulateGrad (alive while B runs): a weight
+            # saved through saved-tensor hooks (activation metering, selective recompute) is
+            # unpacked as a new tensor aliasing it, whose link to that node is weak, so W
+            # would accumulate into the alias once the graph is gone.
+            weight = torch.autograd.graph.get_gradient_edge(weight).node.variable
         self.entries.append((weight, x2d, dy2d))
 
     def params(self) -> set[int]:

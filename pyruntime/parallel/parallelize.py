@@ -34,6 +34,7 @@ from pyruntime.parallel.deferred_init import DeferredInit, check_materialized
 from pyruntime.parallel.engine import DataParallelEngine
 from pyruntime.parallel.pipeline.apply import build_executor, split_model
 from pyruntime.parallel.pipeline.executor import PipelineExecutor
+from pyruntime.parallel.recompute import apply_recompute
 from pyruntime.parallel.tensor import apply_tp, vocab_parallel_cross_entropy
 
 
@@ -94,6 +95,9 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Config, device: torch
         loss_fn = functools.partial(vocab_parallel_cross_entropy, tp_group=dims.group("tp"),
                                     vocab_size=cfg.model.vocab_size, backend=cfg.model.kernels)
     loss_fn = MaskedLoss(loss_fn)  # a loss mask in the data (instruction tuning): model/loss.py
+    # Recompute wraps each block's forward (and meters what it saves): any engine's hooks
+    # and the executor's zero-bubble split work through it (parallel/recompute.py).
+    apply_recompute(model, par.recompute, par.recompute_layers, stage_layers)
     init = _values(model, dims, cfg, device, draw)
     engine = apply_data_parallel(model, dims, cfg, init=init, log=log)
     check_materialized(model)

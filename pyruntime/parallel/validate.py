@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from pyruntime.config import Config, ConfigError, ModelConfig
 from pyruntime.parallel.pipeline.split import plan_stage_layers
+from pyruntime.parallel.recompute import check_recompute
 from pyruntime.parallel.tied import check_tied_layout
 
 
@@ -17,6 +18,7 @@ def validate(cfg: Config) -> None:
     check_tensor_parallel(cfg)
     check_pipeline(cfg)
     check_tied_layout(cfg)
+    check_recompute(cfg)
 
 
 def check_tp_divides(model: ModelConfig, tp: int) -> None:

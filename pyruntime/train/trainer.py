@@ -24,6 +24,7 @@ from pyruntime.mesh import ParallelDims
 from pyruntime.model import count_params, flops_per_token
 from pyruntime.parallel.parallelize import parallelize, meta_model
 from pyruntime.parallel.pipeline.apply import gather_timeline, pipeline_losses, report_timeline
+from pyruntime.parallel.recompute import activation_bytes, activation_line
 from pyruntime.parallel.validate import validate as validate_parallel
 from pyruntime.parallel.tensor import tp_replicas
 from pyruntime.train.checkpoint import load_checkpoint, save_checkpoint
@@ -99,7 +100,8 @@ class Trainer:
                if self.peak_flops else None)
         return {"step": step + 1, "loss": (loss_sum / len(micro)).item(), "lr": lr,
                 "grad_norm": grad_norm.item(), "tokens_per_s": tps, "step_time_s": dt,
-                "mfu": mfu, "peak_mem_mb": peak_memory_mb(self.device), **self.data_parallel.step_metrics()}
+                "mfu": mfu, "peak_mem_mb": peak_memory_mb(self.device),
+                "activation_bytes": activation_bytes(self.model), **self.data_parallel.step_metrics()}
 
     def forward_backward(self, micro: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
         """Forward + backward over this rank's micro-batches; returns the sum of their losses.
@@ -229,6 +231,8 @@ class Trainer:
             for step in range(start, cfg.train.steps):
                 rec = self.train_step(step)
                 done = step + 1
+                if step == start:  # measured, so after the first step
+                    say(activation_line(self.cfg, rec["activation_bytes"]), self.is_logger)
                 if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):
                     rec["val_loss"] = self.evaluate()
                 writer.write(rec)

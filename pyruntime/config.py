@@ -22,10 +22,8 @@ from pathlib import Path
 from pyruntime.schema import ConfigError, at_least, between, each, from_table, greater_than, one_of, section
 
 POSITIVE, NON_NEGATIVE = at_least(1), at_least(0)  # for ints
-PIPELINE_SCHEDULES = ("naive", "gpipe", "1f1b", "interleaved", "zb")
 RECOMPUTE_MODES = ("none", "selective", "full")  # parallel/recompute.py
-RECOMPUTE_MODES = ("none", "selective", "full")  # parallel/recompute.py
-KERNEL_BACKENDS = ("auto", "triton", "cpp", "reference")  # = ops/dispatch.py BACKENDS
+KERNEL_BACKENDS = ("auto", "triton", "cpp", "reference")  # ops/dispatch.py dispatches over these
 
 
 @section("model", vocab_size=POSITIVE, dim=POSITIVE, n_layers=POSITIVE, n_heads=POSITIVE, n_kv_heads=POSITIVE,
@@ -176,7 +174,7 @@ class OptimConfig:
 
 
 @section("parallel", dp=POSITIVE, pp=POSITIVE, tp=POSITIVE, zero=one_of(0, 1, 2, 3), bucket_mb=greater_than(0),
-         schedule=one_of(*PIPELINE_SCHEDULES, noun="pipeline schedule"), virtual_stages=POSITIVE,
+         virtual_stages=POSITIVE,
          recompute=one_of(*RECOMPUTE_MODES, noun="recompute mode"), recompute_layers=POSITIVE)
 @dataclass(kw_only=True)
 class ParallelConfig:
@@ -214,13 +212,6 @@ class ParallelConfig:
     mesh_order: str = "dp,pp,tp"
     """Axis order of the rank grid, outermost first: the last axis has adjacent ranks (keep
     tp last so tp traffic stays inside a node)."""
-    recompute: str = "none"
-    """Activation recomputation (parallel/recompute.py): none, selective (norm outputs and the
-    SwiGLU activation are recomputed in backward, GEMM and attention outputs kept) or full
-    (each block keeps only its input and reruns its forward in backward)."""
-    recompute_layers: int | None = None
-    """With recompute: only the first K blocks of each pipeline stage (Megatron's "block"
-    method); None: every block. At most the smallest stage's layer count."""
     recompute: str = "none"
     """Activation recomputation (parallel/recompute.py): none, selective (norm outputs and the
     SwiGLU activation are recomputed in backward, GEMM and attention outputs kept) or full

@@ -161,12 +161,17 @@ def check_fields(obj, prefix: str, rules: dict[str, Rule]) -> None:
         key, value = f"{prefix}.{f.name}", getattr(obj, f.name)
         convert_field(type(obj), f.name, value, key)
         rule = rules.get(f.name)
-        if rule is None or value is None:
-            continue
-        if not rule.ok(value):
-            if rule.noun:
-                raise ConfigError(f"unknown {rule.noun} {_shown(value)} ({key}); choose from {rule.allowed}")
-            raise ConfigError(f"{key} must be {rule.allowed}, got {_shown(value)}")
+        if rule is not None and value is not None:
+            check_value(key, value, rule)
+
+
+def check_value(key: str, value, rule: Rule) -> None:
+    """One value against its rule (also for rules whose allowed values live outside the
+    config, e.g. the pipeline schedules the C++ generator knows: parallel/validate.py)."""
+    if not rule.ok(value):
+        if rule.noun:
+            raise ConfigError(f"unknown {rule.noun} {_shown(value)} ({key}); choose from {rule.allowed}")
+        raise ConfigError(f"{key} must be {rule.allowed}, got {_shown(value)}")
 
 
 def section(name: str, **rules: Rule):

@@ -22,11 +22,12 @@ import os
 
 import torch
 
+from pyruntime.config import KERNEL_BACKENDS
 from pyruntime.log import warn
 
 log = logging.getLogger("pyruntime.ops")
 
-BACKENDS = ("auto", "triton", "cpp", "reference")
+BACKENDS = KERNEL_BACKENDS  # the config names them (it is a leaf: nothing imports back)
 
 
 class BackendUnavailable(RuntimeError):

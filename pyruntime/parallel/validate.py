@@ -8,6 +8,8 @@ it checks fields and their ranges; what a layout needs of the model and the batc
 from __future__ import annotations
 
 from pyruntime.config import Config, ConfigError, ModelConfig
+from pyruntime.schema import check_value, one_of
+from pyruntime.parallel.pipeline.schedule import schedule_names
 from pyruntime.parallel.pipeline.split import plan_stage_layers
 from pyruntime.parallel.recompute import check_recompute
 from pyruntime.parallel.tied import check_tied_layout
@@ -15,6 +17,8 @@ from pyruntime.parallel.tied import check_tied_layout
 
 def validate(cfg: Config) -> None:
     """Every parallelism's rules for `cfg` (whose fields Config.validate() has checked)."""
+    # The schedules are the C++ generator's (one list of their names, csrc/core/schedule_gen.cpp).
+    check_value("parallel.schedule", cfg.parallel.schedule, one_of(*schedule_names(), noun="pipeline schedule"))
     check_tensor_parallel(cfg)
     check_pipeline(cfg)
     check_tied_layout(cfg)

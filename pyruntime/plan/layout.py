@@ -12,7 +12,8 @@ import dataclasses
 import math
 from dataclasses import dataclass
 
-from pyruntime.config import PIPELINE_SCHEDULES, ConfigError, ModelConfig
+from pyruntime.config import ConfigError, ModelConfig
+from pyruntime.parallel.pipeline.schedule import schedule_names
 from pyruntime.parallel.pipeline.split import plan_stage_layers, stage_layer_ranges
 
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -82,8 +83,8 @@ def check(work: Workload, layout: Layout, gpus: int | None = None) -> None:
         raise PlanError(f"layout dp {lay.dp} x tp {lay.tp} x pp {lay.pp} = {lay.world} is not the GPU count {gpus}")
     if lay.zero not in (0, 1, 2, 3):
         raise PlanError(f"zero must be 0, 1, 2 or 3, got {lay.zero}")
-    if lay.schedule not in PIPELINE_SCHEDULES:
-        raise PlanError(f"unknown schedule '{lay.schedule}'; choose from {', '.join(PIPELINE_SCHEDULES)}")
+    if lay.schedule not in schedule_names():
+        raise PlanError(f"unknown schedule '{lay.schedule}'; choose from {', '.join(schedule_names())}")
     if lay.recompute not in RECOMPUTE_MODES:
         raise PlanError(f"unknown recompute mode '{lay.recompute}'; choose from {', '.join(RECOMPUTE_MODES)}")
     if lay.offload not in OFFLOAD_TARGETS:

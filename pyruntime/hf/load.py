@@ -115,30 +115,28 @@ class HFDir:
 
 
 class SliceReader:
-    """Reads blocks of tensors from the directory's files, keeping each file open once and
-    counting the bytes it reads."""
+    """Reads blocks of tensors from the directory's files, counting the bytes it reads.
+    Each read opens the file and closes it again: safetensors memory-maps it, and a mapping
+    kept open leaves every page read so far resident (bench hf, 1B model, tp 2: peak RSS per
+    rank 0.88x the full fp32 model with the files kept open, 0.54x this way), while re-reading
+    a header costs little."""
 
     def __init__(self, hf: HFDir):
-        self.hf, self.handles, self.bytes_read = hf, {}, 0
+        self.hf, self.bytes_read = hf, 0
         self.read_names: set[str] = set()
-
-    def _slice(self, name: str):
-        from safetensors import safe_open
-
-        file = self.hf.files[name]
-        if file not in self.handles:
-            self.handles[file] = safe_open(str(file), framework="pt")
-        return self.handles[file].get_slice(name)
 
     def block(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
         """Tensor `name` (HF name), or only its indices [start, stop) along dim."""
-        s = self._slice(name)
-        if dim is None:
-            t = s[:]
-        elif dim == 0:
-            t = s[start:stop]
-        else:
-            t = s[:, start:stop]
+        from safetensors import safe_open
+
+        with safe_open(str(self.hf.files[name]), framework="pt") as f:
+            s = f.get_slice(name)
+            if dim is None:
+                t = s[:]
+            elif dim == 0:
+                t = s[start:stop]
+            else:
+                t = s[:, start:stop]
         self.bytes_read += t.numel() * t.element_size()
         self.read_names.add(name)
         return t

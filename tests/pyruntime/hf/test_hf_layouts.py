@@ -1,7 +1,7 @@
 """Training from a Hugging Face directory at tp 2 + sp, pp 2 (the tied embedding's copies on
-the two stages) and dp 2 ZeRO-3 reproduces single-process training from it (losses, gradient
-norms within 1e-5 relative), whose first step's loss and gradient norm are transformers'
-on the same batch (1e-5); each rank reads only its own slices of the files; every export
+the two stages), dp 2 ZeRO-2 (tied) and dp 2 ZeRO-3 reproduces single-process training from
+it (losses, gradient norms within 1e-5 relative), whose first step's loss and gradient norm
+are transformers' on the same batch (1e-5); each rank reads only its own slices of the files; every export
 loads in transformers with no missing or unexpected keys and equals the single-process one."""
 import dataclasses
 from pathlib import Path
@@ -29,6 +29,7 @@ MODELS = {"qwen2_bias_tied": {"vocab_size": 259}, "mistral_sliding_window": {"vo
           "llama31_rope_scaling": {"vocab_size": 259}}
 LAYOUTS = [("qwen2_bias_tied", ParallelConfig(tp=2, sequence_parallel=True)),
            ("qwen2_bias_tied", ParallelConfig(pp=2)),
+           ("qwen2_bias_tied", ParallelConfig(dp=2, zero=2)),
            ("llama31_rope_scaling", ParallelConfig(tp=2, sequence_parallel=True)),
            ("mistral_sliding_window", ParallelConfig(dp=2, zero=3))]
 
@@ -85,7 +86,9 @@ def test_each_rank_reads_only_its_slices(world, i):
     par = cfgs[i].parallel
     for rank in range(2):
         report = per_rank[rank][i][1]
-        assert 0 < report["bytes"] < report["full_bytes"] or par.zero == 3
+        assert 0 < report["bytes"] <= report["full_bytes"]
+        if par.tp > 1 or par.pp > 1:  # dp ranks without ZeRO-3 hold, and read, whole parameters
+            assert report["bytes"] < 0.75 * report["full_bytes"]
         if par.zero == 3:  # one parameter at a time, only those the rank's shard holds a piece of
             assert report["bytes"] <= report["full_bytes"] and set(report["names"]) <= set(report["want_names"])
         else:

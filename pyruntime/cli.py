@@ -18,54 +18,50 @@ from pyruntime.data import DataError
 from pyruntime.data.tokenize import add_tokenize_parser, run_tokenize
 from pyruntime.generate import add_generate_parser, run_generate
 from pyruntime.hf.cli import add_export_parser, model_from_init_dir, run_export
-from pyruntime.schema import flag_type
+from pyruntime.schema import field_help, flag_type
 from pyruntime.train.ckpt_dirs import CheckpointError
 from pyruntime.train.faults import IOFault, describe_os_error
 from pyruntime.mesh import ParallelDims
 from pyruntime.parallel.validate import validate as validate_parallel
 
-# flag -> (section, field, help); the value's type is the field's annotation (schema.flag_type)
+# flag -> (section, field); its type is the field's annotation and its help the field's docstring
+# (schema.flag_type, schema.field_help): a setting is explained once, in config.py.
 TRAIN_FLAGS = {
-    "--preset": ("train", "preset", "model preset: tiny, small, 1b, 7b, 13b, 70b"),
-    "--steps": ("train", "steps", "optimizer steps"),
-    "--seed": ("train", "seed", "seed for weights and data order"),
-    "--out": ("train", "out", "output directory (metrics, loss curve)"),
-    "--metrics": ("train", "metrics", "JSON-lines metrics file (default OUT/metrics.jsonl)"),
-    "--eval-every": ("train", "eval_every", "validation loss every N steps (0: never)"),
-    "--eval-batches": ("train", "eval_batches", "validation batches (of the global batch size, split over dp) per evaluation"),
-    "--log-every": ("train", "log_every", "print a log line every N steps"),
-    "--global-batch": ("data", "global_batch", "sequences per step, over all dp ranks"),
-    "--micro-batch": ("data", "micro_batch", "sequences per forward/backward (default: the largest divisor of "
-                      "global batch / dp up to 8)"),
-    "--seq-len": ("data", "seq_len", "tokens per sequence"),
-    "--data": ("data", "path", "text file, or .bin/.u16 uint16 token file (default: embedded corpus)"),
-    "--lr": ("optim", "lr", "peak learning rate"),
-    "--warmup": ("optim", "warmup_steps", "linear warm-up steps"),
-    "--grad-clip": ("optim", "grad_clip", "global gradient-norm clip (0: off)"),
-    "--kernels": ("model", "kernels", "kernel backend: auto, triton, cpp, reference"),
-    "--dp": ("parallel", "dp", "data-parallel ranks (default: world size / (pp x tp))"),
-    "--pp": ("parallel", "pp", "pipeline stages"),
-    "--tp": ("parallel", "tp", "tensor-parallel ranks"),
-    "--zero": ("parallel", "zero", "ZeRO stage over dp: 0 (DDP), 1, 2, 3 (fully sharded)"),
-    "--bucket-mb": ("parallel", "bucket_mb", "gradient bucket size in MB (zero 0-2)"),
-    "--schedule": ("parallel", "schedule", "pipeline schedule: naive, gpipe, 1f1b, interleaved, zb"),
-    "--virtual-stages": ("parallel", "virtual_stages", "model chunks per pipeline rank (interleaved)"),
-    "--pp-layout": ("parallel", "pp_layout", "layers per stage: even, balanced or counts like 4,4,3,5"),
-    "--mesh-order": ("parallel", "mesh_order", "rank-grid axis order, outermost first (default dp,pp,tp)"),
-    "--recompute": ("parallel", "recompute", "activation recomputation: none, selective, full"),
-    "--recompute-layers": ("parallel", "recompute_layers", "recompute only the first K blocks of each stage"),
-    "--recompute": ("parallel", "recompute", "activation recomputation: none, selective, full"),
-    "--recompute-layers": ("parallel", "recompute_layers", "recompute only the first K blocks of each stage"),
-    "--timeline": ("train", "timeline", "pp: write the measured pipeline timeline (PNG, Chrome trace) here"),
-    "--save-every": ("train", "save_every", "checkpoint every N steps into OUT/checkpoints (0: never)"),
-    "--resume": ("train", "resume", "continue from a checkpoint: a step_N dir, a checkpoints dir, a run's --out "
-                 "dir, or auto (OUT/checkpoints' latest if any, else a fresh start)"),
-    "--peer-timeout": ("train", "peer_timeout_s",
-                       "seconds without a heartbeat before a rank is reported lost and all exit"),
-    "--init-from": ("train", "init_from", "start from a Hugging Face model directory (config.json + safetensors)"),
-    "--export-hf": ("train", "export_hf", "after the last step, write a Hugging Face model directory here"),
-    "--export-dtype": ("train", "export_dtype", "dtype of --export-hf weights: float32, bfloat16, float16"),
-    "--export-shard-mb": ("train", "export_shard_mb", "largest --export-hf shard in MB (default 5000)"),
+    "--preset": ("train", "preset"),
+    "--steps": ("train", "steps"),
+    "--seed": ("train", "seed"),
+    "--out": ("train", "out"),
+    "--metrics": ("train", "metrics"),
+    "--eval-every": ("train", "eval_every"),
+    "--eval-batches": ("train", "eval_batches"),
+    "--log-every": ("train", "log_every"),
+    "--global-batch": ("data", "global_batch"),
+    "--micro-batch": ("data", "micro_batch"),
+    "--seq-len": ("data", "seq_len"),
+    "--data": ("data", "path"),
+    "--lr": ("optim", "lr"),
+    "--warmup": ("optim", "warmup_steps"),
+    "--grad-clip": ("optim", "grad_clip"),
+    "--kernels": ("model", "kernels"),
+    "--dp": ("parallel", "dp"),
+    "--pp": ("parallel", "pp"),
+    "--tp": ("parallel", "tp"),
+    "--zero": ("parallel", "zero"),
+    "--bucket-mb": ("parallel", "bucket_mb"),
+    "--schedule": ("parallel", "schedule"),
+    "--virtual-stages": ("parallel", "virtual_stages"),
+    "--pp-layout": ("parallel", "pp_layout"),
+    "--mesh-order": ("parallel", "mesh_order"),
+    "--recompute": ("parallel", "recompute"),
+    "--recompute-layers": ("parallel", "recompute_layers"),
+    "--timeline": ("train", "timeline"),
+    "--save-every": ("train", "save_every"),
+    "--resume": ("train", "resume"),
+    "--peer-timeout": ("train", "peer_timeout_s"),
+    "--init-from": ("train", "init_from"),
+    "--export-hf": ("train", "export_hf"),
+    "--export-dtype": ("train", "export_dtype"),
+    "--export-shard-mb": ("train", "export_shard_mb"),
 }
 
 class OneLineParser(argparse.ArgumentParser):
@@ -84,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="overlap the sequence-parallel collectives with the GEMMs (needs --sp)")
     train.add_argument("--microbatches", type=int, default=None,
                        help="micro-batches per step per dp rank (sets the micro-batch size)")
-    for flag, (section, name, help_) in TRAIN_FLAGS.items():
-        train.add_argument(flag, type=flag_type(SECTIONS[section], name), default=None, help=help_)
+    for flag, (section, name) in TRAIN_FLAGS.items():
+        cls = SECTIONS[section]
+        train.add_argument(flag, type=flag_type(cls, name), default=None, help=field_help(cls, name))
     sched = sub.add_parser("schedule", help="draw a planned pipeline schedule (no training)")
     sched.add_argument("--pp", type=int, required=True, help="pipeline ranks")
     sched.add_argument("--microbatches", type=int, required=True, help="micro-batches per step")
@@ -116,7 +113,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> Config:
         if name in SECTIONS and not isinstance(section, dict):
             raise ConfigError(f"config section '{name}' must be a table/object, got {section!r}")
     raw = {k: dict(v) if isinstance(v, dict) else v for k, v in raw.items()}
-    for flag, (section, name, _) in TRAIN_FLAGS.items():
+    for flag, (section, name) in TRAIN_FLAGS.items():
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
             raw.setdefault(section, {})[name] = value

@@ -54,7 +54,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
     kernels: str = "auto"
-    """Kernel backend for the model's ops: auto | triton | cpp | reference (ops/dispatch.py)."""
+    """Kernel backend for the model's ops (ops/dispatch.py): auto picks the fastest available."""
     head_size: int | None = None
     """Width of one attention head (Hugging Face's head_dim); None means dim // n_heads."""
     rope_scaling: str | None = None
@@ -131,7 +131,8 @@ class DataConfig:
     """Sequences per optimizer step, summed over all data-parallel ranks (layout-independent)."""
     micro_batch: int = 8
     """Sequences per forward/backward on one rank; gradients accumulate over micro-batches. The
-    CLI, when neither a flag nor the file gives it, uses default_micro_batch(global_batch, dp)."""
+    CLI's default, when neither a flag nor the file gives it: the largest divisor of
+    global_batch / dp up to 8 (default_micro_batch)."""
     val_fraction: float = 0.05
     """Share of the corpus held out for validation."""
     max_bytes: int = 4_000_000
@@ -181,7 +182,7 @@ class ParallelConfig:
     """The layout: dp x pp x tp = world size (pyruntime/mesh.py)."""
 
     dp: int = 1
-    """Data-parallel ranks."""
+    """Data-parallel ranks (the CLI's default: world size / (pp x tp))."""
     pp: int = 1
     """Pipeline stages."""
     tp: int = 1
@@ -258,7 +259,8 @@ class TrainConfig:
     save_every: int = 0
     """Write a checkpoint to <out>/checkpoints every N steps (0: never; always at the end when > 0)."""
     resume: str | None = None
-    """Checkpoint directory (or a run's checkpoints/ folder: its latest) to continue from."""
+    """Continue from a checkpoint: a step_N directory, a checkpoints/ folder (its latest), a
+    run's --out directory, or auto (OUT/checkpoints' latest if there is one, else a fresh start)."""
     timeline: str | None = None
     """With pp > 1: record every pipeline action's start/end and write <timeline>/pipeline.png
     and pipeline.json (Chrome trace) after the last step."""

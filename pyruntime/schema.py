@@ -217,3 +217,34 @@ def flag_type(cls, name: str) -> Callable[[str], Any] | None:
     arms = [a for a in typing.get_args(tp) if a is not type(None)] or [tp]
     scalar = arms[0] if len(arms) == 1 else None
     return scalar if scalar in (int, float, str) else None
+
+
+@functools.lru_cache(maxsize=None)
+def field_docs(cls) -> dict[str, str]:
+    """{field: its docstring, whitespace folded}: the string literal under each annotated field
+    (read from the source, where Python keeps them). The CLI's help text is these, so a setting
+    is explained in one place."""
+    import ast
+    import inspect
+    import textwrap
+
+    node = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]
+    docs = {}
+    for a, b in zip(node.body, node.body[1:]):
+        if (isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr)
+                and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str)):
+            docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
+def field_help(cls, name: str) -> str:
+    """A field's docstring, then what is allowed (its enum) and its default unless the
+    docstring says either, for a command-line flag (argparse's % escaped)."""
+    doc = field_docs(cls).get(name, "")
+    rule = getattr(cls, "RULES", {}).get(name)
+    if rule is not None and rule.noun:
+        doc += f" One of {rule.allowed}."
+    default = next(f.default for f in dataclasses.fields(cls) if f.name == name)
+    if default not in (None, dataclasses.MISSING) and "default" not in doc.lower():
+        doc += f" Default: {default}."
+    return doc.replace("%", "%%")

@@ -36,3 +36,17 @@ def test_train_command_runs_single_process(tmp_path, capsys):
     assert code == 0
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2]
     assert "step 2/2" in capsys.readouterr().out
+
+
+def test_train_flag_help_is_the_config_docstring():
+    """Each setting is explained once, in config.py: the flag's help is the field's docstring
+    (an edit there shows up in --help), every flag has one."""
+    from pyruntime.cli import TRAIN_FLAGS, build_parser
+    from pyruntime.config import SECTIONS
+    from pyruntime.schema import field_docs
+
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    helps = {opt: a.help for a in train._actions for opt in a.option_strings}
+    for flag, (section, name) in TRAIN_FLAGS.items():
+        doc = field_docs(SECTIONS[section])[name]
+        assert doc and helps[flag].startswith(doc.replace("%", "%%")), flag

@@ -20,6 +20,8 @@ SUITES: dict[str, tuple[str, str]] = {
     "tpstep": ("tpstep", "tp training step vs PyTorch's parallelize_module (DTensor), gloo ranks"),
     "adam": ("adam", "the C++ host AdamW vs torch.optim.AdamW fused / foreach on CPU, 1M-100M params, GB/s next "
                      "to a triad measured in the same run"),
+    "recompute": ("recompute", "step time and measured activation bytes of --recompute none / selective / full, "
+                               "one process (small preset on CPU)"),
     "initmem": ("initmem", "peak memory of building a ZeRO-3 model, deferred vs eager init, gloo ranks"),
     "hf": ("hf", "Hugging Face directory load (1B shape, bf16 shards) vs transformers.from_pretrained, tp 2 "
                  "peak RSS per rank; tokenize vs tokenizers' encode_batch"),

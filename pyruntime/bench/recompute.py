@@ -1,0 +1,95 @@
+"""Activation recomputation (train --recompute): step time and measured activation bytes of
+none / selective / full, one process, the trainer's own step (parallel/recompute.py), side by
+side in one run; ratios are against none (the peer: no recomputation).
+
+    python -m pyruntime bench recompute                       # small preset, CPU
+    python -m pyruntime bench recompute --preset tiny --steps 3 --seq-len 32
+
+activation bytes: what the transformer blocks saved for backward in one step, all micro-batches
+(SavedTensorMeter, each storage once). step time: median over the timed steps (the first
+--warmup steps excluded).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+
+import torch
+
+from pyruntime.bench.harness import header, table_lines
+from pyruntime.config import PRESETS, RECOMPUTE_MODES, Config, DataConfig, ParallelConfig, TrainConfig
+
+# The model is built and run by the trainer in this process (a world of one).
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line on stderr, exit 2
+        print(f"bench recompute: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    p = _Parser(prog="pyruntime bench recompute", description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    p.add_argument("--steps", type=int, default=4, help="timed steps per mode")
+    p.add_argument("--warmup", type=int, default=1, help="untimed steps first")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--markdown", action="store_true")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.global_batch % args.micro_batch:
+        p.error(f"--steps must be >= 1, --warmup >= 0 and --micro-batch must divide --global-batch; got "
+                f"{args.steps}, {args.warmup}, {args.micro_batch} / {args.global_batch}")
+    return args
+
+
+def _config(args: argparse.Namespace, mode: str, out: str) -> Config:
+    model = dataclasses.replace(PRESETS[args.preset], max_seq_len=max(args.seq_len, PRESETS[args.preset].max_seq_len))
+    return Config(train=TrainConfig(preset=args.preset, steps=args.warmup + args.steps, eval_every=0, quiet=True,
+                                    out=out),
+                  model=model, data=DataConfig(seq_len=args.seq_len, global_batch=args.global_batch,
+                                               micro_batch=args.micro_batch, max_bytes=400_000),
+                  parallel=ParallelConfig(recompute=mode))
+
+
+def run_mode(args: argparse.Namespace, mode: str, out: str) -> dict:
+    from pyruntime.mesh import Launch, ParallelDims, init_distributed
+    from pyruntime.train.trainer import Trainer
+
+    cfg = _config(args, mode, out)
+    init_distributed(Launch(rank=0, world_size=1, local_rank=0), torch.device("cpu"))
+    dims = ParallelDims.from_config(cfg.parallel, 1).build_mesh("cpu")
+    trainer = Trainer(cfg, dims, torch.device("cpu"), rank=0)
+    records = [trainer.train_step(step) for step in range(cfg.train.steps)]
+    timed = records[args.warmup:]
+    return {"time": statistics.median(r["step_time_s"] for r in timed),
+            "bytes": timed[-1]["activation_bytes"], "loss": [r["loss"] for r in records]}
+
+
+def main(argv: list[str]) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
+    import tempfile
+
+    print("\n".join(header(["recompute", *argv], "triton", None)))
+    with tempfile.TemporaryDirectory() as out:
+        results = {mode: run_mode(args, mode, out) for mode in RECOMPUTE_MODES}
+    base = results["none"]
+    if any(r["loss"] != base["loss"] for r in results.values()):
+        print("bench recompute: the modes' losses differ (they must be bit-identical)", file=sys.stderr)
+        return 1
+    rows = [[mode, f"{args.preset} mb {args.micro_batch}x{args.seq_len}", f"{r['bytes'] / 2**20:.2f}",
+             f"{base['bytes'] / r['bytes']:.2f}x", f"{r['time'] * 1e3:.1f}", f"{r['time'] / base['time'] - 1:+.1%}"]
+            for mode, r in results.items()]
+    print("\n".join(["recompute vs none (losses bit-identical: checked)"] + table_lines(
+        ["mode", "shape", "activation MiB", "none/mode", "step ms", "time vs none"], rows, args.markdown)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     print("\n".join(header(["plan", *(argv or [])], "cpu", "CPU / gloo ranks, one thread each")), flush=True)
     dev = load_profile(args.profile) if args.profile else calibrate("runs/bench_plan_profile.json")
     print(f"profile: {dev.name} | GEMM {dev.peak_flops / 1e9:.1f} GFLOP/s x {dev.gemm_efficiency:.0%} | dispatch "
-          f"{dev.block_overhead * 1e3:.2f} ms per block + {dev.micro_overhead * 1e3:.2f} ms per micro-batch | "
+          f"{dev.block_overhead * 1e3:.2f} ms per block + {dev.micro_overhead * 1e3:.2f} ms per micro-batch + {dev.step_overhead * 1e3:.1f} ms per step | "
           f"collectives {dev.intra_bw / 1e9:.2f} GB/s + {dev.latency * 1e6:.0f} us (gather "
           f"{dev.gather_latency * 1e6:.0f} us, p2p {dev.p2p_latency * 1e6:.0f} us) | memory {dev.mem_bw / 1e9:.1f} GB/s",
           flush=True)

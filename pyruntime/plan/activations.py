@@ -17,10 +17,10 @@ Once per rank: the rotary tables (2 s d), the token ids (int64) on the embedding
 vocabulary mask of b s bytes under tp); on the last: the final norm (2 b s_n h + b s_n), the
 head's input b s h, and the loss: its log-softmax (b s V_padded / t, fp32) plus the targets.
 
-Recomputation (issue 16's modes, modelled as specified there; measured once they exist):
-full keeps each block's input only (b s_n h); selective keeps the GEMM outputs and the
-attention output and recomputes norms, rotary and the SwiGLU activation (drops the norms'
-normalised copies, the rotated q/k and silu(gate)).
+Recomputation (parallel/recompute.py): full keeps each block's input only (b s_n h);
+selective recomputes the norms' outputs and the SwiGLU activation in backward (drops the two
+GEMM inputs, unless sequence parallelism gathers them first, and silu(gate) at tp 1, where it
+is a tensor of its own), keeping the GEMM and attention outputs.
 """
 from __future__ import annotations
 
@@ -57,10 +57,11 @@ def block_bytes(x: Shape, recompute: str = "none") -> int:
     if t > 1 and m.kv_heads == m.n_heads:
         attn += 2 * b * s * kv // t * e
     mlp = 4 * b * s * f // t * e
-    if recompute == "selective":  # norms' normalised copies, rotated q/k and silu(gate) recomputed
-        norms -= 2 * b * sn * m.dim * FP32
-        attn -= 2 * b * s * q // t * e
-        mlp -= b * s * f // t * e
+    if recompute == "selective":  # the norms' outputs and silu(gate) are recomputed in backward,
+        if not x.sp:                # except a norm output the GEMM gathers first (it saves the copy)
+            gemm_in = 0
+        if t == 1:                  # and the fused tp SwiGLU GEMM has no separate activation
+            mlp -= b * s * f * e
     return norms + gemm_in + attn + mlp
 
 

@@ -8,6 +8,9 @@ device table.
                          leave of it)
     dispatch overheads   1- and 2-block models at a tiny shape, where nothing but dispatch
                          counts: per block, and per micro-batch outside the blocks
+    step overhead        a trainer step of a 1-block model at a tiny shape (a 1-rank world),
+                         less what the other figures predict for it: the optimizer's and the
+                         clipping's dispatch, the sampler, metrics
     memory bandwidth     a 64 MB copy
     collectives, p2p     a 2-rank world (gloo on CPU, NCCL with >= 2 GPUs): all-reduce, the
                          runtime's all-gather / reduce-scatter, send/recv, of 4 KB (latency)
@@ -88,11 +91,11 @@ def _model_time(layers: int, dim: int, batch: int, seq: int) -> tuple[float, flo
 
 def dispatch_overheads() -> tuple[float, float, float]:
     """(seconds per block, seconds per micro-batch outside the blocks, the fraction of the GEMM
-    rate a mid-sized block sustains): tiny models of 1 and 2 blocks, where only dispatch
+    rate a mid-sized block sustains): tiny models of 1 and 3 blocks, where only dispatch
     counts, and 2 vs 4 blocks at a mid-sized shape."""
     one, _ = _model_time(1, 32, 1, 8)
-    two, _ = _model_time(2, 32, 1, 8)
-    block = max(two - one, 0.0)
+    three, _ = _model_time(3, 32, 1, 8)
+    block = max(three - one, 0.0) / 2
     mid2, flops2 = _model_time(2, 256, 4, 128)
     mid4, flops4 = _model_time(4, 256, 4, 128)
     rate = (flops4 - flops2) / max(mid4 - mid2 - 2 * block, 1e-9)
@@ -162,9 +165,27 @@ def calibrate(path: str | os.PathLike = DEFAULT_PROFILE, comm: bool = True) -> D
                  latency=lat["allreduce"][0], gather_latency=lat["gather"][0], p2p_latency=lat["p2p"][0],
                  gemm_efficiency=min(1.0, block_rate / rate), block_overhead=block, micro_overhead=micro,
                  overlap=cuda, cuda=cuda)
+    dev = dataclasses.replace(dev, step_overhead=step_overhead(dev))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(dataclasses.asdict(dev), indent=1))
     return dev
+
+
+def step_overhead(dev: Device) -> float:
+    """A trainer step's time beyond what the profile predicts for it (see the module docstring)."""
+    from pyruntime.config import Config, DataConfig, ModelConfig, TrainConfig
+    from pyruntime.plan.layout import Layout, Workload
+    from pyruntime.plan.measure import measure_step_time
+    from pyruntime.plan.timing import Cluster, step_time
+    from pyruntime.spawn import run_world
+
+    model = ModelConfig(dim=32, n_layers=1, n_heads=2, ffn_dim=88, vocab_size=256, max_seq_len=8)
+    cfg = Config(train=TrainConfig(quiet=True, eval_every=0, steps=12, out="runs/plan_calibrate"), model=model,
+                 data=DataConfig(seq_len=8, global_batch=1, micro_batch=1, max_bytes=100_000))
+    measured = run_world(1, measure_step_time, [cfg], 9, 3, name="plan calibrate step")[0][0]
+    work = Workload(model=model, seq_len=8, global_batch=1)
+    predicted = step_time(work, Layout(), Cluster(dataclasses.replace(dev, step_overhead=0.0), 1, 1)).step
+    return max(measured - predicted, 0.0)
 
 
 def load_profile(path: str | os.PathLike) -> Device:

@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         dev = calibrate(path)
         print(f"calibrated {dev.name}: GEMM {dev.peak_flops / 1e9:.1f} GFLOP/s (a block sustains "
               f"{dev.gemm_efficiency:.0%}), dispatch {dev.block_overhead * 1e3:.2f} ms per block + "
-              f"{dev.micro_overhead * 1e3:.2f} ms per micro-batch, memory {dev.mem_bw / 1e9:.1f} GB/s, collectives "
+              f"{dev.micro_overhead * 1e3:.2f} ms per micro-batch + {dev.step_overhead * 1e3:.1f} ms per step, memory {dev.mem_bw / 1e9:.1f} GB/s, collectives "
               f"{dev.intra_bw / 1e9:.2f} GB/s + {dev.latency * 1e6:.0f} us (all-gather / reduce-scatter "
               f"{dev.gather_latency * 1e6:.0f} us, p2p {dev.p2p_latency * 1e6:.0f} us) | {path}")
         return 0

@@ -43,6 +43,9 @@ class Device:
     overlap: bool = True
     """Whether communication runs beside compute (GPUs: NCCL on its own stream). A CPU rank
     has one core for both, so its collectives count in full."""
+    step_overhead: float = 2e-3
+    """Seconds per step outside forward / backward / communication: the optimizer's and the
+    gradient clipping's dispatch, the sampler, metrics; calibrated with a tiny trainer."""
     micro_overhead: float = 0.0
     """Seconds per micro-batch and chunk outside the blocks (embedding, rotary tables, loss,
     hooks); calibrated on CPU."""

@@ -71,8 +71,9 @@ def saved_bytes(model, loss_fn, x, y, params=None) -> tuple[int, int]:
 
 
 def measure_activations(rank: int, world_size: int, configs: list[Config]) -> list[tuple[int, int]]:
-    """Per config: saved_bytes of one micro-batch through this rank's whole model (tp layouts;
-    the trainer's model and loss)."""
+    """Per config: saved_bytes of one micro-batch through this rank's whole model (tp layouts,
+    recompute modes; the trainer's model and loss). Meters nest, so the blocks' own meter
+    (parallel/recompute.py) does not hide what they save from this one."""
     corpora: dict = {}
     out = []
     for cfg in configs:
@@ -83,18 +84,20 @@ def measure_activations(rank: int, world_size: int, configs: list[Config]) -> li
 
 
 def measure_chunk(model_cfg, counts: list[int], pp: int, pp_rank: int, batch: int, seq: int,
-                  seed: int = 0) -> list[tuple[int, int]]:
+                  recompute: str = "none", seed: int = 0) -> list[tuple[int, int]]:
     """saved_bytes of one micro-batch through each chunk of pipeline rank pp_rank (a model of
-    counts[s] layers per stage, split as the trainer splits it), in one process: a stage only
-    changes which layers run and what its input is."""
+    counts[s] layers per stage, split as the trainer splits it, recomputing as asked), in one
+    process: a stage only changes which layers run and what its input is."""
     import torch.nn.functional as F
 
     from pyruntime.model.llama import Transformer
     from pyruntime.parallel.pipeline.split import keep_local_stages
+    from pyruntime.parallel.recompute import apply_recompute
 
     torch.manual_seed(seed)
     model = Transformer(model_cfg)
     chunks = keep_local_stages(model, counts, pp, pp_rank, len(counts) // pp)
+    apply_recompute(model, recompute, stage_layers=counts)
     out = []
     for chunk in chunks:
         if chunk.is_first:

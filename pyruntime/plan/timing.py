@@ -173,7 +173,7 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     states = rank_states(work, layout, 0)
     shard = states.held.optim // 8  # fp32 elements this rank's optimizer updates
     optimizer = ADAM_BYTES * shard / d.mem_bw
-    step = makespan + dp_exposed + optimizer + _step_syncs(layout, d)
+    step = makespan + dp_exposed + optimizer + _step_syncs(layout, d) + d.step_overhead
     tokens_per_s = work.global_batch * work.seq_len / step
     mfu = tokens_per_s * model_flops_per_token(work.model, work.seq_len) / (layout.world * d.peak_flops)
     return StepTime(fwd, bwd, micro * comm, makespan, bubble, dp_total, dp_exposed, optimizer, step,

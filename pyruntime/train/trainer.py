@@ -27,6 +27,7 @@ from pyruntime.parallel.pipeline.apply import gather_timeline, pipeline_losses, 
 from pyruntime.parallel.recompute import activation_bytes, activation_line
 from pyruntime.parallel.validate import validate as validate_parallel
 from pyruntime.parallel.tensor import tp_replicas
+from pyruntime.plan.startup import plan_check_line, plan_line
 from pyruntime.train.checkpoint import load_checkpoint, save_checkpoint
 from pyruntime.train.ckpt_dirs import with_resume_resolved
 from pyruntime.hf.export import export_hf
@@ -219,6 +220,7 @@ class Trainer:
         cfg = self.cfg
         say(self.banner(), self.is_logger)
         say(self.data_parallel.memory_line(), self.is_logger)
+        say(plan_line(cfg, self.device.type == "cuda"), self.is_logger)
         rank_lines = self.per_rank_lines()  # a collective: every rank takes part
         if len(rank_lines) > 1:
             say("\n".join(rank_lines), self.is_logger)
@@ -231,6 +233,8 @@ class Trainer:
             for step in range(start, cfg.train.steps):
                 rec = self.train_step(step)
                 done = step + 1
+                if step == start:  # the plan's prediction next to the first step's measurement
+                    say(plan_check_line(cfg, rec, 0, self.device.type == "cuda"), self.is_logger)
                 if step == start:  # measured, so after the first step
                     say(activation_line(self.cfg, rec["activation_bytes"]), self.is_logger)
                 if cfg.train.eval_every and (done % cfg.train.eval_every == 0 or done == cfg.train.steps):

@@ -1,8 +1,9 @@
 """Activation bytes saved for backward: the planner's formula (pyruntime/plan/activations.py)
-against SavedTensorMeter on the real model, within 5%, on 24 layouts. Layouts that only change
-shapes (dp: the micro-batch; pp and virtual stages: which layers and ends a chunk holds) are
-measured in this process, chunk by chunk; tp (with and without sequence parallelism) in one
-2-rank world running the trainer's own tp model and vocab-parallel loss."""
+against SavedTensorMeter on the real model, within 5%, on 32 layouts (recompute none /
+selective / full among them). Layouts that only change shapes (dp: the micro-batch; pp and
+virtual stages: which layers and ends a chunk holds) are measured in this process, chunk by
+chunk; tp (with and without sequence parallelism) in one 2-rank world running the trainer's
+own tp model and vocab-parallel loss."""
 import dataclasses
 
 import pytest
@@ -35,6 +36,10 @@ SHAPE_LAYOUTS = [
     (Layout(dp=2, pp=2, schedule="zb", micro_batch=1), 8, MHA),
     (Layout(pp=4, schedule="interleaved", virtual_stages=2, micro_batch=1), 8, {"n_layers": 8}),
     (Layout(dp=4, pp=2, micro_batch=1), 16, {"n_layers": 3}),
+    (Layout(micro_batch=4, recompute="selective"), 4, GQA),
+    (Layout(pp=2, micro_batch=2, recompute="full"), 4, MHA),
+    (Layout(dp=2, pp=2, micro_batch=1, recompute="selective"), 4, MHA),
+    (Layout(pp=2, schedule="zb", micro_batch=1, recompute="full"), 4, GQA),
 ]
 SEQ = 16
 
@@ -50,7 +55,8 @@ def test_activation_formula_per_chunk(layout, global_batch, model):
     stages = layout.pp * layout.virtual_stages
     counts = plan_stage_layers(work.model, stages, layout.pp_layout)
     for r in range(layout.pp):
-        measured = [sum(m) for m in measure_chunk(work.model, counts, layout.pp, r, layout.micro_batch, SEQ)]
+        measured = [sum(m) for m in measure_chunk(work.model, counts, layout.pp, r, layout.micro_batch, SEQ,
+                                                 layout.recompute)]
         predicted = chunk_activation_bytes(work, layout, r)
         assert len(measured) == len(predicted) == layout.virtual_stages
         for p, m in zip(predicted, measured):
@@ -58,19 +64,23 @@ def test_activation_formula_per_chunk(layout, global_batch, model):
     assert len(in_flight(work, layout)) == layout.pp
 
 
-TP_LAYOUTS = [(sp, kv, mb) for sp in (False, True) for kv in (2, 4) for mb in (1, 2)]
+# (sp, kv heads, micro-batch, recompute); tp 2 with recompute at 1 and 2 ranks' shapes
+TP_LAYOUTS = [(sp, kv, mb, "none") for sp in (False, True) for kv in (2, 4) for mb in (1, 2)] + \
+    [(sp, 2, 2, rec) for sp in (False, True) for rec in ("selective", "full")]
 
 
 def test_activation_formula_tensor_parallel(tmp_path):
     configs = []
-    for sp, kv, mb in TP_LAYOUTS:
+    for sp, kv, mb, rec in TP_LAYOUTS:
         cfg = tiny_config(tmp_path, global_batch=4, micro_batch=mb, seq_len=SEQ)
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, n_kv_heads=kv, n_layers=2),
-                                  parallel=dataclasses.replace(cfg.parallel, tp=2, sequence_parallel=sp))
+                                  parallel=dataclasses.replace(cfg.parallel, tp=2, sequence_parallel=sp,
+                                                               recompute=rec))
         configs.append(cfg)
     per_rank = run_world(2, measure_activations, configs, name="plan activations tp")
-    for cfg, (sp, kv, mb), *measured in zip(configs, TP_LAYOUTS, *per_rank):
+    for cfg, (sp, kv, mb, rec), *measured in zip(configs, TP_LAYOUTS, *per_rank):
         work = Workload(model=cfg.model, seq_len=SEQ, global_batch=4)
-        predicted = chunk_activation_bytes(work, Layout(tp=2, sp=sp, micro_batch=mb), 0)[0]
+        predicted = chunk_activation_bytes(work, Layout(tp=2, sp=sp, micro_batch=mb, recompute=rec), 0)[0]
         for rank, m in enumerate(measured):
-            assert _close(predicted, sum(m)), f"tp 2 sp {sp} kv {kv} mb {mb} rank {rank}: {predicted} vs {sum(m)}"
+            assert _close(predicted, sum(m)), \
+                f"tp 2 sp {sp} kv {kv} mb {mb} recompute {rec} rank {rank}: {predicted} vs {sum(m)}"

@@ -25,8 +25,9 @@ def test_every_command_is_the_layout_train_runs():
 
 
 def test_seed_7b_full_finetune_needs_more_than_one_96gb_gpu():
-    one, smallest = search(WORK_7B, Cluster(device("gh200"), 1))
-    assert not one and smallest > 96e9  # 16 B/parameter of model states alone is 107.8 GB
+    one, _ = search(WORK_7B, Cluster(device("gh200"), 1))
+    # 16 B/parameter of model states alone is 107.8 GB (optimizer offload, once train has it, is another matter)
+    assert not [c for c in one if c.layout.offload == "none"]
     two, _ = search(WORK_7B, Cluster(device("gh200"), 2))
     assert two and all(c.peak <= 96e9 for c in two)
     assert {c.layout.zero for c in two if c.layout.dp == 2} >= {3}  # sharding the states is what makes it fit
@@ -37,6 +38,6 @@ def test_step_time_parts_add_up_and_pipeline_bubble_shrinks_with_microbatches():
     few = step_time(Workload(model=PRESETS["7b"], seq_len=4096, global_batch=8), Layout(pp=4, dp=2), cluster)
     many = step_time(Workload(model=PRESETS["7b"], seq_len=4096, global_batch=64), Layout(pp=4, dp=2), cluster)
     for t in (few, many):
-        assert 0 <= t.step - (t.pipeline + t.dp_exposed + t.optimizer) < 1e-3  # + the small per-step syncs
+        assert 0 <= t.step - (t.pipeline + t.dp_exposed + t.optimizer) < 1e-2  # + per-step syncs and overhead
         assert 0 < t.mfu < 1
     assert few.bubble / few.pipeline > many.bubble / many.pipeline

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from pyruntime.train.faults import os_cause
 from pyruntime.config import ModelConfig
 from pyruntime.hf.config import HFError, hf_config_from_model
 from pyruntime.hf.load import INDEX, SINGLE, hf_name
@@ -52,8 +53,6 @@ def write_hf_dir(tensors: dict[str, torch.Tensor], cfg: ModelConfig, out: str | 
                  companions_from: str | os.PathLike | None = None) -> Path:
     """Write `tensors` ({reference name: full tensor}) as a Hugging Face directory `out`.
     companions_from: a directory whose tokenizer / generation files are copied along."""
-    from safetensors.torch import save_file
-
     if dtype not in DTYPES:
         raise HFError(f"export dtype '{dtype}' is not supported; use one of {', '.join(DTYPES)}")
     if max_shard_bytes < 1:
@@ -68,6 +67,23 @@ def write_hf_dir(tensors: dict[str, torch.Tensor], cfg: ModelConfig, out: str | 
     shards = plan_shards(sizes, max_shard_bytes)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        _write_files(tmp, data, sizes, shards, cfg, dtype, companions_from)
+    except Exception as e:  # a full disk or read-only mount: one line, no half-written export left
+        shutil.rmtree(tmp, ignore_errors=True)
+        cause = os_cause(e)
+        if cause is None:
+            raise
+        raise HFError(f"cannot write the Hugging Face export {out}: {cause}") from None
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out
+
+
+def _write_files(tmp: Path, data: dict[str, torch.Tensor], sizes: dict[str, int], shards: list[list[str]],
+                 cfg: ModelConfig, dtype: str, companions_from) -> None:
+    from safetensors.torch import save_file
+
     tmp.mkdir(parents=True)
     weight_map = {}
     for i, names in enumerate(shards):
@@ -85,9 +101,6 @@ def write_hf_dir(tensors: dict[str, torch.Tensor], cfg: ModelConfig, out: str | 
                 shutil.copyfile(src / name, tmp / name)
         extra = {k: v for k, v in _read_json(src / "config.json").items() if k.endswith("token_id")}
     (tmp / "config.json").write_text(json.dumps({**hf_config_from_model(cfg, dtype=dtype), **extra}, indent=2) + "\n")
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
-    return out
 
 
 def _read_json(path: Path) -> dict:
@@ -112,7 +125,7 @@ def export_hf(trainer, out: str | os.PathLike, *, max_shard_bytes: int = DEFAULT
             write_hf_dir(tensors, trainer.cfg.model, out, max_shard_bytes=max_shard_bytes, dtype=dtype,
                          companions_from=companions_from)
         except (OSError, HFError) as e:
-            error = f"export to {out} failed: {e}"
+            error = f"export to {out} failed: {os_cause(e) or e}"
     _agree(trainer, error, f"export to {out}")
     return Path(out)
 

@@ -75,6 +75,28 @@ def test_import_then_export_is_bit_exact(tmp_path):
     assert (out / "generation_config.json").is_file()  # companions travel with the weights
 
 
+def test_export_on_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, monkeypatch):
+    """safetensors reports a full disk as its own error ('... (os error 28)'), not an OSError:
+    still one line naming the export and ENOSPC, and no partial directory stays behind; an
+    earlier complete export at that path is kept."""
+    import safetensors.torch
+
+    save_hf("llama_gqa", tmp_path / "in")
+    ours, _ = load_ours(tmp_path / "in")
+    tensors = dict(ours.named_parameters())
+    kept = write_hf_dir(tensors, ours.cfg, tmp_path / "out")
+
+    def full_disk(*_args, **_kwargs):
+        raise safetensors.SafetensorError("Error while serializing: IoError(No space left on device (os error 28))")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(HFError) as err:
+        write_hf_dir(tensors, ours.cfg, tmp_path / "out")
+    assert str(err.value) == (f"cannot write the Hugging Face export {tmp_path / 'out'}: "
+                              "no space left on device (ENOSPC)")
+    assert not (tmp_path / "out.tmp").exists() and (kept / "model.safetensors").is_file()
+
+
 def test_plan_shards_respects_the_limit():
     assert plan_shards({"a": 4, "b": 4, "c": 9, "d": 1}, 8) == [["a", "b"], ["c"], ["d"]]
 

@@ -184,7 +184,8 @@ class Trainer:
     def banner(self) -> str:
         c = self.cfg
         n = count_params(c.model)["total"]
-        return (f"pyruntime | preset {c.train.preset} ({n / 1e6:.2f}M params) | layout {self.dims.describe()}"
+        model = f"model {c.train.init_from}" if c.train.init_from else f"preset {c.train.preset}"
+        return (f"pyruntime | {model} ({n / 1e6:.2f}M params) | layout {self.dims.describe()}"
                 f" | {self.device.type} | data {self.corpus_name} | global batch {c.data.global_batch}"
                 f" x {c.data.seq_len} tokens, micro-batch {c.data.micro_batch} | {c.train.steps} steps")
 

@@ -144,3 +144,18 @@ def test_init_from_conflicts_fail_in_one_line(tmp_path, capsys):
         assert main(["train", "--init-from", str(tmp_path / "m"), "--quiet", *extra]) == 2
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and message in err, err
+
+
+def test_banner_names_the_hugging_face_directory_not_a_preset(tmp_path):
+    import dataclasses
+    from types import SimpleNamespace
+
+    from pyruntime.config import Config
+    from pyruntime.train.trainer import Trainer
+
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, init_from=str(tmp_path / "llama")))
+    me = SimpleNamespace(cfg=cfg, dims=SimpleNamespace(describe=lambda: "dp 1"), device=torch.device("cpu"),
+                         corpus_name="corpus")
+    line = Trainer.banner(me)
+    assert line.startswith(f"pyruntime | model {tmp_path / 'llama'} (") and "preset" not in line

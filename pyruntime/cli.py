@@ -75,6 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model")
     train.add_argument("--config", help="JSON or TOML file with [train]/[model]/[data]/[optim]/[parallel]")
     train.add_argument("--quiet", action="store_true", help="no progress output")
+    train.add_argument("--no-plan-check", action="store_true",
+                       help="on CUDA, run even a layout the planner predicts will not fit the GPU's memory")
     train.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp > 1)")
     train.add_argument("--tp-overlap", action="store_true",
                        help="overlap the sequence-parallel collectives with the GEMMs (needs --sp)")
@@ -119,6 +121,8 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> Config:
             raw.setdefault(section, {})[name] = value
     if args.quiet:
         raw.setdefault("train", {})["quiet"] = True
+    if args.no_plan_check:
+        raw.setdefault("train", {})["plan_check"] = False
     if args.sp:
         raw.setdefault("parallel", {})["sequence_parallel"] = True
     if args.tp_overlap:

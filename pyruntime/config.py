@@ -256,6 +256,9 @@ class TrainConfig:
     """Print one log line every N steps."""
     quiet: bool = False
     """No progress output (tests)."""
+    plan_check: bool = True
+    """On CUDA, refuse before any process group a layout the planner (pyruntime/plan) predicts
+    will not fit the GPU's memory; False (--no-plan-check) runs it anyway."""
     save_every: int = 0
     """Write a checkpoint to <out>/checkpoints every N steps (0: never; always at the end when > 0)."""
     resume: str | None = None

@@ -25,6 +25,8 @@ def check_run(cfg: Config, device: torch.device) -> Config:
     writable_file(cfg.metrics_path, "metrics file (--metrics)")
     if t.export_hf:
         writable_dir(Path(t.export_hf), "export directory (--export-hf)")
+    if device.type == "cuda" and t.plan_check:
+        check_fits(cfg, torch.cuda.get_device_properties(device).total_memory, torch.cuda.get_device_name(device))
     cfg = with_resume_resolved(cfg)
     if cfg.train.resume:
         from pyruntime.train.checkpoint import check_model, read_meta
@@ -32,6 +34,22 @@ def check_run(cfg: Config, device: torch.device) -> Config:
         ckpt = Path(cfg.train.resume)
         check_model(read_meta(ckpt).get("model", {}), cfg.model, f"checkpoint {ckpt}:")
     return cfg
+
+
+def check_fits(cfg: Config, capacity: int, gpu: str) -> None:
+    """The planner's first-step and steady peaks of every pipeline rank against the GPU's
+    memory: a layout that would run out of memory mid-step is refused up front. (The
+    planner's peak is checked against measured bytes on CPU; on a GPU it is not yet.)"""
+    from pyruntime.plan.startup import workload_layout
+    from pyruntime.plan.memory import all_rank_memory
+
+    work, layout = workload_layout(cfg)
+    for r in all_rank_memory(work, layout, cuda=True):
+        if not r.fits(capacity):
+            need = max(r.first_step_peak, r.steady_peak)
+            raise ConfigError(f"layout predicted not to fit: pp rank {r.pp_rank} needs {need / 2**30:.1f} GiB at its "
+                              f"peak, the {gpu} has {capacity / 2**30:.1f} GiB (`python -m pyruntime plan` breaks it "
+                              "down and `plan --search` finds layouts that fit; --no-plan-check runs it anyway)")
 
 
 def check_kernels(requested: str, device: torch.device) -> None:

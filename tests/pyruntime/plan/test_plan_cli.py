@@ -60,3 +60,35 @@ def test_bad_input_is_one_line_exit_2(capsys, argv, words):
     assert code == 2 and not out and len(err.strip().splitlines()) == 1
     for w in words:
         assert w in err
+
+
+def test_trainer_refuses_a_layout_predicted_not_to_fit_on_cuda(tmp_path, monkeypatch, capsys):
+    """On CUDA the start-up checks compare the planner's peaks with the GPU's memory before any
+    process group: the 7b preset on one 80 GiB GPU is refused in one line naming both figures,
+    and --no-plan-check skips the check. (Stood in on CPU: the device and its memory are
+    patched; nothing runs on it.)"""
+    import torch
+
+    import pyruntime.mesh
+    from pyruntime.cli import main
+    from pyruntime.train import preflight
+
+    cuda = torch.device("cuda", 0)
+    monkeypatch.setattr(pyruntime.mesh, "default_device", lambda launch: cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d: type("P", (), {"total_memory": 80 * 2**30}))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda d=None: "H100 80GB")
+    monkeypatch.setattr(preflight, "check_kernels", lambda requested, device: None)
+    args = ["train", "--preset", "7b", "--seq-len", "4096", "--global-batch", "8", "--out", str(tmp_path)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "layout predicted not to fit: pp rank 0 needs" in err
+    assert "the H100 80GB has 80.0 GiB" in err and "--no-plan-check" in err
+
+    started = []
+    monkeypatch.setattr(preflight, "with_resume_resolved", lambda cfg: started.append(cfg) or cfg)
+    monkeypatch.setattr("pyruntime.train.trainer.open_corpus", lambda cfg: (_ for _ in ()).throw(SystemExit(7)))
+    try:
+        main(args + ["--no-plan-check"])
+    except SystemExit as e:
+        assert e.code == 7  # past the plan check, stopped before any real work
+    assert started and started[0].train.plan_check is False

@@ -42,7 +42,10 @@ def run(argv: list[str]) -> int:
         return max(run([suite]) for suite in SUITES)
     if argv[:1] and argv[0] in SUITES:
         module = importlib.import_module(f"pyruntime.bench.{SUITES[argv[0]][0]}")
-        return module.main(argv[1:])
+        try:
+            return module.main(argv[1:])
+        except SystemExit as e:  # a suite's --help (0) or bad options (2, one line said)
+            return int(e.code or 0)
     parser = argparse.ArgumentParser(prog="pyruntime bench", formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description=__doc__.split("\n\n")[0], epilog="suites:\n" + suites_help())
     parser.add_argument("suite", help="the suite to run (listed below)")

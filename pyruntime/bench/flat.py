@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from pyruntime.bench.harness import compare, print_table
+from pyruntime.bench.harness import compare, print_table, suite_parser
 from pyruntime.config import PRESETS
 from pyruntime.model import Transformer
 from pyruntime.ops.adamw import DecayMask, adamw_step
@@ -80,7 +80,7 @@ def adamw_rows(tensors, layout, repeat):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pyruntime bench flat", description=__doc__.splitlines()[0])
+    parser = suite_parser("flat", __doc__)
     parser.add_argument("--preset", default=None, help="default: small on CPU, 1b on CUDA")
     parser.add_argument("--repeat", type=int, default=30)
     args = parser.parse_args(argv)

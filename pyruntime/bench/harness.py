@@ -8,7 +8,9 @@ table, and the header (device, date, commit, command) every suite prints first.
 """
 from __future__ import annotations
 
+import argparse
 import datetime
+import sys
 import importlib.util
 import statistics
 import subprocess
@@ -149,3 +151,14 @@ def header(argv: list[str], backend: str, reason: str | None) -> list[str]:
     return lines
 
 
+class _SuiteParser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse prints usage + message: one line instead, exit 2
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def suite_parser(suite: str, doc: str) -> argparse.ArgumentParser:
+    """The argument parser of `bench SUITE`: the suite module's first docstring paragraph as
+    its description, bad options as one line on stderr with exit 2."""
+    return _SuiteParser(prog=f"pyruntime bench {suite}", description=doc.split("\n\n")[0],
+                        formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -18,6 +18,8 @@ import time
 
 import torch
 
+from pyruntime.bench.harness import suite_parser
+
 
 def _status_mb() -> dict[str, float]:
     with open("/proc/self/status") as f:
@@ -48,7 +50,7 @@ def main(argv=None) -> int:
     from pyruntime.model import count_params
     from pyruntime.spawn import run_world
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = suite_parser("initmem", __doc__)
     parser.add_argument("--dp", type=int, default=4)
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=16)

@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from pyruntime.bench.harness import header, table_lines
+from pyruntime.bench.harness import header, suite_parser, table_lines
 from pyruntime.comm import overlap
 
 
@@ -180,7 +180,7 @@ def run_case(name: str, fn: Callable[[], object], peers: PeerStandIn, device, wa
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pyruntime bench overlap", description=__doc__.splitlines()[0])
+    parser = suite_parser("overlap", __doc__)
     on_cuda = torch.cuda.is_available()
     parser.add_argument("--tp", type=int, default=8, help="ranks stood in for (default 8)")
     parser.add_argument("--tokens", type=int, default=8192 if on_cuda else 512, help="B * T over all ranks")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pyruntime.bench.harness import Row, _device, compare, header, print_table
+from pyruntime.bench.harness import Row, _device, compare, header, print_table, suite_parser
 
 
 @dataclass
@@ -161,7 +161,7 @@ def main(argv: list[str]) -> int:
     on_cuda = torch.cuda.is_available()
     default = GPU_SHAPES if on_cuda else CPU_SHAPES
     where = "on CUDA" if on_cuda else "here (no CUDA)"
-    parser = argparse.ArgumentParser(prog="pyruntime bench tp", description=__doc__.split("\n\n")[0])
+    parser = suite_parser("tp", __doc__)
     parser.add_argument("--tp", type=_int_list, help=f"tp degrees (default {','.join(map(str, default.tps))})")
     parser.add_argument("--tokens", type=int, help=f"rows M (default {default.tokens} {where})")
     parser.add_argument("--hidden", type=int, help=f"K (default {default.hidden} {where})")

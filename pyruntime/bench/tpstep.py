@@ -227,9 +227,9 @@ def summarise(per_rank: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
-    from pyruntime.bench.harness import table_lines
+    from pyruntime.bench.harness import suite_parser, table_lines
 
-    parser = argparse.ArgumentParser(prog="pyruntime bench tpstep", description=__doc__.splitlines()[0])
+    parser = suite_parser("tpstep", __doc__)
     parser.add_argument("--tp", type=int, default=2)
     parser.add_argument("--sp", action="store_true", help="sequence parallelism on both sides")
     parser.add_argument("--tp-overlap", action="store_true",

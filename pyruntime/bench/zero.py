@@ -35,6 +35,8 @@ import threading
 import time
 
 import torch
+
+from pyruntime.bench.harness import suite_parser
 import torch.distributed as dist
 
 MEMORY_STEPS = 3  # steps sampled for the peak, after the timed ones
@@ -256,7 +258,7 @@ def paired_summary(per_rank: list[dict], ours: str, theirs: str) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="pyruntime bench zero", description=__doc__.splitlines()[0])
+    parser = suite_parser("zero", __doc__)
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--seq-len", type=int, default=128)

@@ -84,3 +84,14 @@ def test_bench_initmem_builds_both_ways(capsys):
     assert run(["initmem", "--dp", "2", "--dim", "64", "--layers", "2", "--ffn", "96", "--vocab", "256"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines() if line.startswith(("deferred", "eager"))]
     assert [r[0] for r in rows] == ["deferred", "eager"] and all(len(r) == 4 for r in rows), rows
+
+
+@pytest.mark.parametrize("suite", ["tp", "pp", "zero", "flat", "overlap", "tpstep", "initmem"])
+def test_suite_help_is_a_whole_paragraph_and_bad_options_one_line(suite, capsys):
+    assert run([suite, "--help"]) == 0
+    out = capsys.readouterr().out
+    description = out.split("\n\n")[1]
+    assert description.rstrip().endswith((".", ")", ":")), description  # not cut mid-sentence
+    assert run([suite, "--no-such-option"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"pyruntime bench {suite}: error:" in err

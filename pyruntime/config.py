@@ -153,7 +153,7 @@ def default_micro_batch(global_batch: int, dp: int) -> int:
 
 @section("optim", lr=greater_than(0), min_lr_ratio=between(0, 1), warmup_steps=NON_NEGATIVE,
          weight_decay=at_least(0), betas=each(between(0, 1, high_open=True)), eps=greater_than(0),
-         grad_clip=at_least(0))
+         grad_clip=at_least(0), offload=one_of("none", "optimizer", noun="offload target"))
 @dataclass(kw_only=True)
 class OptimConfig:
     """AdamW with linear warm-up then cosine decay, and global-norm gradient clipping."""
@@ -172,6 +172,10 @@ class OptimConfig:
     """Adam epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this; 0 disables clipping."""
+    offload: str = "none"
+    """none, or optimizer: fp32 moments (and on an accelerator the master weights' step) in host
+    memory, updated by the C++ host AdamW (csrc/adamw_cpu.cpp); each rank offloads only its
+    ZeRO shard (parallel/offload.py, zero/sharded.py)."""
 
 
 @section("parallel", dp=POSITIVE, pp=POSITIVE, tp=POSITIVE, zero=one_of(0, 1, 2, 3), bucket_mb=greater_than(0),

@@ -22,6 +22,10 @@ def build_adamw(params: Iterable[tuple[str, torch.nn.Parameter]], cfg: OptimConf
         (decay if is_decayed(p) else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.offload == "optimizer":  # state on the host, the C++ step (parallel/offload.py)
+        from pyruntime.parallel.offload import HostAdamW
+
+        return HostAdamW(groups, cfg)
     fused = bool(decay or no_decay) and all(p.is_cuda for p in decay + no_decay)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps,
                              **({"fused": True} if fused else {"foreach": True}))

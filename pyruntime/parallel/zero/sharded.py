@@ -23,6 +23,7 @@ from pyruntime.comm.collectives import CommDebug, Collectives, Pending
 from pyruntime.comm.raw import all_gather_into
 from pyruntime.config import OptimConfig
 from pyruntime.ops.adamw import DecayMask, adamw_step
+from pyruntime.parallel.offload import HOST, host_zeros
 from pyruntime.ops.flat import FlatLayout, plan_flat_layout
 from pyruntime.parallel.accounting import storage_bytes
 from pyruntime.parallel.optimizer import is_decayed
@@ -85,8 +86,11 @@ class ShardedAdamW:
         self.device = device
         numel = sum(g.layout.shard_numel for g in groups)
         self.master = torch.zeros(numel, dtype=torch.float32, device=self.device)
-        self.exp_avg = torch.zeros_like(self.master)
-        self.exp_avg_sq = torch.zeros_like(self.master)
+        # --offload optimizer: the moments live in host memory (pinned on CUDA) and the step is
+        # the C++ host AdamW (_host_step); the master stays where the engines gather from.
+        self.offload = cfg.offload == "optimizer"
+        self.exp_avg = host_zeros(numel, self.device) if self.offload else torch.zeros_like(self.master)
+        self.exp_avg_sq = host_zeros(numel, self.device) if self.offload else torch.zeros_like(self.master)
         self._grads: list[torch.Tensor | None] = [None] * len(groups)  # grad_per_group
         self._flat_grad: torch.Tensor | None = None
         self._written: set[int] = set()  # groups whose shard holds a reduction since zero_grad
@@ -154,7 +158,9 @@ class ShardedAdamW:
         self.steps += 1
         hyper = {"lr": self.param_groups[0]["lr"], "betas": self.cfg.betas, "eps": self.cfg.eps,
                  "weight_decay": self.cfg.weight_decay, "step": self.steps, "backend": self.backend}
-        if self.grad_per_group:
+        if self.offload:
+            self._host_step(hyper)
+        elif self.grad_per_group:
             for g, grad, decay in zip(self.groups, self._grads, self.decays):
                 if grad is not None:
                     adamw_step(g.shard(self.master), grad, g.shard(self.exp_avg), g.shard(self.exp_avg_sq),
@@ -163,6 +169,22 @@ class ShardedAdamW:
             adamw_step(self.master, self._flat_grad, self.exp_avg, self.exp_avg_sq, self.decays[0], **hyper)
         if self.after_step is not None:
             self.after_step()
+
+    def _host_step(self, hyper: dict) -> None:
+        """The step on the host: the master shard is read back from the device every step (so
+        nothing goes stale after a checkpoint import), each gradient shard goes to the host,
+        the C++ AdamW updates master and moments in one pass, the master goes back."""
+        master = self.master if self.device.type == "cpu" else self.master.to(HOST)
+        if self.grad_per_group:
+            parts = [(g.shard, grad, d) for g, grad, d in zip(self.groups, self._grads, self.decays)]
+        else:
+            parts = [(lambda t: t, self._flat_grad, self.decays[0])]
+        for view, grad, decay in parts:
+            if grad is not None:
+                adamw_step(view(master), grad.to(HOST), view(self.exp_avg), view(self.exp_avg_sq), decay,
+                           **{**hyper, "backend": "cpp"})
+        if master is not self.master:
+            self.master.copy_(master, non_blocking=True)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._written = set()

@@ -1,0 +1,75 @@
+"""`--offload optimizer` for the replicated engines (no ZeRO, or dp 1): AdamW whose moments (and,
+for parameters on an accelerator, fp32 master copies) live in host memory and whose step is the
+C++ host AdamW (csrc/adamw_cpu.cpp through ops.adamw_step(backend="cpp")). The sharded engines
+(ZeRO 1-3) offload inside zero/sharded.ShardedAdamW, each rank only its shard.
+
+    opt = HostAdamW(groups, cfg)     # what build_adamw returns when cfg.offload == "optimizer"
+    opt.step(); opt.zero_grad()      # torch.optim.AdamW's interface: param_groups, state, step
+
+The state has torch.optim.AdamW's layout ({"step", "exp_avg", "exp_avg_sq"} per parameter), so
+checkpoints and the engines' accounting read it unchanged; tensors put there on the device (a
+checkpoint import) are moved to the host at the next step. On a CPU run the host is the device:
+the parameter itself is the master and is updated in place. On CUDA each step copies the
+parameter to the host, steps there and copies it back (pinned buffers, so the copies can
+overlap; the master is re-read every step, so nothing goes stale after an import).
+"""
+from __future__ import annotations
+
+import torch
+
+from pyruntime.config import OptimConfig
+from pyruntime.ops.adamw import adamw_step
+
+HOST = torch.device("cpu")
+
+
+def host_zeros(numel: int, like_device: torch.device) -> torch.Tensor:
+    """fp32 zeros in host memory, pinned when the device is CUDA (asynchronous copies)."""
+    return torch.zeros(numel, dtype=torch.float32, pin_memory=like_device.type == "cuda")
+
+
+class HostAdamW:
+    """AdamW with its state on the host and its step in the C++ op (see the module docstring)."""
+
+    def __init__(self, groups: list[dict], cfg: OptimConfig):
+        self.cfg = cfg
+        self.param_groups = [{"params": list(g["params"]), "weight_decay": g["weight_decay"], "lr": cfg.lr,
+                              "betas": cfg.betas, "eps": cfg.eps} for g in groups]
+        self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+
+    def _state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        st = self.state.get(p)
+        if st is None:
+            st = self.state[p] = {"step": torch.tensor(0.0), "exp_avg": host_zeros(p.numel(), p.device).view(p.shape),
+                                  "exp_avg_sq": host_zeros(p.numel(), p.device).view(p.shape)}
+        for key in ("exp_avg", "exp_avg_sq"):  # a checkpoint import may have put them on the device
+            if st[key].device != HOST or st[key].dtype != torch.float32 or not st[key].is_contiguous():
+                st[key] = st[key].detach().to(HOST, torch.float32).contiguous()
+        return st
+
+    @torch.no_grad()
+    def step(self) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue  # as torch.optim: no gradient, no step and no state change
+                st = self._state(p)
+                st["step"] += 1
+                on_host = p.device == HOST and p.dtype == torch.float32 and p.is_contiguous()
+                master = p.view(-1) if on_host else p.detach().to(HOST, torch.float32).view(-1)
+                grad = p.grad.reshape(-1)
+                grad = grad if grad.device == HOST else grad.to(HOST)
+                adamw_step(master, grad.contiguous(), st["exp_avg"].view(-1), st["exp_avg_sq"].view(-1), None,
+                           lr=group["lr"],
+                           betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                           step=int(st["step"]), backend="cpp")
+                if not on_host:
+                    p.copy_(master.view_as(p), non_blocking=True)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for group in self.param_groups:
+            for p in group["params"]:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()

@@ -24,7 +24,7 @@ from pyruntime.train.trainer import Trainer
 
 from support.ckpt_world import MODEL, RESUMERS, SAVE_AT, SECOND_SAVE, STEPS, config, losses, world_run
 from support.dp_cases import assert_losses_match
-from support.world import run_world
+from support.world import run_world, single_process
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +44,8 @@ def single(out, dims, **kw) -> Trainer:
 
 @pytest.fixture(scope="module")
 def reference(out, dims) -> list[float]:
-    """Uninterrupted single-process losses."""
-    return losses(single(out, dims), 0, STEPS)
+    """Uninterrupted single-process losses (support.world's one reference builder)."""
+    return [r["loss"] for r in single_process(config(out))]
 
 
 @pytest.fixture(scope="module")

@@ -41,6 +41,9 @@ class DeferredInit:
         self.specs = {spec.local: spec for spec in tp_param_specs(model)}
         self.shapes = reference_shapes(cfg)
         self.names = {id(p): name for name, p in model.named_parameters()}  # of the meta parameters
+        # meta parameter id -> (it, its made Parameter), over every materialize call: a parameter
+        # shared by modules made in different calls (a tied head, ZeRO-3 units) stays shared
+        self.made: dict[int, tuple[nn.Parameter, nn.Parameter]] = {}
 
     def value(self, p: nn.Parameter) -> torch.Tensor:
         """The initial local value (fp32, CPU) of p, one of the model's meta parameters: its
@@ -56,22 +59,22 @@ class DeferredInit:
         call this before anything (hooks, optimizers, unit lists) holds the old ones.
         values=False: placeholders of the right shape, dtype and device backed by one element
         (ZeRO-3 gives them their storage, views of a unit buffer, right after)."""
-        made: dict[int, nn.Parameter] = {}  # a parameter shared by two modules stays shared
         for module in modules:
             for sub in module.modules():
                 for key, p in list(sub._parameters.items()):
                     if p is None or not p.is_meta:
                         continue
-                    if id(p) not in made:
+                    if id(p) not in self.made:
                         if not values:
                             value = torch.empty((), device=self.device, dtype=p.dtype).expand(p.shape)
                         elif not self.draws:
                             value = torch.zeros(p.shape, device=self.device, dtype=p.dtype)
                         else:
                             value = self.value(p).to(self.device, p.dtype)
-                        made[id(p)] = nn.Parameter(value, requires_grad=p.requires_grad)
-                        made[id(p)].__dict__.update(p.__dict__)  # marks such as tp_sharded
-                    sub._parameters[key] = made[id(p)]
+                        param = nn.Parameter(value, requires_grad=p.requires_grad)
+                        param.__dict__.update(p.__dict__)  # marks such as tp_sharded
+                        self.made[id(p)] = (p, param)
+                    sub._parameters[key] = self.made[id(p)][1]
 
 
 def check_materialized(model: nn.Module) -> None:

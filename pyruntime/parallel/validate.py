@@ -12,7 +12,6 @@ from pyruntime.schema import check_value, one_of
 from pyruntime.parallel.pipeline.schedule import schedule_names
 from pyruntime.parallel.pipeline.split import plan_stage_layers
 from pyruntime.parallel.recompute import check_recompute
-from pyruntime.parallel.tied import check_tied_layout
 
 
 def validate(cfg: Config) -> None:
@@ -21,7 +20,6 @@ def validate(cfg: Config) -> None:
     check_value("parallel.schedule", cfg.parallel.schedule, one_of(*schedule_names(), noun="pipeline schedule"))
     check_tensor_parallel(cfg)
     check_pipeline(cfg)
-    check_tied_layout(cfg)
     check_recompute(cfg)
 
 

@@ -73,7 +73,8 @@ class Trainer:
         self.model, self.data_parallel, self.pipeline = par.model, par.engine, par.executor
         self.loss_fn, self.autocast, self.stage_layers = par.loss_fn, par.autocast, par.stage_layers
         self.optimizer = self.data_parallel.optimizer
-        self.tied_sync = TiedGradientSync(self.model, cfg, dims.group("pp") if dims.pp > 1 else None, dims.tp, device)
+        self.tied_sync = TiedGradientSync(self.model, cfg, dims.group("pp") if dims.pp > 1 else None, dims.tp, device,
+                                          engine=self.data_parallel)
         self.flops_per_token = flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(device)
 

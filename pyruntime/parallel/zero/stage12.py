@@ -36,6 +36,7 @@ from pyruntime.parallel.accounting import ModelStateBytes
 from pyruntime.parallel.engine import (ALIGN, DataParallelEngine, GradReadyTracker, Replicas, gradient_buckets,
                                      grad_or_zeros, trainable_params)
 from pyruntime.parallel.zero.sharded import GradientReductions, ShardedAdamW, ShardedState, plan_groups
+from pyruntime.parallel.tied import isolate, tied_copy
 
 # ZeRO-2/3: reduce-scatters (each holding a bucket- or unit-sized flat gradient) in flight when
 # the next one is issued. The previous one is completed just before the next is packed: it has
@@ -52,7 +53,9 @@ class ZeroBucketEngine(ShardedState, DataParallelEngine):
         if len({p.dtype for p in params}) > 1:
             raise ValueError(f"ZeRO-{stage}: parameters of several dtypes ({ {p.dtype for p in params} }) "
                              "cannot share flat buffers")
-        self.groups = plan_groups(gradient_buckets(params, bucket_bytes), comm.size, ALIGN)
+        # A tied embedding copy (pp) gets a bucket of its own: its gradient shard is then laid
+        # out alike on both stages, for the sum over pp (parallel/tied.py).
+        self.groups = plan_groups(isolate(gradient_buckets(params, bucket_bytes), tied_copy(model)), comm.size, ALIGN)
         optimizer = ShardedAdamW(self.groups, comm.rank, optim_cfg, debug=comm.debug, kernels=kernels,
                                  after_step=self._publish)
         super().__init__(model, optimizer, comm)

@@ -45,6 +45,7 @@ from pyruntime.parallel.deferred_init import DeferredInit
 from pyruntime.parallel.zero.sharded import (FlatGroup, GradientReductions, ShardedAdamW, ShardedState,
                                              plan_groups)
 from pyruntime.parallel.zero.stage12 import MAX_IN_FLIGHT
+from pyruntime.parallel.tied import tied_copy
 
 
 def transformer_units(model: nn.Module) -> list[list[nn.Module]]:
@@ -55,9 +56,26 @@ def transformer_units(model: nn.Module) -> list[list[nn.Module]]:
         units.append([model.embed_tokens])
     units += [[layer] for layer in getattr(model, "layers", {}).values()]
     tail = [m for m in (getattr(model, "norm", None), getattr(model, "lm_head", None)) if m is not None]
-    if tail:
+    if tail and tail[-1] is getattr(model, "lm_head", None) and tied_copy(model) is tail[-1].weight:
+        # pp's last stage holding the tied embedding's copy: a unit of its own, sharded as the
+        # first stage's embedding unit is (parallel/tied.py sums their gradient shards)
+        units += [[m] for m in tail]
+    elif tail:
         units.append(tail)
     return units
+
+
+def _owned(param_lists: list[list[nn.Parameter]]) -> tuple[list[list[nn.Parameter]], list[list[int]]]:
+    """Each parameter in the first unit that uses it, and for each unit the earlier units whose
+    parameters it also uses (a tied LM head uses the embedding's matrix): it gathers them with
+    its own, so the matrix is one parameter with one gradient, summed by autograd over both
+    uses before the owning unit's reduce-scatter."""
+    owner: dict[int, int] = {}
+    owned, borrows = [], []
+    for j, params in enumerate(param_lists):
+        owned.append([p for p in params if owner.setdefault(id(p), j) == j])
+        borrows.append(sorted({owner[id(p)] for p in params} - {j}))
+    return owned, borrows
 
 
 def _unit_params(modules: list[nn.Module]) -> list[nn.Parameter]:
@@ -121,7 +139,7 @@ class FullyShardedEngine(ShardedState, DataParallelEngine):
         gathered units (default bf16 on CUDA, fp32 otherwise); master weights, gradient
         shards and moments stay fp32 whatever it is."""
         modules = units if units is not None else transformer_units(model)
-        param_lists = [_unit_params(mods) for mods in modules]
+        param_lists, self.borrows = _owned([_unit_params(mods) for mods in modules])
         _check_coverage(model, param_lists)
         groups = plan_groups(param_lists, comm.size, ALIGN)  # sizes only: meta parameters will do
         device = init.device if init is not None else next(p.device for ps in param_lists for p in ps)
@@ -139,7 +157,8 @@ class FullyShardedEngine(ShardedState, DataParallelEngine):
                 if init.draws:
                     optimizer.copy_in(i, [functools.partial(init.value, p) for p in group.params])
                 init.materialize(mods, values=False)
-                group.params = _unit_params(mods)  # the new Parameters, in the same order
+                taken = {id(p) for u in self.units for p in u.group.params}  # a borrowed (tied) one
+                group.params = [p for p in _unit_params(mods) if id(p) not in taken]  # the new Parameters
             self.units.append(_Unit(group, mods, self.compute_dtype, device))
         if init is not None:
             init.materialize([model])  # anything outside the units (nothing trainable is)
@@ -161,12 +180,17 @@ class FullyShardedEngine(ShardedState, DataParallelEngine):
 
     # -- hooks -----------------------------------------------------------------------------
     def _gather(self, i: int, wait: bool) -> None:
-        unit = self.units[i]
-        if not unit.allocated:
-            unit.start_gather(self.comm, self.optimizer.master)
-            self._observe()
-        if wait:
-            unit.wait()
+        for j in [i, *self.borrows[i]]:  # with the units whose parameters it borrows (tied)
+            unit = self.units[j]
+            if not unit.allocated:
+                unit.start_gather(self.comm, self.optimizer.master)
+                self._observe()
+            if wait:
+                unit.wait()
+
+    def _free(self, i: int) -> None:
+        for j in [i, *self.borrows[i]]:
+            self.units[j].free()
 
     def _pre_forward(self, i: int, _module, _args) -> None:
         self._gather(i, wait=True)
@@ -181,7 +205,7 @@ class FullyShardedEngine(ShardedState, DataParallelEngine):
                     t.register_hook(functools.partial(self._pre_backward, i))
             if i == len(self.units) - 1:
                 return  # the backward starts here: keep it gathered
-        self.units[i].free()
+        self._free(i)
 
     def _pre_backward(self, i: int, _grad: torch.Tensor) -> None:
         self.reductions.reap()
@@ -192,7 +216,9 @@ class FullyShardedEngine(ShardedState, DataParallelEngine):
     def _reduce(self, i: int) -> None:
         """All of unit i's gradients have accumulated: reduce-scatter them, free the unit."""
         group = self.units[i].group
-        self.units[i].free()  # its backward is over: every parameter's gradient has accumulated
+        # Its backward is over: every parameter's gradient has accumulated, and a borrowed
+        # (tied) matrix is no longer read (the embedding's backward does not read it).
+        self._free(i)
         # The previous unit's reduce-scatter had this unit's backward to run (and was reaped
         # already if it finished).
         self.reductions.drain(MAX_IN_FLIGHT - 1)

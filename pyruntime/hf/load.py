@@ -6,14 +6,17 @@ model.safetensors.index.json, streamed so that no rank ever reads the full model
 
 HFInit plugs into deferred initialisation (parallel/deferred_init.py): the data-parallel
 engine asks for each local parameter's value when it makes it (all at once for DDP and
-ZeRO-1/2, one parameter at a time where the rank's ZeRO-3 shard holds a piece of it), and the
-value is read straight from the file with safetensors' `get_slice`: just this rank's tp block
-of each reference tensor (rows, or columns for a row-parallel weight), of this rank's
-pipeline stages, converted to the parameter's dtype. `bytes_read` counts what was read.
+ZeRO-1/2; at ZeRO-3 only the element range of each parameter that the rank's flat shard
+holds, one parameter at a time), and the value is read straight from the file with
+safetensors' `get_slice`: just this rank's tp block of each reference tensor (rows, or
+columns for a row-parallel weight), of this rank's pipeline stages, and at ZeRO-3 just the
+rows of that block which cover the shard's range. The slice is a view of the mapped file,
+converted to fp32 in the one copy into the parameter. `bytes_read` counts what was read.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,39 +128,51 @@ class SliceReader:
         self.hf, self.bytes_read = hf, 0
         self.read_names: set[str] = set()
 
-    def block(self, name: str, dim: int | None, start: int, stop: int) -> torch.Tensor:
-        """Tensor `name` (HF name), or only its indices [start, stop) along dim."""
+    def read_into(self, out: torch.Tensor, name: str, rows: tuple[int, int],
+                  cols: tuple[int, int] | None = None) -> None:
+        """out <- rows [rows) (and columns [cols) of a 2-D tensor) of tensor `name` (HF name),
+        converted to out's dtype in the one copy: safetensors' slice of a row range is a view
+        of the mapped file, so nothing else is made."""
         from safetensors import safe_open
 
         with safe_open(str(self.hf.files[name]), framework="pt") as f:
             s = f.get_slice(name)
-            if dim is None:
-                t = s[:]
-            elif dim == 0:
-                t = s[start:stop]
-            else:
-                t = s[:, start:stop]
+            t = s[rows[0]:rows[1]] if cols is None else s[rows[0]:rows[1], cols[0]:cols[1]]
+            out.copy_(t)
         self.bytes_read += t.numel() * t.element_size()
         self.read_names.add(name)
-        return t
 
 
-def read_local(spec: TPSpec, reader: SliceReader, tp_rank: int) -> torch.Tensor:
-    """One local parameter's value (file dtype): for each reference tensor it stacks, this tp
-    rank's block along spec.dim, zero-padded where the vocabulary does not divide."""
+def read_rows(spec: TPSpec, reader: SliceReader, tp_rank: int, out: torch.Tensor, r0: int, r1: int) -> None:
+    """out <- rows [r0, r1) (dim 0) of one local parameter: for each reference tensor it
+    stacks, the part of this tp rank's block along spec.dim that falls in those rows, zero
+    where the block runs past the tensor (the vocabulary's padding)."""
     if spec.dim is None:
-        return reader.block(hf_name(spec.full[0]), None, 0, 0)
-    blocks = []
+        reader.read_into(out, hf_name(spec.full[0]), (r0, r1))
+        return
+    if spec.dim == 1:  # a row-parallel weight: its rows are the tensor's, its columns a block
+        n, size = spec.local_sizes[0], spec.full_sizes[0]
+        c0 = tp_rank * n
+        real = max(0, min(n, size - c0))
+        if real:
+            reader.read_into(out[:, :real], hf_name(spec.full[0]), (r0, r1), (c0, c0 + real))
+        out[:, real:].zero_()
+        return
+    base = 0  # local row where this tensor's block starts
     for ref, n, size in zip(spec.full, spec.local_sizes, spec.full_sizes):
-        start = tp_rank * n
-        stop = min(start + n, size)
-        b = reader.block(hf_name(ref), spec.dim, start, max(start, stop))
-        if b.shape[spec.dim] < n:  # the padded tail of the vocabulary
-            pad = list(b.shape)
-            pad[spec.dim] = n - b.shape[spec.dim]
-            b = torch.cat([b, b.new_zeros(pad)], dim=spec.dim)
-        blocks.append(b)
-    return torch.cat(blocks, dim=spec.dim)
+        lo, hi = max(r0, base), min(r1, base + n)  # local rows of this block wanted
+        if lo < hi:
+            f0 = tp_rank * n + lo - base  # the same rows in the file
+            real = max(0, min(hi - lo, size - f0))
+            dst = out[lo - r0:hi - r0]
+            if real:
+                reader.read_into(dst[:real], hf_name(ref), (f0, f0 + real))
+            dst[real:].zero_()
+        base += n
+
+
+def _row_numel(shape: torch.Size) -> int:
+    return math.prod(shape[1:])
 
 
 class HFInit(DeferredInit):
@@ -170,8 +185,20 @@ class HFInit(DeferredInit):
         self.tp_rank = tp_group.rank() if tp_group is not None else 0
 
     def value(self, p: nn.Parameter) -> torch.Tensor:
-        spec = self.specs[self.names[id(p)]]
-        return read_local(spec, self.reader, self.tp_rank).to(torch.float32)
+        shape = p.shape  # p: the meta parameter
+        out = torch.empty(shape, dtype=torch.float32)
+        read_rows(self.specs[self.names[id(p)]], self.reader, self.tp_rank, out, 0, shape[0])
+        return out
+
+    def value_range(self, p: nn.Parameter, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of p's flattened value, reading only the rows that hold them
+        (ZeRO-3: a rank's shard holds a range of each parameter)."""
+        shape = p.shape  # p: the meta parameter
+        row = _row_numel(shape)
+        r0, r1 = start // row, -(-stop // row)
+        out = torch.empty((r1 - r0, *shape[1:]), dtype=torch.float32)
+        read_rows(self.specs[self.names[id(p)]], self.reader, self.tp_rank, out, r0, r1)
+        return out.reshape(-1)[start - r0 * row:stop - r0 * row]
 
 
 def check_same_model(hf: ModelConfig, run: ModelConfig, source: str) -> None:

@@ -52,6 +52,12 @@ class DeferredInit:
         full = {ref: full_init(ref, torch.Size(self.shapes[ref]), self.cfg, self.seed) for ref in spec.full}
         return local_shard(spec, full, self.tp_group)
 
+    def value_range(self, p: nn.Parameter, start: int, stop: int) -> torch.Tensor:
+        """Elements [start, stop) of p's flattened value (ZeRO-3 copies a range into its
+        shard). Drawing needs the whole reference tensors anyway; a loader (hf/load.py)
+        reads just the range."""
+        return self.value(p).reshape(-1)[start:stop]
+
     @torch.no_grad()
     def materialize(self, modules: Iterable[nn.Module], values: bool = True) -> None:
         """Give every meta parameter under `modules` storage on self.device holding its initial

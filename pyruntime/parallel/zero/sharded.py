@@ -113,19 +113,25 @@ class ShardedAdamW:
                 if is_decayed(group.params[piece.tensor_index])]
 
     @torch.no_grad()
-    def copy_in(self, i: int, values: Sequence[Callable[[], torch.Tensor]] | None = None) -> None:
+    def copy_in(self, i: int, values: Sequence[Callable[[int, int], torch.Tensor]] | None = None) -> None:
         """Copy this rank's pieces of group i's parameters into the master shard; with
-        `values`, from values[j]() instead of parameter j (called only for the parameters
-        this rank's shard holds a piece of, once each, one value alive at a time)."""
+        `values`, from values[j](start, stop), elements [start, stop) of parameter j's
+        flattened value, instead of parameter j (called only for the parameters this rank's
+        shard holds a piece of, once each with the range its pieces span, one value alive
+        at a time: a loader then reads only that range)."""
         group = self.groups[i]
         master = group.shard(self.master)
-        current, src = None, None
-        for piece in group.layout.pieces(self.rank):
+        pieces = group.layout.pieces(self.rank)
+        current, src, lo = None, None, 0
+        for piece in pieces:
             if piece.tensor_index != current:
                 current, src = piece.tensor_index, None  # the previous value goes before the next is drawn
-                src = (values[current]() if values is not None else group.params[current].detach()).reshape(-1)
+                lo = piece.tensor_offset
+                hi = max(q.tensor_offset + q.numel for q in pieces if q.tensor_index == current)
+                src = (values[current](lo, hi) if values is not None
+                       else group.params[current].detach().reshape(-1)[lo:hi])
             master[piece.shard_offset:piece.shard_offset + piece.numel].copy_(
-                src[piece.tensor_offset:piece.tensor_offset + piece.numel])
+                src[piece.tensor_offset - lo:piece.tensor_offset - lo + piece.numel])
 
     def group_grad(self, i: int) -> torch.Tensor:
         """Group i's fp32 gradient shard, allocated (zeroed) on first use after zero_grad."""

@@ -155,7 +155,7 @@ class FullyShardedEngine(ShardedState, DataParallelEngine):
                 # loaded: the master shard stays zero). The parameters then need no values:
                 # placeholders, whose data _Unit makes views of the (released) unit buffer.
                 if init.draws:
-                    optimizer.copy_in(i, [functools.partial(init.value, p) for p in group.params])
+                    optimizer.copy_in(i, [functools.partial(init.value_range, p) for p in group.params])
                 init.materialize(mods, values=False)
                 taken = {id(p) for u in self.units for p in u.group.params}  # a borrowed (tied) one
                 group.params = [p for p in _unit_params(mods) if id(p) not in taken]  # the new Parameters

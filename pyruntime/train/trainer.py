@@ -33,6 +33,7 @@ from pyruntime.train.ckpt_dirs import with_resume_resolved
 from pyruntime.hf.export import export_hf
 from pyruntime.parallel.tied import TiedGradientSync
 from pyruntime.log import say
+from pyruntime.train.faults import IOFault
 from pyruntime.train.metrics import MetricsWriter, device_peak_flops, format_step, peak_memory_mb
 from pyruntime.train.optim import clip_grad_norm, lr_at, set_lr
 from pyruntime.train.plot import plot_loss_curve
@@ -256,8 +257,26 @@ class Trainer:
             say(f"exported Hugging Face directory: {cfg.train.export_hf}", self.is_logger)
         if self.pipeline:
             self._report_pipeline()
-        if self.is_logger:
-            png = plot_loss_curve(writer.records, Path(cfg.train.out) / "loss.png",
-                                  f"{cfg.train.preset} on {self.corpus_name}, {self.dims.describe()}")
-            say(f"metrics: {cfg.metrics_path}" + (f" | loss curve: {png}" if png else ""))
+        png = self._write_loss_curve(writer.records)
+        say(f"metrics: {cfg.metrics_path}" + (f" | loss curve: {png}" if png else ""), self.is_logger)
         return writer.records
+
+    def _write_loss_curve(self, records: list[dict]) -> Path | None:
+        """Rank 0 draws the loss curve. A disk fault there ends every rank with its line: the
+        others, done with their last collective, would otherwise exit 0 and leave it alone."""
+        png, error = None, None
+        if self.is_logger:
+            try:
+                png = plot_loss_curve(records, Path(self.cfg.train.out) / "loss.png",
+                                      f"{self.cfg.train.preset} on {self.corpus_name}, {self.dims.describe()}")
+            except IOFault as e:
+                error = str(e)
+        if self.dims.world_size > 1:
+            shared = [error]
+            dist.broadcast_object_list(shared, src=0)
+            if shared[0] is not None and error is None:
+                c = self.dims.coords(0)
+                raise IOFault(f"rank 0 (dp {c['dp']}, pp {c['pp']}, tp {c['tp']}): {shared[0]}")
+        if error is not None:
+            raise IOFault(error)
+        return png

@@ -179,3 +179,17 @@ def test_a_fault_on_rank_0_ends_every_rank_with_its_line(tmp_path):
         line = "cannot write metrics file /dev/full: no space left on device (ENOSPC)"
         assert ranks.stderr(0) == f"pyruntime: error: {line}\n", ranks.all_stderr()
         assert ranks.stderr(1) == f"pyruntime: error: rank 0 (dp 0, pp 0, tp 0): {line}\n", ranks.all_stderr()
+
+
+def test_a_loss_curve_fault_after_the_last_step_ends_every_rank(tmp_path):
+    """The loss curve is drawn by rank 0 after the last collective of training: a full disk
+    there still ends rank 1 with rank 0's line (exit 2), not with a silent exit 0."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "loss.png").symlink_to("/dev/full")
+    with launch(2, [*ARGS, "--out", str(out), "--steps", "2", "--peer-timeout", "10"]) as ranks:
+        codes = ranks.wait(timeout=120)
+        assert codes == [2, 2], ranks.all_stderr()
+        line = f"cannot write loss curve {out}/loss.png: no space left on device (ENOSPC)"
+        assert ranks.stderr(0) == f"pyruntime: error: {line}\n", ranks.all_stderr()
+        assert ranks.stderr(1) == f"pyruntime: error: rank 0 (dp 0, pp 0, tp 0): {line}\n", ranks.all_stderr()

@@ -1,8 +1,9 @@
 """Training from a Hugging Face directory at tp 2 + sp, pp 2 (the tied embedding's copies on
 the two stages), dp 2 ZeRO-2 and ZeRO-3 (tied: one parameter in one unit) and dp 2 ZeRO-3
-reproduces single-process training from it (losses, gradient norms within 1e-5 relative), whose first step's loss and gradient norm
-are transformers' on the same batch (1e-5); each rank reads only its own slices of the files; every export
-loads in transformers with no missing or unexpected keys and equals the single-process one."""
+reproduces single-process training from it (losses, gradient norms within 1e-5 relative),
+whose first step's loss and gradient norm are transformers' on the same batch (1e-5); each
+rank reads only its own slices of the files; every export loads in transformers with no
+missing or unexpected keys and equals the single-process one."""
 import dataclasses
 from pathlib import Path
 

@@ -97,9 +97,6 @@ def check(work: Workload, layout: Layout, gpus: int | None = None) -> None:
     if work.global_batch % (lay.dp * lay.micro_batch):
         raise PlanError(f"global batch {work.global_batch} does not divide into dp {lay.dp} x micro-batch "
                         f"{lay.micro_batch}")
-    if m.tie_embeddings and lay.dp > 1 and (lay.zero == 3 or (lay.pp > 1 and lay.zero > 0)):
-        raise PlanError(f"tied embeddings run at zero 0-2 (zero 0 with pp > 1), got zero {lay.zero} "
-                        "(parallel/tied.py)")
     stages = lay.pp * lay.virtual_stages
     if stages > 1:
         try:

@@ -23,9 +23,11 @@ import torch
 from pyruntime.ops.flat import plan_flat_layout
 from pyruntime.parallel.accounting import ModelStateBytes
 from pyruntime.parallel.engine import ALIGN, gradient_buckets
-from pyruntime.plan.layout import Layout, Param, Workload, rank_params
+from pyruntime.parallel.tied import isolate
+from pyruntime.plan.layout import Layout, Param, Workload, rank_part, rank_params
 
 FP32 = 4
+TIED_NAMES = ("embed_tokens.weight", "lm_head.weight")
 
 
 @dataclass(frozen=True)
@@ -54,15 +56,18 @@ def _meta(params: list[Param]) -> list[torch.Tensor]:
     return [torch.empty(p.shape, device="meta") for p in params]
 
 
-def _units(params: list[Param]) -> list[list[Param]]:
+def _units(params: list[Param], head_alone: bool) -> list[list[Param]]:
     """ZeRO-3 units as zero/stage3.transformer_units makes them: [embedding], each block,
-    [norm, head]."""
+    [norm, head] (head_alone: [norm], [head], the last stage's tied copy; on one stage a tied
+    head is the embedding's parameter, not in the list)."""
     units: dict[str, list[Param]] = {}
     for p in params:
         if p.name.startswith("layers."):
             key = ".".join(p.name.split(".")[:2])
+        elif p.name.startswith("embed_tokens"):
+            key = "embed"
         else:
-            key = "embed" if p.name.startswith("embed_tokens") else "tail"
+            key = "head" if head_alone and p.name == "lm_head.weight" else "tail"
         units.setdefault(key, []).append(p)
     return list(units.values())
 
@@ -83,6 +88,9 @@ _CACHE: dict[tuple, RankStates] = {}
 
 def _rank_states(work: Workload, layout: Layout, pp_rank: int, compute_bytes: int) -> RankStates:
     params = rank_params(work, layout, pp_rank)
+    part = rank_part(work, layout, pp_rank)
+    # a stage holding one use of a tied matrix (pp) keeps its copy in a flat group of its own
+    copy = work.model.tie_embeddings and part.embedding != part.head
     n, k = sum(p.numel for p in params), len(params)
     unsharded = dict(unsharded_param=FP32 * n, unsharded_grad=FP32 * n, unsharded_optim=2 * FP32 * n)
     dp, zero = layout.dp, layout.zero
@@ -100,9 +108,11 @@ def _rank_states(work: Workload, layout: Layout, pp_rank: int, compute_bytes: in
         held = ModelStateBytes(FP32 * n, grad, adam, **unsharded)
     else:
         if zero == 3:
-            lists = [_meta(u) for u in _units(params)]
+            lists = [_meta(u) for u in _units(params, head_alone=copy and part.head)]
         else:
-            lists = gradient_buckets(_meta(params), bucket_bytes)
+            metas = _meta(params)
+            tied = next(t for p, t in zip(params, metas) if p.name in TIED_NAMES) if copy else None
+            lists = isolate(gradient_buckets(metas, bucket_bytes), tied)
         layouts = [plan_flat_layout([t.numel() for t in ts], dp, ALIGN) for ts in lists]
         shard = FP32 * sum(lay.shard_numel for lay in layouts)
         if zero == 3:

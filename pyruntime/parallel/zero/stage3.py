@@ -2,7 +2,9 @@
 split over dp; each rank keeps only its shard of every unit.
 
 Units are groups of consecutive modules: the embedding, each transformer block, and the final
-norm + head (whichever this model or pipeline stage has; `transformer_units`). A unit's
+norm + head (whichever this model or pipeline stage has; `transformer_units`). A tied head's
+matrix belongs to the embedding's unit, which the head's unit gathers with its own (`_owned`);
+a pipeline stage's tied copy is a unit of its own (parallel/tied.py). A unit's
 parameters are laid out by the C++ planner (world_size = dp) and become views into one
 gathered buffer per unit (compute dtype: bf16 on CUDA, fp32 otherwise), whose storage is
 resized to zero while the unit is sharded: autograd's saved tensors refer to the same storage,

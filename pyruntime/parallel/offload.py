@@ -23,9 +23,59 @@ from pyruntime.ops.adamw import adamw_step
 HOST = torch.device("cpu")
 
 
-def host_zeros(numel: int, like_device: torch.device) -> torch.Tensor:
-    """fp32 zeros in host memory, pinned when the device is CUDA (asynchronous copies)."""
-    return torch.zeros(numel, dtype=torch.float32, pin_memory=like_device.type == "cuda")
+def host_zeros(numel: int, like_device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Zeros in host memory, pinned when the device is CUDA (asynchronous copies)."""
+    return torch.zeros(numel, dtype=dtype, pin_memory=like_device.type == "cuda")
+
+
+class Transfers:
+    """The copies between the device and host memory of offload, each under a key (("grad", i):
+    a gradient shard going to the host; ("param", i): updated parameters coming back).
+
+    CUDA: each copy is non_blocking on one side stream, ordered after what the current stream
+    has queued (the reduction that produced a gradient, the use of a buffer about to be
+    overwritten) and marked by an event; `wait_device(key)` makes the current stream wait for
+    it (the host does not block: the first forward use of the parameters waits, not the step),
+    `wait_host(kind)` blocks the host (the step, before it reads gradients or rewrites a buffer
+    a copy may still read). CPU: host and device are one memory, so a copy is a plain
+    synchronous copy_ and there is nothing to wait for.
+
+    `counts[kind]` counts the copies issued since the last `take_counts()`, so tests and the
+    metrics can see when they happen (during backward, not at step time)."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.events: dict[tuple[str, int], torch.cuda.Event] = {}
+        self.counts: dict[str, int] = {}
+
+    def copy(self, key: tuple[str, int], dst: torch.Tensor, src: torch.Tensor) -> None:
+        self.counts[key[0]] = self.counts.get(key[0], 0) + 1
+        if not self.cuda:
+            dst.copy_(src)
+            return
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            dst.copy_(src, non_blocking=True)
+        for t in (dst, src):
+            if t.is_cuda:  # a freed gradient shard is not reused while the copy still reads it
+                t.record_stream(self.stream)
+        event = torch.cuda.Event()
+        event.record(self.stream)
+        self.events[key] = event
+
+    def wait_device(self, key: tuple[str, int]) -> None:
+        event = self.events.pop(key, None)
+        if event is not None:
+            torch.cuda.current_stream().wait_event(event)
+
+    def wait_host(self, kind: str) -> None:
+        for key in [k for k in self.events if k[0] == kind]:
+            self.events.pop(key).synchronize()
+
+    def take_counts(self) -> dict[str, int]:
+        counts, self.counts = self.counts, {}
+        return counts
 
 
 class HostAdamW:

@@ -23,7 +23,7 @@ from pyruntime.comm.collectives import CommDebug, Collectives, Pending
 from pyruntime.comm.raw import all_gather_into
 from pyruntime.config import OptimConfig
 from pyruntime.ops.adamw import DecayMask, adamw_step
-from pyruntime.parallel.offload import HOST, host_zeros
+from pyruntime.parallel.offload import Transfers, host_zeros
 from pyruntime.ops.flat import FlatLayout, plan_flat_layout
 from pyruntime.parallel.accounting import storage_bytes
 from pyruntime.parallel.optimizer import is_decayed
@@ -75,22 +75,26 @@ class ShardedAdamW:
 
     def __init__(self, groups: list[FlatGroup], rank: int, cfg: OptimConfig, *, debug: CommDebug,
                  kernels: str = "auto", after_step: Callable[[], None] | None = None,
-                 grad_per_group: bool = False, device: torch.device | None = None, copy_params: bool = True):
+                 grad_per_group: bool = False, device: torch.device | None = None, copy_params: bool = True,
+                 publish_dtype: torch.dtype | None = None):
         """copy_params=False: the master shard stays zero until copy_in(i) is called for each
         group (ZeRO-3 with deferred init makes one unit's parameters at a time; until then
-        they may be on the meta device, which is why `device` can be given)."""
+        they may be on the meta device, which is why `device` can be given); the engine then
+        calls publish() once they all are. publish_dtype: of the shard the engine gathers
+        (the parameters' dtype at ZeRO-1/2, the compute dtype at ZeRO-3; default fp32)."""
         self.groups, self.cfg, self.debug, self.after_step = groups, cfg, debug, after_step
         self.backend, self.grad_per_group, self.rank = adamw_backend(kernels), grad_per_group, rank
         if device is None:
             device = groups[0].params[0].device if groups and groups[0].params else torch.device("cpu")
         self.device = device
         numel = sum(g.layout.shard_numel for g in groups)
-        self.master = torch.zeros(numel, dtype=torch.float32, device=self.device)
-        # --offload optimizer: the moments live in host memory (pinned on CUDA) and the step is
-        # the C++ host AdamW (_host_step); the master stays where the engines gather from.
         self.offload = cfg.offload == "optimizer"
-        self.exp_avg = host_zeros(numel, self.device) if self.offload else torch.zeros_like(self.master)
-        self.exp_avg_sq = host_zeros(numel, self.device) if self.offload else torch.zeros_like(self.master)
+        self.publish_dtype = publish_dtype or torch.float32
+        if self.offload:
+            self._init_offload(numel)
+        else:
+            self.master = torch.zeros(numel, dtype=torch.float32, device=self.device)
+            self.exp_avg, self.exp_avg_sq = torch.zeros_like(self.master), torch.zeros_like(self.master)
         self._grads: list[torch.Tensor | None] = [None] * len(groups)  # grad_per_group
         self._flat_grad: torch.Tensor | None = None
         self._written: set[int] = set()  # groups whose shard holds a reduction since zero_grad
@@ -98,6 +102,7 @@ class ShardedAdamW:
         if copy_params:
             for i in range(len(groups)):
                 self.copy_in(i)
+            self.publish()
         if grad_per_group:
             self.decays = [DecayMask.from_segments(g.layout.shard_numel, seg, self.device)
                            for g, seg in zip(groups, segments)]
@@ -106,6 +111,54 @@ class ShardedAdamW:
             self.decays = [DecayMask.from_segments(numel, shifted, self.device)]
         self.param_groups = [{"lr": cfg.lr}]
         self.steps = 0
+
+    def _init_offload(self, numel: int) -> None:
+        """--offload optimizer: the fp32 master shard, both moments and a gradient shard live in
+        host memory (pinned on CUDA); the C++ host AdamW steps them (_host_step) and writes, in
+        the same pass, the parameter copy the device keeps: `device_params`, in publish_dtype,
+        what ZeRO-1/2 all-gather into the parameters and ZeRO-3 gathers its units from. It is
+        kept between steps (not made per gather): ZeRO-3 gathers each unit twice per
+        micro-batch, and one host-to-device copy per step costs less than one per gather; in
+        bf16 it is 2 bytes per shard element on the device against the 16 moved to the host.
+        On CPU with fp32 parameters it is the master itself (host and device are one memory)."""
+        self.master = host_zeros(numel, self.device)
+        self.exp_avg, self.exp_avg_sq = host_zeros(numel, self.device), host_zeros(numel, self.device)
+        self.host_grad = host_zeros(numel, self.device)  # what the step reads; filled during backward
+        self.transfers = Transfers(self.device)
+        self._landed: set[int] = set()  # groups whose gradient reached host_grad this step
+        if self.device.type == "cpu" and self.publish_dtype == torch.float32:
+            self.device_params, self._staging = self.master, None
+        elif self.device.type == "cpu":  # the C++ step writes the bf16 copy straight into it
+            self.device_params = self._staging = torch.zeros(numel, dtype=self.publish_dtype)
+        else:  # written by the step on the host (pinned, fp32: the master itself), then copied
+            self.device_params = torch.zeros(numel, dtype=self.publish_dtype, device=self.device)
+            self._staging = None if self.publish_dtype == torch.float32 else host_zeros(
+                numel, self.device, self.publish_dtype)
+
+    @torch.no_grad()
+    def publish(self, groups: Sequence[int] | None = None) -> None:
+        """Offload: refresh the device's parameter copy of `groups` (default all) from the host
+        master (after copy_in / a checkpoint import / the step). On CUDA the copies go on the
+        side stream and gather_source waits for them; on CPU they are plain copies or none."""
+        if not self.offload or self.device_params is self.master:
+            return
+        self.transfers.wait_host("param")  # a copy still reading the staging buffer
+        indices = list(range(len(self.groups))) if groups is None else list(groups)
+        if self._staging is not None:  # not written by a step: converted here
+            for i in indices:
+                self.groups[i].shard(self._staging).copy_(self.groups[i].shard(self.master))
+        self._publish_stepped(indices)
+
+    def gather_source(self, i: int | None = None) -> torch.Tensor:
+        """The flat shard buffer the engines gather parameters from: the fp32 master on the
+        device, or with offload the device's copy, once its host-to-device copy for group i
+        (None: every group) has landed (the current stream waits; the host does not)."""
+        if not self.offload:
+            return self.master
+        if self.transfers.cuda:
+            for j in range(len(self.groups)) if i is None else [i]:
+                self.transfers.wait_device(("param", j))
+        return self.device_params
 
     def _decay_segments(self, group: FlatGroup) -> list[tuple[int, int]]:
         """The [begin, end) ranges of this rank's shard of `group` that get weight decay."""
@@ -134,7 +187,17 @@ class ShardedAdamW:
                 src[piece.tensor_offset - lo:piece.tensor_offset - lo + piece.numel])
 
     def group_grad(self, i: int) -> torch.Tensor:
-        """Group i's fp32 gradient shard, allocated (zeroed) on first use after zero_grad."""
+        """Group i's fp32 gradient shard, allocated (zeroed) on first use after zero_grad; with
+        offload its host slice (what the step reads; every copy to it has landed)."""
+        if self.offload:
+            self.transfers.wait_host("grad")
+            if i not in self._landed:  # nothing reduced this step: zeros, as on the device
+                self.groups[i].shard(self.host_grad).zero_()
+                self._landed.add(i)
+            return self.groups[i].shard(self.host_grad)
+        return self._device_grad(i)
+
+    def _device_grad(self, i: int) -> torch.Tensor:
         if self.grad_per_group:
             if self._grads[i] is None:
                 self._grads[i] = torch.zeros(self.groups[i].layout.shard_numel, device=self.device)
@@ -151,7 +214,16 @@ class ShardedAdamW:
         self._written.add(i)
         if first and self.grad_per_group and self._grads[i] is None:
             self._grads[i] = torch.empty(self.groups[i].layout.shard_numel, device=self.device)
-        return self.group_grad(i), first
+        return self._device_grad(i), first
+
+    def grad_reduced(self, i: int, shard: torch.Tensor) -> None:
+        """A reduction into group i's gradient shard has completed (GradientReductions, from
+        the backward's hooks): with offload, copy the shard to its host slice now, overlapped
+        with the rest of the backward, so the step finds it there. A later reduction of the
+        step (gradient accumulation) copies the sum again; the last copy is the one stepped."""
+        if self.offload:
+            self.transfers.copy(("grad", i), self.groups[i].shard(self.host_grad), shard)
+            self._landed.add(i)
 
     def held_grads(self) -> list[torch.Tensor]:
         return [g for g in self._grads if g is not None] + ([self._flat_grad] if self._flat_grad is not None else [])
@@ -165,7 +237,7 @@ class ShardedAdamW:
         hyper = {"lr": self.param_groups[0]["lr"], "betas": self.cfg.betas, "eps": self.cfg.eps,
                  "weight_decay": self.cfg.weight_decay, "step": self.steps, "backend": self.backend}
         if self.offload:
-            self._host_step(hyper)
+            self._host_step(hyper)  # the copies back start; gather_source waits for them
         elif self.grad_per_group:
             for g, grad, decay in zip(self.groups, self._grads, self.decays):
                 if grad is not None:
@@ -177,23 +249,36 @@ class ShardedAdamW:
             self.after_step()
 
     def _host_step(self, hyper: dict) -> None:
-        """The step on the host: the master shard is read back from the device every step (so
-        nothing goes stale after a checkpoint import), each gradient shard goes to the host,
-        the C++ AdamW updates master and moments in one pass, the master goes back."""
-        master = self.master if self.device.type == "cpu" else self.master.to(HOST)
+        """The step on the host, from the gradient slices copied there during backward (this
+        only waits for the last copies): the C++ AdamW updates master and moments and writes
+        the device's parameter copy (bf16 staging, or the master itself in fp32) in one pass;
+        each part's copy back to the device starts as soon as that part is stepped."""
+        hyper = {**hyper, "backend": "cpp"}
+        self.transfers.wait_host("param")  # the previous step's copies back may still read
         if self.grad_per_group:
-            parts = [(g.shard, grad, d) for g, grad, d in zip(self.groups, self._grads, self.decays)]
+            parts = [([i], g.shard, d) for i, (g, d) in enumerate(zip(self.groups, self.decays))
+                     if i in self._landed or self._grads[i] is not None]
         else:
-            parts = [(lambda t: t, self._flat_grad, self.decays[0])]
-        for view, grad, decay in parts:
-            if grad is not None:
-                adamw_step(view(master), grad.to(HOST), view(self.exp_avg), view(self.exp_avg_sq), decay,
-                           **{**hyper, "backend": "cpp"})
-        if master is not self.master:
-            self.master.copy_(master, non_blocking=True)
+            parts = [(list(range(len(self.groups))), lambda t: t, self.decays[0])]
+        for indices, view, decay in parts:
+            for i in indices:
+                self.group_grad(i)  # waits for the copies; zeros where nothing landed
+            copy = view(self._staging) if self._staging is not None else None
+            adamw_step(view(self.master), view(self.host_grad), view(self.exp_avg), view(self.exp_avg_sq), decay,
+                       param_copy=copy, **hyper)
+            self._publish_stepped(indices)
+
+    def _publish_stepped(self, indices: list[int]) -> None:
+        for i in indices:
+            view = self.groups[i].shard
+            source = self.master if self._staging is None else self._staging
+            if view(self.device_params).data_ptr() != view(source).data_ptr():
+                self.transfers.copy(("param", i), view(self.device_params), view(source))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._written = set()
+        if self.offload:
+            self._landed = set()
         if set_to_none:
             self._grads, self._flat_grad = [None] * len(self.groups), None
         for grad in self.held_grads():
@@ -210,7 +295,7 @@ class ShardedAdamW:
         1; with replicas (parameter -> copies on other axes), one view per parameter slice."""
         grads = [self.group_grad(i) for i in range(len(self.groups))]  # zeros where nothing was reduced
         if replicas is None or all(replicas(p) == 1 for g in self.groups for p in g.params):
-            whole = grads if self.grad_per_group else [self._flat_grad]
+            whole = grads if self.grad_per_group else [self.host_grad if self.offload else self._flat_grad]
             return whole, [1] * len(whole)
         pieces, counts = [], []
         for g, grad in zip(self.groups, grads):
@@ -258,6 +343,7 @@ class ShardedAdamW:
                     src = entry[key].reshape(-1)[piece.tensor_offset:piece.tensor_offset + piece.numel]
                     g.shard(getattr(self, attr))[piece.shard_offset:piece.shard_offset + piece.numel].copy_(src)
         self.steps = steps
+        self.publish()  # offload: the device's parameter copy follows the loaded master
 
 
 class GradientReductions:
@@ -272,8 +358,8 @@ class GradientReductions:
 
     def __init__(self, comm: Collectives, optimizer: ShardedAdamW):
         self.comm, self.optimizer = comm, optimizer
-        # (collective, gradient shard, partial result to add to it or None, bytes held)
-        self.items: list[tuple[Pending, torch.Tensor, torch.Tensor | None, int]] = []
+        # (collective, gradient shard, partial result to add to it or None, bytes held, group)
+        self.items: list[tuple[Pending, torch.Tensor, torch.Tensor | None, int, int]] = []
 
     def issue(self, i: int, flat: torch.Tensor) -> None:
         """Reduce-scatter (mean over dp) the flat gradients of group i; flat is given up (a
@@ -282,13 +368,14 @@ class GradientReductions:
         out = shard if first else torch.empty_like(shard)
         held = (flat.numel() + (0 if first else out.numel())) * flat.element_size()
         pending = self.comm.reduce_scatter_avg(out, flat, scratch_input=True)
-        self.items.append((pending, shard, None if first else out, held))
+        self.items.append((pending, shard, None if first else out, held, i))
 
     def _complete_oldest(self) -> None:
-        pending, shard, partial, _ = self.items.pop(0)
+        pending, shard, partial, _, i = self.items.pop(0)
         pending.wait()
         if partial is not None:
             shard.add_(partial)
+        self.optimizer.grad_reduced(i, shard)  # offload: on its way to the host now
 
     def drain(self, keep: int = 0) -> None:
         """Complete the oldest until at most `keep` remain (waiting for them)."""
@@ -307,8 +394,9 @@ class GradientReductions:
 class ShardedState:
     """What the ZeRO engines (whose optimizer is a ShardedAdamW over the model's parameters)
     share of DataParallelEngine's interface: checkpoint state in and out by parameter name, and
-    the bytes held (the model's parameters + the fp32 master shard; the full-size .grad tensors
-    + the gradient shards; the two moment shards)."""
+    the bytes held (the model's parameters + the fp32 master shard [+ offload: the device's copy
+    of it]; the full-size .grad tensors + the gradient shards [+ offload: the host's]; the two
+    moment shards), of which held_host_bytes are in host memory."""
 
     def optimizer_steps(self) -> int:
         return self.optimizer.steps
@@ -325,11 +413,36 @@ class ShardedState:
     def _shard_bytes(self) -> int:
         return self.optimizer.master.numel() * self.optimizer.master.element_size()
 
+    def _device_copy_bytes(self) -> int:
+        """Offload: the device's parameter copy of the shard (none where it is the master)."""
+        opt = self.optimizer
+        return 0 if not opt.offload or opt.device_params is opt.master else storage_bytes([opt.device_params])
+
     def held_param_bytes(self) -> int:
-        return storage_bytes(self.params) + self._shard_bytes()
+        return storage_bytes(self.params) + self._shard_bytes() + self._device_copy_bytes()
 
     def held_grad_bytes(self) -> int:
-        return storage_bytes([*(p.grad for p in self.params), *self.optimizer.held_grads()])
+        host = [self.optimizer.host_grad] if self.optimizer.offload else []
+        return storage_bytes([*(p.grad for p in self.params), *self.optimizer.held_grads(), *host])
+
+    def held_host_bytes(self) -> int:
+        """Of the held bytes, those in host memory with --offload optimizer: the fp32 master,
+        gradient and moment shards, and the bf16 staging copy on CUDA (0 without offload)."""
+        opt = self.optimizer
+        if not opt.offload:
+            return 0
+        staging = opt._staging if opt._staging is not opt.device_params else None
+        return storage_bytes([opt.master, opt.host_grad, opt.exp_avg, opt.exp_avg_sq, staging])
+
+    def step_metrics(self) -> dict:
+        """Adds host_state_bytes (of the held bytes, those in host memory) and, with offload,
+        the gradient / parameter copies of the step (offload_grad_copies, offload_param_copies)."""
+        rec = super().step_metrics()
+        rec["host_state_bytes"] = self.held_host_bytes()
+        if self.optimizer.offload:
+            counts = self.optimizer.transfers.take_counts()
+            rec["offload_grad_copies"], rec["offload_param_copies"] = counts.get("grad", 0), counts.get("param", 0)
+        return rec
 
     def held_optim_bytes(self) -> int:
         return self.optimizer.state_bytes()

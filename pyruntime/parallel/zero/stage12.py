@@ -57,7 +57,7 @@ class ZeroBucketEngine(ShardedState, DataParallelEngine):
         # out alike on both stages, for the sum over pp (parallel/tied.py).
         self.groups = plan_groups(isolate(gradient_buckets(params, bucket_bytes), tied_copy(model)), comm.size, ALIGN)
         optimizer = ShardedAdamW(self.groups, comm.rank, optim_cfg, debug=comm.debug, kernels=kernels,
-                                 after_step=self._publish)
+                                 after_step=self._publish, publish_dtype=params[0].dtype if params else None)
         super().__init__(model, optimizer, comm)
         self.stage, self.bucket_bytes = stage, bucket_bytes
         self.reductions = GradientReductions(comm, optimizer)
@@ -99,10 +99,12 @@ class ZeroBucketEngine(ShardedState, DataParallelEngine):
         """After the step: all-gather every bucket's updated shard into the parameters (all
         issued at once, unpacked in order as they complete)."""
         gathers = []
-        for g in self.groups:
+        for i, g in enumerate(self.groups):
             dtype = g.params[0].dtype
-            full = torch.empty(g.full_numel, dtype=dtype, device=self.optimizer.master.device)
-            gathers.append((g, full, self.comm.all_gather(full, g.shard(self.optimizer.master).to(dtype))))
+            # the fp32 master, or with offload the device's copy once it is back from the host
+            source = g.shard(self.optimizer.gather_source(i))
+            full = torch.empty(g.full_numel, dtype=dtype, device=source.device)
+            gathers.append((g, full, self.comm.all_gather(full, source.to(dtype))))
         for g, full, pending in gathers:
             pending.wait()
             flat_unpack(full, [p.detach() for p in g.params], g.layout)

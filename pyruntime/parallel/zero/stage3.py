@@ -145,9 +145,13 @@ class FullyShardedEngine(ShardedState, DataParallelEngine):
         _check_coverage(model, param_lists)
         groups = plan_groups(param_lists, comm.size, ALIGN)  # sizes only: meta parameters will do
         device = init.device if init is not None else next(p.device for ps in param_lists for p in ps)
-        optimizer = ShardedAdamW(groups, comm.rank, optim_cfg, debug=comm.debug, kernels=kernels,
-                                 grad_per_group=True, device=device, copy_params=False)
         self.compute_dtype = compute_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+        # publish_dtype: with --offload optimizer the master shard is on the host and the
+        # device keeps a copy of it in the compute dtype between steps, which the gathers read
+        # (sharded.ShardedAdamW._init_offload says why kept, not made per gather)
+        optimizer = ShardedAdamW(groups, comm.rank, optim_cfg, debug=comm.debug, kernels=kernels,
+                                 grad_per_group=True, device=device, copy_params=False,
+                                 publish_dtype=self.compute_dtype)
         self.units, self.deferred = [], init is not None
         for i, (group, mods) in enumerate(zip(groups, modules)):
             if init is None:
@@ -164,6 +168,7 @@ class FullyShardedEngine(ShardedState, DataParallelEngine):
             self.units.append(_Unit(group, mods, self.compute_dtype, device))
         if init is not None:
             init.materialize([model])  # anything outside the units (nothing trainable is)
+        optimizer.publish()  # offload: the device's copy of the shards, from the host master
         super().__init__(model, optimizer, comm)
         self.reductions = GradientReductions(comm, optimizer)
         self.tracker = GradReadyTracker([g.params for g in groups], self._reduce,
@@ -185,7 +190,8 @@ class FullyShardedEngine(ShardedState, DataParallelEngine):
         for j in [i, *self.borrows[i]]:  # with the units whose parameters it borrows (tied)
             unit = self.units[j]
             if not unit.allocated:
-                unit.start_gather(self.comm, self.optimizer.master)
+                # the fp32 master, or with offload the device's copy once unit j's is back
+                unit.start_gather(self.comm, self.optimizer.gather_source(j))
                 self._observe()
             if wait:
                 unit.wait()

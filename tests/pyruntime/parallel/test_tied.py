@@ -14,6 +14,9 @@ import pytest
 import torch
 
 from pyruntime.config import ParallelConfig
+from pyruntime.parallel.parallelize import meta_model
+from pyruntime.parallel.tied import isolate, tied_copy
+from pyruntime.parallel.zero.stage3 import _owned, _unit_params, transformer_units
 from support.configs import tiny_config
 from support.world import Run, run_world, single_process, train
 
@@ -94,3 +97,21 @@ def test_resume_from_a_zero3_pp_checkpoint_continues_single_process_training(wor
     # the matrix, its two moments: once each, under the embedding's name (no head copy)
     assert tied == ["model.embed_tokens.weight", "optim.exp_avg.embed_tokens.weight",
                     "optim.exp_avg_sq.embed_tokens.weight"], tied
+
+
+def test_isolate_moves_the_item_into_a_list_of_its_own_in_place():
+    a, b, c, d = object(), object(), object(), object()
+    assert isolate([[a, b, c], [d]], b) == [[a], [b], [c], [d]]
+    assert isolate([[a, b], [c]], a) == [[a], [b], [c]]
+    assert isolate([[a, b]], None) == [[a, b]] and isolate([[a, b]], d) == [[a, b]]
+
+
+def test_tied_units_one_stage_and_stage_copies(tmp_path):
+    model = meta_model(config(tmp_path))
+    assert tied_copy(model) is None  # both uses on this stage: one parameter, nothing to sum
+    owned, borrows = _owned([_unit_params(u) for u in transformer_units(model)])
+    assert sum(any(p is model.embed_tokens.weight for p in ps) for ps in owned) == 1
+    assert borrows[-1] == [0] and all(not b for b in borrows[:-1])
+    model.embed_tokens = None  # the last pipeline stage: the head's copy, in a unit of its own
+    assert tied_copy(model) is model.lm_head.weight
+    assert transformer_units(model)[-2:] == [[model.norm], [model.lm_head]]

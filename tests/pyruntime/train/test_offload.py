@@ -57,6 +57,97 @@ def test_layouts_match_the_device_optimizer(world, layout):
     _assert_close(world[(layout, "optimizer")], world[(layout, "none")])
 
 
+@pytest.fixture(scope="module")
+def comm():
+    """A world-1 group in this process (the ZeRO engines' mechanics; the shard is the whole model)."""
+    import torch.distributed as dist
+
+    from pyruntime.comm.collectives import CommDebug, CommStats, Collectives
+    from pyruntime.mesh import Launch, init_distributed
+
+    init_distributed(Launch(rank=0, world_size=1, local_rank=0), torch.device("cpu"))
+    return Collectives(dist.group.WORLD, CommStats(), CommDebug())
+
+
+def _engine(comm, zero: int, **kwargs):
+    from pyruntime.config import OptimConfig
+    from pyruntime.model import Transformer
+    from pyruntime.model.init import init_weights
+    from pyruntime.parallel.zero.stage12 import ZeroBucketEngine
+    from pyruntime.parallel.zero.stage3 import FullyShardedEngine
+    from support.configs import TEST_MODEL
+
+    model = Transformer(TEST_MODEL)
+    init_weights(model, TEST_MODEL, 3)
+    cfg = OptimConfig(lr=1e-2, weight_decay=0.1, offload="optimizer")
+    if zero == 3:
+        return model, FullyShardedEngine(model, comm, cfg, **kwargs)
+    return model, ZeroBucketEngine(model, comm, cfg, bucket_bytes=4096, stage=zero)  # several buckets
+
+
+def _backward(model, engine, events: list, micro: int = 2) -> None:
+    """`micro` micro-batches through the engine, logging ("grad", i) for each gradient shard
+    sent to the host and "micro-batch" / "backward returned" / "synced" markers."""
+    gen = torch.Generator().manual_seed(0)
+    for k in range(micro):
+        x = torch.randint(0, model.embed_tokens.num_embeddings, (2, 8), generator=gen)
+        events.append("micro-batch")
+        with engine.micro_batch(last=k == micro - 1):
+            (model(x).logsumexp(-1).mean() / micro).backward()
+            events.append("backward returned")
+    engine.finish_gradient_sync()
+    events.append("synced")
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_gradients_go_to_the_host_during_backward(comm, zero):
+    """Each reduced gradient shard is copied to its host slice when its reduce-scatter
+    completes (drained before the next bucket / unit is issued, so inside the backward); only
+    the last one waits for the end of the micro-batch. The step copies no gradient."""
+    model, engine = _engine(comm, zero)
+    opt, events = engine.optimizer, []
+    original = opt.grad_reduced
+    opt.grad_reduced = lambda i, shard: (events.append(("grad", i)), original(i, shard))
+    _backward(model, engine, events)
+    start = len(events) - 1 - events[::-1].index("micro-batch")  # the last micro-batch's
+    returned = events.index("backward returned", start)
+    during, after = events[start + 1:returned], events[returned + 1:events.index("synced")]
+    assert len(opt.groups) >= 3
+    # every shard but possibly the last one (drained at the micro-batch's end) during backward
+    assert sorted(during + after) == [("grad", i) for i in range(len(opt.groups))], events
+    assert len(during) >= len(opt.groups) - 1, events
+    # what the host slices hold is the reduced gradient (world 1: the mean of one rank)
+    for i in range(len(opt.groups)):
+        assert torch.equal(opt.group_grad(i), opt._device_grad(i))
+    opt.transfers.take_counts()
+    opt.step()
+    assert opt.transfers.take_counts().get("grad", 0) == 0
+
+
+def test_zero3_bf16_device_copy_written_by_the_host_step(comm):
+    """ZeRO-3 with a bf16 compute dtype: the fp32 master stays on the host and the device keeps
+    a bf16 copy, written by the C++ step in the same pass (the staging buffer on CUDA) and
+    gathered into the units; fp32 on CPU would make the copy the master itself."""
+    model, engine = _engine(comm, 3, compute_dtype=torch.bfloat16)
+    opt = engine.optimizer
+    assert opt.device_params is not opt.master and opt.device_params.dtype == torch.bfloat16
+    assert torch.equal(opt.device_params, opt.master.to(torch.bfloat16))  # published at start-up
+    before = opt.master.clone()
+    _backward(model, engine, [], micro=1)
+    opt.step()
+    assert not torch.equal(opt.master, before)
+    assert torch.equal(opt.device_params, opt.master.to(torch.bfloat16))
+    unit = engine.units[1]
+    unit.start_gather(comm, opt.gather_source(1))
+    unit.wait()
+    assert torch.equal(unit.full, unit.group.shard(opt.device_params)[:unit.group.full_numel])
+    held = engine.step_metrics()
+    assert held["host_state_bytes"] == 4 * 4 * opt.master.numel()  # master, gradient, two moments
+    assert held["offload_param_copies"] == 0  # CPU: the step wrote the copy in place, nothing to send
+    _, fp32 = _engine(comm, 3)
+    assert fp32.optimizer.device_params is fp32.optimizer.master
+
+
 def test_sharded_offload_keeps_moments_on_the_host(tmp_path):
     from pyruntime.comm.collectives import CommDebug
     from pyruntime.parallel.zero.sharded import ShardedAdamW, plan_groups

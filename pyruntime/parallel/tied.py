@@ -97,4 +97,11 @@ class TiedGradientSync:
         buf = self._gradient()
         if buf.shape != self.shape:
             raise RuntimeError(f"tied embedding: gradient of shape {tuple(buf.shape)}, expected {self.shape}")
-        dist.all_reduce(buf, group=self.group)
+        if buf.device == self.device:
+            dist.all_reduce(buf, group=self.group)
+            return
+        # --offload optimizer: the shard the step reads is in host memory; sum it on the device
+        # (NCCL reduces device memory only) and put the sum back
+        summed = buf.to(self.device)
+        dist.all_reduce(summed, group=self.group)
+        buf.copy_(summed)

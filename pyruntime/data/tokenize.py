@@ -16,7 +16,10 @@ is written only when some token does not count.
 The response's tokens are exactly the ones that count: the rendered text is cut at the
 boundaries of the template's own rendering of the conversation up to each assistant turn
 (with and without the generation prompt), and each piece is encoded on its own, so no token
-straddles a prompt/response boundary. Encoding runs in tokenizers' thread pool (encode_batch).
+straddles a prompt/response boundary. --workers N (default: every CPU) splits the input into
+chunks of whole lines that N processes read, parse, render and encode (one thread each); the
+output is the same file whatever N. With --workers 1 one process encodes in tokenizers' own
+thread pool (encode_batch).
 """
 from __future__ import annotations
 
@@ -33,7 +36,9 @@ from pyruntime.data.tokens import TokenWriter
 
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>", "<eos>")
 BPE_EOS = "<|endoftext|>"
-CHUNK_DOCS = 4096  # documents encoded per encode_batch call
+# .jsonl bytes per work unit: a few hundred per worker on a large input (load balance), big
+# enough that shipping results back costs little next to encoding them.
+CHUNK_BYTES = 1 << 20
 
 Segment = tuple[str, bool]  # (text, counts in the loss)
 
@@ -166,28 +171,78 @@ def record_segments(record, tokenizer: TextTokenizer, text_field: str, where: st
     raise TokenizeError(f"{where}: no '{text_field}' field, nor 'prompt' + 'response', nor 'messages'")
 
 
-def documents(paths: list[str], tokenizer: TextTokenizer | None, text_field: str) -> Iterator[list[Segment]]:
-    """Every input document as segments (tokenizer None: plain text only, for BPE training)."""
+@dataclass(frozen=True)
+class Chunk:
+    """Bytes [start, stop) of an input file, whole lines: a unit of work. A plain-text file is
+    one chunk (one document); a .jsonl file is cut at line ends every ~chunk_bytes."""
+
+    path: str
+    start: int
+    stop: int
+
+
+def plan_chunks(paths: list[str], chunk_bytes: int = CHUNK_BYTES) -> list[Chunk]:
+    """The inputs as chunks, in order; a missing file is named before any work starts."""
+    chunks = []
     for name in paths:
         path = Path(name)
         if not path.is_file():
             raise TokenizeError(f"input file not found: {path}")
+        size = path.stat().st_size
         if path.suffix != ".jsonl":
-            yield [(path.read_text(encoding="utf-8", errors="replace"), True)]
+            chunks.append(Chunk(name, 0, size))
             continue
-        with open(path, encoding="utf-8") as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{n}"
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    raise TokenizeError(f"{where}: not valid JSON") from None
-                if tokenizer is None:  # BPE training reads all the text there is
-                    yield [(t, True) for t in _texts(record, text_field)]
-                else:
-                    yield record_segments(record, tokenizer, text_field, where)
+        with open(path, "rb") as f:
+            start = 0
+            while start < size:
+                f.seek(min(size, start + chunk_bytes))
+                f.readline()  # on to the next line end (or the end of the file)
+                stop = min(size, f.tell())
+                chunks.append(Chunk(name, start, stop))
+                start = stop
+    return chunks
+
+
+class _Where:
+    """"file:line" of a record, the line number counted only if an error message needs it
+    (a worker reading a chunk does not know how many lines come before it)."""
+
+    def __init__(self, path: str, start: int, offset: int):
+        self.path, self.start, self.offset = path, start, offset
+
+    def __str__(self) -> str:
+        with open(self.path, "rb") as f:
+            before = f.read(self.start).count(b"\n")
+        return f"{self.path}:{before + self.offset}"
+
+
+def chunk_documents(chunk: Chunk, tokenizer: TextTokenizer | None, text_field: str) -> Iterator[list[Segment]]:
+    """Every document of a chunk as segments (tokenizer None: plain text only, for BPE training)."""
+    path = Path(chunk.path)
+    if path.suffix != ".jsonl":
+        yield [(path.read_text(encoding="utf-8", errors="replace"), True)]
+        return
+    with open(path, "rb") as f:
+        f.seek(chunk.start)
+        data = f.read(chunk.stop - chunk.start)
+    for n, raw in enumerate(data.split(b"\n"), 1):
+        if not raw.strip():
+            continue
+        where = _Where(chunk.path, chunk.start, n)
+        try:
+            record = json.loads(raw)
+        except ValueError:  # UnicodeDecodeError included
+            raise TokenizeError(f"{where}: not valid JSON (UTF-8)") from None
+        if tokenizer is None:  # BPE training reads all the text there is
+            yield [(t, True) for t in _texts(record, text_field)]
+        else:
+            yield record_segments(record, tokenizer, text_field, where)
+
+
+def documents(paths: list[str], tokenizer: TextTokenizer | None, text_field: str) -> Iterator[list[Segment]]:
+    """Every input document as segments, in order."""
+    for chunk in plan_chunks(paths):
+        yield from chunk_documents(chunk, tokenizer, text_field)
 
 
 def _texts(record, text_field: str) -> list[str]:
@@ -216,24 +271,68 @@ def encode_documents(docs: list[list[Segment]], tokenizer: TextTokenizer) -> tup
     return ids, np.repeat(np.asarray(counts, dtype=np.uint8), lengths)
 
 
+def encode_chunk(chunk: Chunk, tokenizer: TextTokenizer, text_field: str) -> tuple[np.ndarray, np.ndarray]:
+    return encode_documents(list(chunk_documents(chunk, tokenizer, text_field)), tokenizer)
+
+
+_WORKER: tuple[TextTokenizer, str] | None = None  # set in each worker process by _init_worker
+
+
+def _init_worker(tokenizer: TextTokenizer, text_field: str) -> None:
+    global _WORKER
+    _WORKER = (tokenizer, text_field)
+
+
+def _encode_in_worker(chunk: Chunk) -> tuple[np.ndarray, np.ndarray]:
+    ids, mask = encode_chunk(chunk, *_WORKER)
+    return ids.astype(np.uint32), mask  # half the bytes through the pipe (ids < 2**32)
+
+
+def encoded_chunks(chunks: list[Chunk], tokenizer: TextTokenizer, text_field: str,
+                   workers: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(ids, mask) of each chunk, in order: in this process (tokenizers' threads encode each
+    batch) when workers is 1, else in `workers` processes, each reading, parsing, rendering
+    and encoding its chunks on one thread. Encoding is per text, so the result does not
+    depend on how the input is cut or shared out; an error is raised at its chunk's turn, so
+    the first one in input order is reported, as in one process."""
+    if workers <= 1 or len(chunks) <= 1:
+        yield from (encode_chunk(c, tokenizer, text_field) for c in chunks)
+        return
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    # One thread per process (the processes are the parallelism); set before the fork also
+    # because tokenizers' thread pool does not survive one (it would warn and turn it off).
+    saved = os.environ.get("TOKENIZERS_PARALLELISM")
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    try:
+        pool = ctx.Pool(min(workers, len(chunks)), _init_worker, (tokenizer, text_field))
+    finally:
+        if saved is None:
+            del os.environ["TOKENIZERS_PARALLELISM"]
+        else:
+            os.environ["TOKENIZERS_PARALLELISM"] = saved
+    with pool:
+        yield from pool.imap(_encode_in_worker, chunks)
+
+
+def check_workers(workers: int) -> None:
+    if workers < 1:
+        raise TokenizeError(f"--workers {workers}: the number of processes must be at least 1")
+
+
 def tokenize_files(inputs: list[str], output: str | os.PathLike, tokenizer: TextTokenizer,
-                   text_field: str = "text") -> tuple[int, int]:
+                   text_field: str = "text", workers: int = 1, chunk_bytes: int = CHUNK_BYTES) -> tuple[int, int]:
     """Write the token file (and its mask when some token does not count); returns (tokens,
-    counted). The mask is kept only if needed, so plain text gives a mask-free file."""
+    counted). The mask is kept only if needed, so plain text gives a mask-free file. The
+    file is the same whatever `workers` (processes) and `chunk_bytes` (the work unit)."""
+    check_workers(workers)
+    chunks = plan_chunks(inputs, chunk_bytes)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     counted = 0
     with TokenWriter(output, tokenizer.vocab_size, with_mask=True) as writer:
-        batch: list[list[Segment]] = []
-        for doc in documents(inputs, tokenizer, text_field):
-            batch.append(doc)
-            if len(batch) == CHUNK_DOCS:
-                ids, mask = encode_documents(batch, tokenizer)
-                writer.write(ids, mask)
-                counted += int(mask.sum())
-                batch = []
-        if batch:
-            ids, mask = encode_documents(batch, tokenizer)
+        for ids, mask in encoded_chunks(chunks, tokenizer, text_field, workers):
             writer.write(ids, mask)
             counted += int(mask.sum())
         total = writer.count
@@ -251,6 +350,8 @@ def add_tokenize_parser(sub) -> None:
     p.add_argument("--input", nargs="+", required=True, metavar="FILE", help=".jsonl records or plain-text files")
     p.add_argument("--output", required=True, help="token file to write (its loss mask goes to OUTPUT.mask)")
     p.add_argument("--text-field", default="text", help="the .jsonl key of plain-text records (default text)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
+                   help="processes that read and encode the input (default: the CPU count); same output for any N")
     p.add_argument("--save-tokenizer", metavar="PATH",
                    help="with --train-bpe: where tokenizer.json goes (default: next to --output)")
 
@@ -259,6 +360,7 @@ def run_tokenize(args) -> int:
     from pyruntime.data.corpus import DataError
 
     try:
+        check_workers(args.workers)
         if args.train_bpe is not None:
             save = Path(args.save_tokenizer or Path(args.output).parent / "tokenizer.json")
             texts = (text for doc in documents(args.input, None, args.text_field) for text, _ in doc)
@@ -266,7 +368,7 @@ def run_tokenize(args) -> int:
             print(f"trained a byte-level BPE of {tokenizer.vocab_size} tokens: {save}")
         else:
             tokenizer = load_tokenizer(args.tokenizer)
-        total, counted = tokenize_files(args.input, args.output, tokenizer, args.text_field)
+        total, counted = tokenize_files(args.input, args.output, tokenizer, args.text_field, args.workers)
     except TokenizeError as e:
         raise DataError(str(e)) from None
     mask = f", {counted} of them in the loss (mask: {args.output}.mask)" if counted < total else ""

@@ -8,7 +8,7 @@ import pytest
 
 from pyruntime.cli import main
 from pyruntime.data import DataError, load_corpus
-from pyruntime.data.tokenize import load_tokenizer, tokenize_files, train_bpe
+from pyruntime.data.tokenize import TokenizeError, load_tokenizer, tokenize_files, train_bpe
 from pyruntime.data.tokens import TokenFileError, mask_path, read_tokens, write_tokens
 
 TEXT = "Fine-tuning: naïve café, 日本語 and emoji 🙂.\n\tTabs, \"quotes\" and trailing spaces   \n" * 3
@@ -110,3 +110,26 @@ def test_tokenize_command_and_its_errors(tmp_path, capsys):
     assert err.count("\n") == 1 and "bad.jsonl:2: instruction records need string 'prompt' and 'response'" in err
     assert main(["tokenize", "--train-bpe", "100", "--input", str(tmp_path / "doc.txt"),
                  "--output", str(tmp_path / "x.bin")]) == 2
+
+
+def test_workers_write_the_same_files_as_one_process(bpe, tmp_path, capsys):
+    """--workers 2 over small chunks (many per file, cut mid-way through the records) writes
+    token and mask files bit-identical to one process; a bad record is still named by its line."""
+    tok, d = bpe
+    lines = [json.dumps({"prompt": f"q{i}: " + TEXT[:i % 40], "response": f" a{i} " + TEXT[i % 30:]})
+             if i % 3 else json.dumps({"text": TEXT[: 7 * i % 90]}) for i in range(60)]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines[:40]) + "\n\n")
+    (tmp_path / "b.jsonl").write_text("\n".join(lines[40:]))  # no final newline
+    (tmp_path / "c.txt").write_text(TEXT)
+    inputs = [str(tmp_path / n) for n in ("a.jsonl", "c.txt", "b.jsonl")]
+    one = tokenize_files(inputs, tmp_path / "one.bin", tok, workers=1)
+    two = tokenize_files(inputs, tmp_path / "two.bin", tok, workers=2, chunk_bytes=500)
+    assert one == two and one[1] < one[0]
+    for suffix in ("", ".mask"):
+        assert (tmp_path / f"one.bin{suffix}").read_bytes() == (tmp_path / f"two.bin{suffix}").read_bytes()
+    (tmp_path / "bad.jsonl").write_text("\n".join(lines[:30] + ['{"prompt": 1}'] + lines[30:]) + "\n")
+    with pytest.raises(TokenizeError, match=r"bad.jsonl:31: instruction records need"):
+        tokenize_files([str(tmp_path / "bad.jsonl")], tmp_path / "bad.bin", tok, workers=2, chunk_bytes=500)
+    assert main(["tokenize", "--tokenizer", str(d), "--input", inputs[0], "--output", str(tmp_path / "w.bin"),
+                 "--workers", "0"]) == 2
+    assert "--workers 0: the number of processes must be at least 1" in capsys.readouterr().err

@@ -2,8 +2,9 @@
 single-process training (losses within 1e-5 relative every step, the first step's gradient
 norm within 1e-6): dp 2 x tp 2 ZeRO-3 (the head's unit gathers the embedding's: one
 parameter, one gradient); dp 2 x pp 2 ZeRO-1 and ZeRO-3 (each stage's copy in a flat group of
-its own, the gradient shards summed over pp); and a run resumed at dp 2 x pp 2 ZeRO-2 from the
-ZeRO-3 run's step-2 checkpoint, which holds the matrix once."""
+its own, the gradient shards summed over pp; ZeRO-3 also with --offload optimizer); and a run
+resumed at dp 2 x pp 2 ZeRO-2 from the ZeRO-3 run's step-2 checkpoint, which holds the
+matrix once."""
 from __future__ import annotations
 
 import dataclasses
@@ -51,16 +52,19 @@ def world(tmp_path_factory):
     resumed = config(tmp / "resumed", dp=2, pp=2, zero=2)
     resumed = dataclasses.replace(resumed, train=dataclasses.replace(
         resumed.train, resume=str(tmp / "pp2_zero3" / "checkpoints" / f"step_{SAVE_AT}")))
+    offload = config(tmp / "pp2_zero3_offload", dp=2, pp=2, zero=3)
     runs = {"dp2_tp2_zero3": config(tmp / "tp2_zero3", dp=2, tp=2, zero=3),
             "dp2_pp2_zero1": config(tmp / "pp2_zero1", dp=2, pp=2, zero=1),
             "dp2_pp2_zero3": saver,
+            "dp2_pp2_zero3_offload": dataclasses.replace(offload, optim=dataclasses.replace(offload.optim,
+                                                                                             offload="optimizer")),
             "resumed_pp2_zero2": resumed}
     per_rank = run_world(4, train, [Run(cfg, inspect=tied_layout) for cfg in runs.values()], name="tied")
     results = {name: [per_rank[r][i] for r in range(4)] for i, name in enumerate(runs)}
     return tmp, results, single_process(config(tmp / "single"))
 
 
-@pytest.mark.parametrize("name", ["dp2_tp2_zero3", "dp2_pp2_zero1", "dp2_pp2_zero3"])
+@pytest.mark.parametrize("name", ["dp2_tp2_zero3", "dp2_pp2_zero1", "dp2_pp2_zero3", "dp2_pp2_zero3_offload"])
 def test_layout_reproduces_single_process(world, name):
     _, results, ref = world
     for rank, (records, _) in enumerate(results[name]):

@@ -15,6 +15,12 @@ mean over dp) is issued asynchronously, in place, so it runs while the backward 
 layers still computes. The earlier micro-batches of gradient accumulation communicate
 nothing. finish_gradient_sync() waits for each bucket.
 
+--offload optimizer (the optimizer is offload.HostAdamW): each bucket also has a host copy
+(pinned on CUDA); every gradient hook completes the all-reduces already done, without
+blocking, and copies those buckets to the host (a side stream on CUDA), so the gradients reach
+the host during the backward. gradient_pieces then hands out the host copies (clipping scales
+what the step reads) and the step reads them (HostAdamW.host_grads).
+
 """
 from __future__ import annotations
 
@@ -27,8 +33,10 @@ import torch.nn as nn
 from pyruntime.comm.collectives import Collectives, Pending
 from pyruntime.config import OptimConfig
 from pyruntime.ops.flat import FlatLayout, plan_flat_layout
-from pyruntime.parallel.engine import ALIGN, DataParallelEngine, GradReadyTracker, gradient_buckets
+from pyruntime.parallel.engine import ALIGN, DataParallelEngine, GradReadyTracker, Replicas, gradient_buckets
+from pyruntime.parallel.offload import HostAdamW, host_zeros
 from pyruntime.parallel.optimizer import build_adamw
+from pyruntime.parallel.tied import tied_copy
 
 
 class _Bucket:
@@ -82,7 +90,13 @@ class BucketedDataParallel(DataParallelEngine):
         # last one is divided by dp on the way, so the all-reduce is a sum.
         self.scale = 1.0 / comm.size
         self.tracker = GradReadyTracker([b.params for b in self.buckets], self._launch, on_grad=self._take)
-        self.pending: list[Pending] = []
+        self.pending: list[tuple[int, Pending]] = []
+        self.host: list[torch.Tensor] | None = None  # --offload optimizer: each bucket's host copy
+        if isinstance(self.optimizer, HostAdamW):
+            self.host = [host_zeros(b.flat.numel(), b.flat.device, b.flat.dtype) for b in self.buckets]
+            for b, host in zip(self.buckets, self.host):
+                for p, offset in zip(b.params, b.layout.offsets):
+                    self.optimizer.host_grads[p] = host[offset:offset + p.numel()].view_as(p)
 
     def describe(self) -> str:
         return (f"data parallel: dp {self.comm.size}, {len(self.buckets)} gradient bucket(s) of <= "
@@ -96,16 +110,37 @@ class BucketedDataParallel(DataParallelEngine):
 
     def _take(self, i: int, j: int, last: bool) -> None:
         self.buckets[i].take(j, self.scale if last else None)
+        if self.host is not None:
+            self._complete(block=False)
 
     def _launch(self, i: int) -> None:
         bucket = self.buckets[i]
         bucket.finalize(self.scale)  # e.g. zeros for a parameter without a gradient (other ranks may have one)
-        self.pending.append(self.comm.all_reduce_sum(bucket.flat))
+        self.pending.append((i, self.comm.all_reduce_sum(bucket.flat)))
+
+    def _complete(self, block: bool) -> None:
+        """Complete the all-reduces, oldest first (block=False: only those already done); with
+        offload, each completed bucket goes to its host copy now."""
+        while self.pending and (block or self.pending[0][1].is_completed()):
+            i, pending = self.pending.pop(0)
+            pending.wait()
+            if self.host is not None:
+                self.optimizer.transfers.copy(("grad", i), self.host[i], self.buckets[i].flat)
 
     def finish_gradient_sync(self) -> None:
-        for pending in self.pending:
-            pending.wait()
-        self.pending = []
+        self._complete(block=True)
         super().finish_gradient_sync()
+
+    def gradient_pieces(self, replicas: Replicas | None = None) -> tuple[list[torch.Tensor], list[int]]:
+        """With offload, the host copies of the gradients (what the step reads, so clipping
+        scales those); otherwise DataParallelEngine's."""
+        grads, counts = super().gradient_pieces(replicas)
+        if self.host is None:
+            return grads, counts
+        tied = tied_copy(self.model)
+        if tied is not None and tied.grad is not None:  # pp: summed over the stages after the sync
+            self.optimizer.transfers.copy(("grad", -1), self.optimizer.host_grads[tied], tied.grad)
+        self.optimizer.transfers.wait_host("grad")
+        return [self.optimizer.host_grads[p] for p in self.params if p.grad is not None], counts
 
 

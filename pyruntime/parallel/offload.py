@@ -9,9 +9,14 @@ C++ host AdamW (csrc/adamw_cpu.cpp through ops.adamw_step(backend="cpp")). The s
 The state has torch.optim.AdamW's layout ({"step", "exp_avg", "exp_avg_sq"} per parameter), so
 checkpoints and the engines' accounting read it unchanged; tensors put there on the device (a
 checkpoint import) are moved to the host at the next step. On a CPU run the host is the device:
-the parameter itself is the master and is updated in place. On CUDA each step copies the
-parameter to the host, steps there and copies it back (pinned buffers, so the copies can
-overlap; the master is re-read every step, so nothing goes stale after an import).
+the parameter itself is the master and is updated in place. On CUDA each parameter has an fp32
+master in pinned host memory (made from the parameter at its first step and again after a
+checkpoint import replaced its state); the C++ step writes the parameter's new value (fp32: the
+master itself; bf16: a pinned staging copy) in the same pass and it goes back on a side stream
+(Transfers) while the next parameter is stepped. Gradients: ddp.BucketedDataParallel copies
+each bucket to the host as its all-reduce completes (host_grads); otherwise (dp 1) each
+gradient is copied at step time, because clipping scales the device's .grad after the backward
+(DataParallelEngine.gradient_pieces hands out p.grad).
 """
 from __future__ import annotations
 
@@ -86,6 +91,15 @@ class HostAdamW:
         self.param_groups = [{"params": list(g["params"]), "weight_decay": g["weight_decay"], "lr": cfg.lr,
                               "betas": cfg.betas, "eps": cfg.eps} for g in groups]
         self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
+        params = [p for g in self.param_groups for p in g["params"]]
+        self.transfers = Transfers(params[0].device if params else HOST)
+        # parameter -> (its state dict when made, fp32 master on the host, staging in p's dtype
+        # or None): a checkpoint import replaces the state dict, and the master is then re-read
+        self._masters: dict[torch.Tensor, tuple[dict, torch.Tensor, torch.Tensor | None]] = {}
+        # parameter -> its gradient's host copy, kept current by the engine during backward
+        # (ddp.BucketedDataParallel copies each bucket as its all-reduce completes); others are
+        # copied at step time
+        self.host_grads: dict[torch.Tensor, torch.Tensor] = {}
 
     def _state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
         st = self.state.get(p)
@@ -97,24 +111,57 @@ class HostAdamW:
                 st[key] = st[key].detach().to(HOST, torch.float32).contiguous()
         return st
 
+    def _master(self, p: torch.Tensor, st: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(fp32 master on the host, the buffer the step writes p's new value into or None).
+        On a CPU run with fp32 parameters the parameter is its own master (nothing to copy)."""
+        if p.device == HOST and p.dtype == torch.float32 and p.is_contiguous():
+            return p.view(-1), None
+        entry = self._masters.get(p)
+        if entry is None or entry[0] is not st:  # first step, or the state was imported
+            master = host_zeros(p.numel(), p.device)
+            master.copy_(p.detach().reshape(-1))
+            staging = None if p.dtype == torch.float32 else host_zeros(p.numel(), p.device, p.dtype)
+            entry = self._masters[p] = (st, master, staging)
+        return entry[1], entry[2]
+
     @torch.no_grad()
     def step(self) -> None:
+        """Per parameter: the C++ AdamW over its host master, gradient and moments, writing the
+        parameter's new value (its dtype) in the same pass, which then goes back to the device
+        (CUDA: on the side stream, while the next parameter is stepped on the host; the current
+        stream waits for them all at the end, so the next forward reads the new values and the
+        host does not block)."""
+        self.transfers.wait_host("grad")
+        self.transfers.wait_host("param")  # last step's copies read the masters / staging
         for group in self.param_groups:
             for p in group["params"]:
                 if p.grad is None:
                     continue  # as torch.optim: no gradient, no step and no state change
                 st = self._state(p)
                 st["step"] += 1
-                on_host = p.device == HOST and p.dtype == torch.float32 and p.is_contiguous()
-                master = p.view(-1) if on_host else p.detach().to(HOST, torch.float32).view(-1)
-                grad = p.grad.reshape(-1)
-                grad = grad if grad.device == HOST else grad.to(HOST)
-                adamw_step(master, grad.contiguous(), st["exp_avg"].view(-1), st["exp_avg_sq"].view(-1), None,
-                           lr=group["lr"],
-                           betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
-                           step=int(st["step"]), backend="cpp")
-                if not on_host:
-                    p.copy_(master.view_as(p), non_blocking=True)
+                master, staging = self._master(p, st)
+                grad = self.host_grads.get(p)
+                if grad is None:
+                    grad = p.grad.reshape(-1)
+                    grad = grad if grad.device == HOST else grad.to(HOST)
+                adamw_step(master, grad.reshape(-1).contiguous(), st["exp_avg"].view(-1), st["exp_avg_sq"].view(-1),
+                           None, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+                           weight_decay=group["weight_decay"], step=int(st["step"]), backend="cpp", param_copy=staging)
+                if master.data_ptr() != p.data_ptr():
+                    self.transfers.copy(("param", id(p)), p.detach().view(-1),
+                                        master if staging is None else staging)
+        if self.transfers.cuda:
+            for key in [key for key in self.transfers.events if key[0] == "param"]:
+                self.transfers.wait_device(key)
+
+    def host_bytes(self) -> int:
+        """Bytes this optimizer keeps in host memory: moments, and masters + staging of
+        parameters that are not on the host themselves."""
+        from pyruntime.parallel.accounting import storage_bytes
+
+        tensors = [t for st in self.state.values() for t in (st.get("exp_avg"), st.get("exp_avg_sq"))]
+        tensors += [t for _, master, staging in self._masters.values() for t in (master, staging)]
+        return storage_bytes(tensors)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:

@@ -124,6 +124,32 @@ def test_gradients_go_to_the_host_during_backward(comm, zero):
     assert opt.transfers.take_counts().get("grad", 0) == 0
 
 
+def test_zero0_buckets_reach_the_host_before_the_step(comm):
+    """ZeRO 0: each bucket is copied to its host copy when its all-reduce completes (from the
+    gradient hooks, or at the latest in finish_gradient_sync), clipping scales the host copies
+    and the step reads them: it copies no gradient itself."""
+    from pyruntime.config import OptimConfig
+    from pyruntime.model import Transformer
+    from pyruntime.model.init import init_weights
+    from pyruntime.parallel.ddp import BucketedDataParallel
+    from pyruntime.train.optim import clip_grad_norm
+    from support.configs import TEST_MODEL
+
+    model = Transformer(TEST_MODEL)
+    init_weights(model, TEST_MODEL, 3)
+    engine = BucketedDataParallel(model, comm, OptimConfig(lr=1e-2, offload="optimizer"), bucket_bytes=4096)
+    opt, events = engine.optimizer, []
+    assert isinstance(opt, HostAdamW) and len(engine.buckets) >= 3
+    _backward(model, engine, events)
+    assert opt.transfers.take_counts()["grad"] == len(engine.buckets)
+    grads, _ = engine.gradient_pieces()
+    assert all(torch.equal(g, p.grad) for g, p in zip(grads, engine.params))
+    clip_grad_norm(grads, 1e-3)  # scales the host copies, which the step reads
+    assert all(g.data_ptr() == opt.host_grads[p].data_ptr() for g, p in zip(grads, engine.params))
+    opt.step()
+    assert opt.transfers.take_counts().get("grad", 0) == 0
+
+
 def test_zero3_bf16_device_copy_written_by_the_host_step(comm):
     """ZeRO-3 with a bf16 compute dtype: the fp32 master stays on the host and the device keeps
     a bf16 copy, written by the C++ step in the same pass (the staging buffer on CUDA) and

@@ -76,12 +76,14 @@ class ShardedAdamW:
     def __init__(self, groups: list[FlatGroup], rank: int, cfg: OptimConfig, *, debug: CommDebug,
                  kernels: str = "auto", after_step: Callable[[], None] | None = None,
                  grad_per_group: bool = False, device: torch.device | None = None, copy_params: bool = True,
-                 publish_dtype: torch.dtype | None = None):
+                 publish_dtype: torch.dtype | None = None, keep_device_copy: bool = False):
         """copy_params=False: the master shard stays zero until copy_in(i) is called for each
         group (ZeRO-3 with deferred init makes one unit's parameters at a time; until then
         they may be on the meta device, which is why `device` can be given); the engine then
         calls publish() once they all are. publish_dtype: of the shard the engine gathers
-        (the parameters' dtype at ZeRO-1/2, the compute dtype at ZeRO-3; default fp32)."""
+        (the parameters' dtype at ZeRO-1/2, the compute dtype at ZeRO-3; default fp32).
+        keep_device_copy: with offload, keep the device's copy of the shard between steps
+        (ZeRO-3, see _init_offload); otherwise it exists only from the step to the gather."""
         self.groups, self.cfg, self.debug, self.after_step = groups, cfg, debug, after_step
         self.backend, self.grad_per_group, self.rank = adamw_backend(kernels), grad_per_group, rank
         if device is None:
@@ -89,7 +91,7 @@ class ShardedAdamW:
         self.device = device
         numel = sum(g.layout.shard_numel for g in groups)
         self.offload = cfg.offload == "optimizer"
-        self.publish_dtype = publish_dtype or torch.float32
+        self.publish_dtype, self.keep_device_copy = publish_dtype or torch.float32, keep_device_copy
         if self.offload:
             self._init_offload(numel)
         else:
@@ -102,7 +104,8 @@ class ShardedAdamW:
         if copy_params:
             for i in range(len(groups)):
                 self.copy_in(i)
-            self.publish()
+            if self.offload and self.device_params is not None:
+                self.publish()
         if grad_per_group:
             self.decays = [DecayMask.from_segments(g.layout.shard_numel, seg, self.device)
                            for g, seg in zip(groups, segments)]
@@ -115,23 +118,29 @@ class ShardedAdamW:
     def _init_offload(self, numel: int) -> None:
         """--offload optimizer: the fp32 master shard, both moments and a gradient shard live in
         host memory (pinned on CUDA); the C++ host AdamW steps them (_host_step) and writes, in
-        the same pass, the parameter copy the device keeps: `device_params`, in publish_dtype,
-        what ZeRO-1/2 all-gather into the parameters and ZeRO-3 gathers its units from. It is
-        kept between steps (not made per gather): ZeRO-3 gathers each unit twice per
-        micro-batch, and one host-to-device copy per step costs less than one per gather; in
-        bf16 it is 2 bytes per shard element on the device against the 16 moved to the host.
-        On CPU with fp32 parameters it is the master itself (host and device are one memory)."""
+        the same pass, the parameters' new values in publish_dtype, which go to the device:
+        what ZeRO-1/2 all-gather into the parameters and ZeRO-3 gathers its units from.
+        ZeRO-3 (keep_device_copy) keeps them there between steps, `device_params`, instead of
+        copying per gather: it gathers each unit twice per micro-batch, and one host-to-device
+        copy per step costs less than one per gather; in bf16 that is 2 bytes per shard element
+        on the device against the 16 moved to the host. ZeRO-1/2 gather once per step, right
+        after it, so each group's copy is a transient device buffer from the step to its
+        all-gather (`_inflight`): same traffic, nothing held through forward and backward.
+        On CPU the device is the host: with fp32 parameters `device_params` is the master
+        itself, in bf16 the buffer the C++ step writes."""
         self.master = host_zeros(numel, self.device)
         self.exp_avg, self.exp_avg_sq = host_zeros(numel, self.device), host_zeros(numel, self.device)
         self.host_grad = host_zeros(numel, self.device)  # what the step reads; filled during backward
         self.transfers = Transfers(self.device)
         self._landed: set[int] = set()  # groups whose gradient reached host_grad this step
+        self._inflight: dict[int, torch.Tensor] = {}  # group -> its transient device copy
         if self.device.type == "cpu" and self.publish_dtype == torch.float32:
             self.device_params, self._staging = self.master, None
         elif self.device.type == "cpu":  # the C++ step writes the bf16 copy straight into it
             self.device_params = self._staging = torch.zeros(numel, dtype=self.publish_dtype)
         else:  # written by the step on the host (pinned, fp32: the master itself), then copied
-            self.device_params = torch.zeros(numel, dtype=self.publish_dtype, device=self.device)
+            self.device_params = (torch.zeros(numel, dtype=self.publish_dtype, device=self.device)
+                                  if self.keep_device_copy else None)
             self._staging = None if self.publish_dtype == torch.float32 else host_zeros(
                 numel, self.device, self.publish_dtype)
 
@@ -148,6 +157,18 @@ class ShardedAdamW:
             for i in indices:
                 self.groups[i].shard(self._staging).copy_(self.groups[i].shard(self.master))
         self._publish_stepped(indices)
+
+    def gather_shard(self, i: int) -> torch.Tensor:
+        """Group i's shard on the device to all-gather from (ZeRO-1/2, once after each step or
+        import): the fp32 master, or with offload the copy back from the host, once it has
+        landed (the current stream waits; the host does not)."""
+        if not self.offload:
+            return self.groups[i].shard(self.master)
+        if self.transfers.cuda:
+            self.transfers.wait_device(("param", i))
+        if self.device_params is None:
+            return self._inflight.pop(i)
+        return self.groups[i].shard(self.device_params)
 
     def gather_source(self, i: int | None = None) -> torch.Tensor:
         """The flat shard buffer the engines gather parameters from: the fp32 master on the
@@ -272,7 +293,11 @@ class ShardedAdamW:
         for i in indices:
             view = self.groups[i].shard
             source = self.master if self._staging is None else self._staging
-            if view(self.device_params).data_ptr() != view(source).data_ptr():
+            if self.device_params is None:  # transient (ZeRO-1/2 on CUDA): until gather_shard
+                self._inflight[i] = torch.empty(self.groups[i].layout.shard_numel, dtype=self.publish_dtype,
+                                                device=self.device)
+                self.transfers.copy(("param", i), self._inflight[i], view(source))
+            elif view(self.device_params).data_ptr() != view(source).data_ptr():
                 self.transfers.copy(("param", i), view(self.device_params), view(source))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -416,7 +441,9 @@ class ShardedState:
     def _device_copy_bytes(self) -> int:
         """Offload: the device's parameter copy of the shard (none where it is the master)."""
         opt = self.optimizer
-        return 0 if not opt.offload or opt.device_params is opt.master else storage_bytes([opt.device_params])
+        if not opt.offload or opt.device_params is opt.master or opt.device_params is None:
+            return 0  # no copy, or a transient one (ZeRO-1/2 on CUDA) not held through the step
+        return storage_bytes([opt.device_params])
 
     def held_param_bytes(self) -> int:
         return storage_bytes(self.params) + self._shard_bytes() + self._device_copy_bytes()

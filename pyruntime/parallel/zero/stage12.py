@@ -102,7 +102,7 @@ class ZeroBucketEngine(ShardedState, DataParallelEngine):
         for i, g in enumerate(self.groups):
             dtype = g.params[0].dtype
             # the fp32 master, or with offload the device's copy once it is back from the host
-            source = g.shard(self.optimizer.gather_source(i))
+            source = self.optimizer.gather_shard(i)
             full = torch.empty(g.full_numel, dtype=dtype, device=source.device)
             gathers.append((g, full, self.comm.all_gather(full, source.to(dtype))))
         for g, full, pending in gathers:

@@ -151,7 +151,7 @@ class FullyShardedEngine(ShardedState, DataParallelEngine):
         # (sharded.ShardedAdamW._init_offload says why kept, not made per gather)
         optimizer = ShardedAdamW(groups, comm.rank, optim_cfg, debug=comm.debug, kernels=kernels,
                                  grad_per_group=True, device=device, copy_params=False,
-                                 publish_dtype=self.compute_dtype)
+                                 publish_dtype=self.compute_dtype, keep_device_copy=True)
         self.units, self.deferred = [], init is not None
         for i, (group, mods) in enumerate(zip(groups, modules)):
             if init is None:

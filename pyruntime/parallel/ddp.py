@@ -33,6 +33,7 @@ import torch.nn as nn
 from pyruntime.comm.collectives import Collectives, Pending
 from pyruntime.config import OptimConfig
 from pyruntime.ops.flat import FlatLayout, plan_flat_layout
+from pyruntime.parallel.accounting import storage_bytes
 from pyruntime.parallel.engine import ALIGN, DataParallelEngine, GradReadyTracker, Replicas, gradient_buckets
 from pyruntime.parallel.offload import HostAdamW, host_zeros
 from pyruntime.parallel.optimizer import build_adamw
@@ -130,6 +131,23 @@ class BucketedDataParallel(DataParallelEngine):
     def finish_gradient_sync(self) -> None:
         self._complete(block=True)
         super().finish_gradient_sync()
+
+    # -- memory accounting: with offload also the host's masters and bucket copies ----------
+    def held_param_bytes(self) -> int:
+        masters = [t for _, m, st in self.optimizer._masters.values() for t in (m, st)] if self.host is not None else []
+        return storage_bytes([*self.params, *masters])
+
+    def held_grad_bytes(self) -> int:
+        return storage_bytes([*(p.grad for p in self.params), *(self.host or [])])
+
+    def held_host_bytes(self) -> int:
+        return self.optimizer.host_bytes() + storage_bytes(self.host or [])
+
+    def step_metrics(self) -> dict:
+        rec = super().step_metrics()
+        if self.host is not None:
+            rec["host_state_bytes"] = self.held_host_bytes()
+        return rec
 
     def gradient_pieces(self, replicas: Replicas | None = None) -> tuple[list[torch.Tensor], list[int]]:
         """With offload, the host copies of the gradients (what the step reads, so clipping

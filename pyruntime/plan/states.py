@@ -16,7 +16,7 @@ the engines' own arithmetic rather than a formula that could drift from it.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -123,9 +123,29 @@ def _rank_states(work: Workload, layout: Layout, pp_rank: int, compute_bytes: in
             param, grad = FP32 * n + shard, shard + (FP32 * n if zero == 1 else 0)
         planned = held = ModelStateBytes(param, grad, 2 * shard, **unsharded)
     host = 0
-    if layout.offload == "optimizer":  # master weights (ZeRO: the fp32 shard) and moments on the host
-        host = held.optim + (held.param if zero == 3 and dp > 1 else (held.param - FP32 * n if dp > 1 and zero else 0))
+    if layout.offload == "optimizer":
+        planned, held, host = _offloaded(planned, held, n, dp, zero, buckets, shard if dp > 1 and zero else 0,
+                                         compute_bytes)
     return RankStates(planned, held, n, k, buckets, units, host)
+
+
+def _offloaded(planned: ModelStateBytes, held: ModelStateBytes, n: int, dp: int, zero: int,
+               buckets: tuple[int, ...], shard: int, compute_bytes: int) -> tuple[ModelStateBytes, ModelStateBytes, int]:
+    """--offload optimizer (parallel/offload.py, zero/sharded.py), as on CUDA: on the host the
+    moments, the fp32 master and the gradient the step reads; held grows by what has no device
+    counterpart. ZeRO 0 / dp 1: a master per parameter, and with dp each bucket's host copy.
+    ZeRO 1-3: the master, moment and gradient shards; ZeRO-3 also keeps a device copy of the
+    shard in the compute dtype (bf16: written through a pinned staging copy of that size);
+    ZeRO-1/2's copy back is transient. A CPU run with fp32 parameters has no separate
+    device copy or staging (host and device are one memory; the master is the copy)."""
+    if dp == 1 or zero == 0:
+        master, grads = FP32 * n, (sum(buckets) if dp > 1 else 0)
+        held = replace(held, param=held.param + master, grad=held.grad + grads)
+        return planned, held, held.optim + master + grads
+    copy = compute_bytes * shard // FP32 if zero == 3 else 0
+    staging = copy if zero == 3 and compute_bytes != FP32 else 0
+    held = replace(held, param=held.param + copy + staging, grad=held.grad + shard)
+    return held, held, held.optim + shard + shard + staging
 
 
 def all_rank_states(work: Workload, layout: Layout, compute_bytes: int = FP32) -> list[RankStates]:

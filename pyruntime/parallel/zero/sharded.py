@@ -446,7 +446,9 @@ class ShardedState:
         return storage_bytes([opt.device_params])
 
     def held_param_bytes(self) -> int:
-        return storage_bytes(self.params) + self._shard_bytes() + self._device_copy_bytes()
+        opt = self.optimizer
+        staging = [opt._staging] if opt.offload and opt._staging is not opt.device_params else []
+        return storage_bytes([*self.params, *staging]) + self._shard_bytes() + self._device_copy_bytes()
 
     def held_grad_bytes(self) -> int:
         host = [self.optimizer.host_grad] if self.optimizer.offload else []

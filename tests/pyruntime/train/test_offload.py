@@ -57,6 +57,26 @@ def test_layouts_match_the_device_optimizer(world, layout):
     _assert_close(world[(layout, "optimizer")], world[(layout, "none")])
 
 
+@pytest.mark.parametrize("zero", [1, 2])
+def test_planner_offload_bytes_equal_the_engines(world, tmp_path, zero):
+    """plan/states.py's offload figures (held, and of it on the host: master, gradient and
+    moment shards) are what ZeRO-1/2 report (these have no CPU-only aliasing: the device's
+    copy of the parameters is transient on CUDA and absent on CPU)."""
+    from pyruntime.plan.layout import Layout, Workload
+    from pyruntime.plan.states import rank_states
+
+    cfg = _config(tmp_path, "optimizer", dp=2, zero=zero)
+    p = cfg.parallel
+    states = rank_states(Workload(model=cfg.model, seq_len=cfg.data.seq_len, global_batch=cfg.data.global_batch),
+                         Layout(dp=2, zero=zero, micro_batch=cfg.data.micro_batch, bucket_mb=p.bucket_mb,
+                                offload="optimizer"), 0)
+    rec = world[(f"dp2_zero{zero}", "optimizer")][-1]
+    assert (rec["param_bytes"], rec["grad_bytes"], rec["optim_bytes"]) == (
+        states.held.param, states.held.grad, states.held.optim)
+    assert rec["host_state_bytes"] == states.host > 0
+    assert rec["offload_grad_copies"] >= 1 and rec["offload_param_copies"] == 0  # CPU: nothing to send back
+
+
 @pytest.fixture(scope="module")
 def comm():
     """A world-1 group in this process (the ZeRO engines' mechanics; the shard is the whole model)."""

@@ -160,7 +160,7 @@ def _search(args: argparse.Namespace, work: Workload, model_args: list[str]) -> 
     if not args.gpus:
         raise PlanError("--search needs --gpus N")
     cluster = cluster_from(args, args.gpus)
-    fits, smallest = search(work, cluster)
+    fits, smallest = search(work, cluster, recompute=args.recompute, offload=args.offload)
     dev = cluster.device
     if not fits:
         print(f"no layout of {cluster.gpus} x {dev.name} ({dev.memory / 1e9:.0f} GB) fits: the smallest needs "

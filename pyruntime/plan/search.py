@@ -41,9 +41,13 @@ def trainer_modes() -> tuple[tuple[str, ...], tuple[str, ...]]:
     return recompute, offload
 
 
-def layouts(work: Workload, cluster: Cluster, max_micro_batch: int = 16):
-    """Every layout the trainer would accept on cluster.gpus GPUs (not yet checked for memory)."""
+def layouts(work: Workload, cluster: Cluster, max_micro_batch: int = 16, *, recompute: str | None = None,
+            offload: str | None = None):
+    """Every layout the trainer would accept on cluster.gpus GPUs (not yet checked for memory);
+    recompute / offload given: only layouts with that mode."""
     recomputes, offloads = trainer_modes()
+    recomputes = (recompute,) if recompute else recomputes
+    offloads = (offload,) if offload else offloads
     n = cluster.gpus
     for tp, pp in itertools.product(_divisors(n), _divisors(n)):
         if n % (tp * pp) or tp > cluster.gpus_per_node:
@@ -65,12 +69,13 @@ def layouts(work: Workload, cluster: Cluster, max_micro_batch: int = 16):
             yield lay
 
 
-def search(work: Workload, cluster: Cluster) -> tuple[list[Candidate], int]:
+def search(work: Workload, cluster: Cluster, *, recompute: str | None = None,
+           offload: str | None = None) -> tuple[list[Candidate], int]:
     """(the layouts that fit, fastest first; the smallest per-GPU peak of any layout, which is
-    what a search with no fit would need)."""
+    what a search with no fit would need). recompute / offload: fixed by the user."""
     fits, smallest = [], None
     cuda = cluster.device.cuda
-    for lay in layouts(work, cluster):
+    for lay in layouts(work, cluster, recompute=recompute, offload=offload):
         mem = all_rank_memory(work, lay, cuda=cuda)
         peak = max(max(r.steady_peak, r.first_step_peak) for r in mem)
         smallest = peak if smallest is None else min(smallest, peak)

@@ -39,9 +39,16 @@ def test_hf_config_is_the_7b_preset(tmp_path, capsys):
 
 
 def test_search_without_a_fit_names_the_memory_it_needs(capsys):
-    code, out, _ = _run(capsys, "--preset", "7b", "--seq-len", "4096", "--global-batch", "8", "--gpus", "1",
-                        "--device", "gh200", "--search")
+    """Llama-2-7B on one 96 GB GPU: with the optimizer on the device nothing fits (the seed);
+    the search names the smallest need. With optimizer offload allowed (the search's default,
+    or --offload optimizer) layouts fit, each a command that offloads."""
+    base = ["--preset", "7b", "--seq-len", "4096", "--global-batch", "8", "--gpus", "1", "--device", "gh200",
+            "--search"]
+    code, out, _ = _run(capsys, *base, "--offload", "none")
     assert code == 1 and "no layout of 1 x gh200 (96 GB) fits: the smallest needs" in out
+    code, out, _ = _run(capsys, *base)
+    commands = [line for line in out.splitlines() if "-m pyruntime train" in line]
+    assert code == 0 and commands and all("--offload optimizer" in c for c in commands), out
 
 
 @pytest.mark.parametrize("argv,words", [

@@ -37,28 +37,29 @@ class Transfers:
     """The copies between the device and host memory of offload, each under a key (("grad", i):
     a gradient shard going to the host; ("param", i): updated parameters coming back).
 
-    CUDA: each copy is non_blocking on one side stream, ordered after what the current stream
-    has queued (the reduction that produced a gradient, the use of a buffer about to be
-    overwritten) and marked by an event; `wait_device(key)` makes the current stream wait for
-    it (the host does not block: the first forward use of the parameters waits, not the step),
-    `wait_host(kind)` blocks the host (the step, before it reads gradients or rewrites a buffer
-    a copy may still read). CPU: host and device are one memory, so a copy is a plain
-    synchronous copy_ and there is nothing to wait for.
+    CUDA (a copy with a CUDA side): non_blocking on one side stream, ordered after what the
+    current stream has queued (the reduction that produced a gradient, the use of a buffer
+    about to be overwritten) and marked by an event; `wait_device(key)` makes the current
+    stream wait for it (the host does not block: the first use of the parameters waits, not
+    the step), `wait_host(kind)` blocks the host (the step, before it reads gradients or
+    rewrites a buffer a copy may still read). CPU: host and device are one memory, so a copy
+    is a plain synchronous copy_ and there is nothing to wait for.
 
     `counts[kind]` counts the copies issued since the last `take_counts()`, so tests and the
     metrics can see when they happen (during backward, not at step time)."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.stream = torch.cuda.Stream(device) if self.cuda else None
+    def __init__(self):
+        self.stream: torch.cuda.Stream | None = None  # made at the first CUDA copy
         self.events: dict[tuple[str, int], torch.cuda.Event] = {}
         self.counts: dict[str, int] = {}
 
     def copy(self, key: tuple[str, int], dst: torch.Tensor, src: torch.Tensor) -> None:
         self.counts[key[0]] = self.counts.get(key[0], 0) + 1
-        if not self.cuda:
+        if not (dst.is_cuda or src.is_cuda):
             dst.copy_(src)
             return
+        if self.stream is None:
+            self.stream = torch.cuda.Stream(dst.device if dst.is_cuda else src.device)
         self.stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(self.stream):
             dst.copy_(src, non_blocking=True)
@@ -67,10 +68,10 @@ class Transfers:
                 t.record_stream(self.stream)
         event = torch.cuda.Event()
         event.record(self.stream)
-        self.events[key] = event
+        self.events[key] = event  # kept until the host waits for it (wait_host) or a new copy
 
     def wait_device(self, key: tuple[str, int]) -> None:
-        event = self.events.pop(key, None)
+        event = self.events.get(key)
         if event is not None:
             torch.cuda.current_stream().wait_event(event)
 
@@ -91,8 +92,7 @@ class HostAdamW:
         self.param_groups = [{"params": list(g["params"]), "weight_decay": g["weight_decay"], "lr": cfg.lr,
                               "betas": cfg.betas, "eps": cfg.eps} for g in groups]
         self.state: dict[torch.Tensor, dict[str, torch.Tensor]] = {}
-        params = [p for g in self.param_groups for p in g["params"]]
-        self.transfers = Transfers(params[0].device if params else HOST)
+        self.transfers = Transfers()
         # parameter -> (its state dict when made, fp32 master on the host, staging in p's dtype
         # or None): a checkpoint import replaces the state dict, and the master is then re-read
         self._masters: dict[torch.Tensor, tuple[dict, torch.Tensor, torch.Tensor | None]] = {}
@@ -150,9 +150,8 @@ class HostAdamW:
                 if master.data_ptr() != p.data_ptr():
                     self.transfers.copy(("param", id(p)), p.detach().view(-1),
                                         master if staging is None else staging)
-        if self.transfers.cuda:
-            for key in [key for key in self.transfers.events if key[0] == "param"]:
-                self.transfers.wait_device(key)
+        for key in [key for key in self.transfers.events if key[0] == "param"]:
+            self.transfers.wait_device(key)  # CUDA only: on CPU there are no events
 
     def host_bytes(self) -> int:
         """Bytes this optimizer keeps in host memory: moments, and masters + staging of

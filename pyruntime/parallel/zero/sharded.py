@@ -131,7 +131,7 @@ class ShardedAdamW:
         self.master = host_zeros(numel, self.device)
         self.exp_avg, self.exp_avg_sq = host_zeros(numel, self.device), host_zeros(numel, self.device)
         self.host_grad = host_zeros(numel, self.device)  # what the step reads; filled during backward
-        self.transfers = Transfers(self.device)
+        self.transfers = Transfers()
         self._landed: set[int] = set()  # groups whose gradient reached host_grad this step
         self._inflight: dict[int, torch.Tensor] = {}  # group -> its transient device copy
         if self.device.type == "cpu" and self.publish_dtype == torch.float32:
@@ -164,8 +164,7 @@ class ShardedAdamW:
         landed (the current stream waits; the host does not)."""
         if not self.offload:
             return self.groups[i].shard(self.master)
-        if self.transfers.cuda:
-            self.transfers.wait_device(("param", i))
+        self.transfers.wait_device(("param", i))  # CUDA only: on CPU there are no events
         if self.device_params is None:
             return self._inflight.pop(i)
         return self.groups[i].shard(self.device_params)
@@ -176,9 +175,8 @@ class ShardedAdamW:
         (None: every group) has landed (the current stream waits; the host does not)."""
         if not self.offload:
             return self.master
-        if self.transfers.cuda:
-            for j in range(len(self.groups)) if i is None else [i]:
-                self.transfers.wait_device(("param", j))
+        for j in range(len(self.groups)) if i is None else [i]:
+            self.transfers.wait_device(("param", j))  # CUDA only: on CPU there are no events
         return self.device_params
 
     def _decay_segments(self, group: FlatGroup) -> list[tuple[int, int]]:

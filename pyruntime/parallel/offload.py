@@ -20,6 +20,8 @@ gradient is copied at step time, because clipping scales the device's .grad afte
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 
 from pyruntime.config import OptimConfig
@@ -169,3 +171,114 @@ class HostAdamW:
                     p.grad = None
                 elif p.grad is not None:
                     p.grad.zero_()
+
+
+class ShardOffload:
+    """The --offload optimizer half of zero/sharded.ShardedAdamW (a mixin: it reads the
+    optimizer's groups, device, publish_dtype, keep_device_copy, decays and gradient shards):
+    host buffers, gradient shards copied to the host as they are reduced, the step on the host,
+    and the parameters' new values back to the device."""
+
+    def _init_offload(self, numel: int) -> None:
+        """--offload optimizer: the fp32 master shard, both moments and a gradient shard live in
+        host memory (pinned on CUDA); the C++ host AdamW steps them (_host_step) and writes, in
+        the same pass, the parameters' new values in publish_dtype, which go to the device:
+        what ZeRO-1/2 all-gather into the parameters and ZeRO-3 gathers its units from.
+        ZeRO-3 (keep_device_copy) keeps them there between steps, `device_params`, instead of
+        copying per gather: it gathers each unit twice per micro-batch, and one host-to-device
+        copy per step costs less than one per gather; in bf16 that is 2 bytes per shard element
+        on the device against the 16 moved to the host. ZeRO-1/2 gather once per step, right
+        after it, so each group's copy is a transient device buffer from the step to its
+        all-gather (`_inflight`): same traffic, nothing held through forward and backward.
+        On CPU the device is the host: with fp32 parameters `device_params` is the master
+        itself, in bf16 the buffer the C++ step writes."""
+        self.master = host_zeros(numel, self.device)
+        self.exp_avg, self.exp_avg_sq = host_zeros(numel, self.device), host_zeros(numel, self.device)
+        self.host_grad = host_zeros(numel, self.device)  # what the step reads; filled during backward
+        self.transfers = Transfers()
+        self._landed: set[int] = set()  # groups whose gradient reached host_grad this step
+        self._inflight: dict[int, torch.Tensor] = {}  # group -> its transient device copy
+        if self.device.type == "cpu" and self.publish_dtype == torch.float32:
+            self.device_params, self._staging = self.master, None
+        elif self.device.type == "cpu":  # the C++ step writes the bf16 copy straight into it
+            self.device_params = self._staging = torch.zeros(numel, dtype=self.publish_dtype)
+        else:  # written by the step on the host (pinned, fp32: the master itself), then copied
+            self.device_params = (torch.zeros(numel, dtype=self.publish_dtype, device=self.device)
+                                  if self.keep_device_copy else None)
+            self._staging = None if self.publish_dtype == torch.float32 else host_zeros(
+                numel, self.device, self.publish_dtype)
+
+    @torch.no_grad()
+    def publish(self, groups: Sequence[int] | None = None) -> None:
+        """Offload: refresh the device's parameter copy of `groups` (default all) from the host
+        master (after copy_in / a checkpoint import / the step). On CUDA the copies go on the
+        side stream and gather_source waits for them; on CPU they are plain copies or none."""
+        if not self.offload or self.device_params is self.master:
+            return
+        self.transfers.wait_host("param")  # a copy still reading the staging buffer
+        indices = list(range(len(self.groups))) if groups is None else list(groups)
+        if self._staging is not None:  # not written by a step: converted here
+            for i in indices:
+                self.groups[i].shard(self._staging).copy_(self.groups[i].shard(self.master))
+        self._publish_stepped(indices)
+
+    def gather_shard(self, i: int) -> torch.Tensor:
+        """Group i's shard on the device to all-gather from (ZeRO-1/2, once after each step or
+        import): the fp32 master, or with offload the copy back from the host, once it has
+        landed (the current stream waits; the host does not)."""
+        if not self.offload:
+            return self.groups[i].shard(self.master)
+        self.transfers.wait_device(("param", i))  # CUDA only: on CPU there are no events
+        if self.device_params is None:
+            return self._inflight.pop(i)
+        return self.groups[i].shard(self.device_params)
+
+    def gather_source(self, i: int | None = None) -> torch.Tensor:
+        """The flat shard buffer the engines gather parameters from: the fp32 master on the
+        device, or with offload the device's copy, once its host-to-device copy for group i
+        (None: every group) has landed (the current stream waits; the host does not)."""
+        if not self.offload:
+            return self.master
+        for j in range(len(self.groups)) if i is None else [i]:
+            self.transfers.wait_device(("param", j))  # CUDA only: on CPU there are no events
+        return self.device_params
+
+    def grad_reduced(self, i: int, shard: torch.Tensor) -> None:
+        """A reduction into group i's gradient shard has completed (GradientReductions, from
+        the backward's hooks): with offload, copy the shard to its host slice now, overlapped
+        with the rest of the backward, so the step finds it there. A later reduction of the
+        step (gradient accumulation) copies the sum again; the last copy is the one stepped."""
+        if self.offload:
+            self.transfers.copy(("grad", i), self.groups[i].shard(self.host_grad), shard)
+            self._landed.add(i)
+
+    def _host_step(self, hyper: dict) -> None:
+        """The step on the host, from the gradient slices copied there during backward (this
+        only waits for the last copies): the C++ AdamW updates master and moments and writes
+        the device's parameter copy (bf16 staging, or the master itself in fp32) in one pass;
+        each part's copy back to the device starts as soon as that part is stepped."""
+        hyper = {**hyper, "backend": "cpp"}
+        self.transfers.wait_host("param")  # the previous step's copies back may still read
+        if self.grad_per_group:
+            parts = [([i], g.shard, d) for i, (g, d) in enumerate(zip(self.groups, self.decays))
+                     if i in self._landed or self._grads[i] is not None]
+        else:
+            parts = [(list(range(len(self.groups))), lambda t: t, self.decays[0])]
+        for indices, view, decay in parts:
+            for i in indices:
+                self.group_grad(i)  # waits for the copies; zeros where nothing landed
+            copy = view(self._staging) if self._staging is not None else None
+            adamw_step(view(self.master), view(self.host_grad), view(self.exp_avg), view(self.exp_avg_sq), decay,
+                       param_copy=copy, **hyper)
+            self._publish_stepped(indices)
+
+    def _publish_stepped(self, indices: list[int]) -> None:
+        for i in indices:
+            view = self.groups[i].shard
+            source = self.master if self._staging is None else self._staging
+            if self.device_params is None:  # transient (ZeRO-1/2 on CUDA): until gather_shard
+                self._inflight[i] = torch.empty(self.groups[i].layout.shard_numel, dtype=self.publish_dtype,
+                                                device=self.device)
+                self.transfers.copy(("param", i), self._inflight[i], view(source))
+            elif view(self.device_params).data_ptr() != view(source).data_ptr():
+                self.transfers.copy(("param", i), view(self.device_params), view(source))

@@ -5,7 +5,9 @@ or a ZeRO-3 unit) by the C++ planner, with world_size = dp: the buffer splits in
 shards and `layout.pieces(rank)` says which slice of which parameter is in this rank's shard.
 Each rank keeps, for the concatenation of its shards of all groups, four flat fp32 buffers:
 master weights, gradient, and the two Adam moments. The optimizer step is then one fused
-AdamW call over those buffers (ops.adamw), whatever the number of parameters.
+AdamW call over those buffers (ops.adamw), whatever the number of parameters. With
+--offload optimizer (parallel/offload.ShardOffload) the master and moments are on the host,
+with a host copy of the gradient shard made as each reduction completes.
 
 Padding (alignment gaps, the tail) is zero in the master weights and in every gradient, so it
 stays zero through AdamW and adds nothing to the gradient norm.
@@ -23,7 +25,7 @@ from pyruntime.comm.collectives import CommDebug, Collectives, Pending
 from pyruntime.comm.raw import all_gather_into
 from pyruntime.config import OptimConfig
 from pyruntime.ops.adamw import DecayMask, adamw_step
-from pyruntime.parallel.offload import Transfers, host_zeros
+from pyruntime.parallel.offload import ShardOffload
 from pyruntime.ops.flat import FlatLayout, plan_flat_layout
 from pyruntime.parallel.accounting import storage_bytes
 from pyruntime.parallel.optimizer import is_decayed
@@ -61,7 +63,7 @@ def adamw_backend(kernels: str) -> str:
     return kernels if kernels in ("triton", "reference") else "auto"
 
 
-class ShardedAdamW:
+class ShardedAdamW(ShardOffload):
     """AdamW over this rank's shards of `groups`: fp32 master weights and moments in one flat
     buffer each, updated by the fused ops.adamw_step. Duck-types what the trainer uses of
     torch.optim: step(), zero_grad() and param_groups[*]["lr"]. after_step (ZeRO-1/2)
@@ -114,70 +116,6 @@ class ShardedAdamW:
             self.decays = [DecayMask.from_segments(numel, shifted, self.device)]
         self.param_groups = [{"lr": cfg.lr}]
         self.steps = 0
-
-    def _init_offload(self, numel: int) -> None:
-        """--offload optimizer: the fp32 master shard, both moments and a gradient shard live in
-        host memory (pinned on CUDA); the C++ host AdamW steps them (_host_step) and writes, in
-        the same pass, the parameters' new values in publish_dtype, which go to the device:
-        what ZeRO-1/2 all-gather into the parameters and ZeRO-3 gathers its units from.
-        ZeRO-3 (keep_device_copy) keeps them there between steps, `device_params`, instead of
-        copying per gather: it gathers each unit twice per micro-batch, and one host-to-device
-        copy per step costs less than one per gather; in bf16 that is 2 bytes per shard element
-        on the device against the 16 moved to the host. ZeRO-1/2 gather once per step, right
-        after it, so each group's copy is a transient device buffer from the step to its
-        all-gather (`_inflight`): same traffic, nothing held through forward and backward.
-        On CPU the device is the host: with fp32 parameters `device_params` is the master
-        itself, in bf16 the buffer the C++ step writes."""
-        self.master = host_zeros(numel, self.device)
-        self.exp_avg, self.exp_avg_sq = host_zeros(numel, self.device), host_zeros(numel, self.device)
-        self.host_grad = host_zeros(numel, self.device)  # what the step reads; filled during backward
-        self.transfers = Transfers()
-        self._landed: set[int] = set()  # groups whose gradient reached host_grad this step
-        self._inflight: dict[int, torch.Tensor] = {}  # group -> its transient device copy
-        if self.device.type == "cpu" and self.publish_dtype == torch.float32:
-            self.device_params, self._staging = self.master, None
-        elif self.device.type == "cpu":  # the C++ step writes the bf16 copy straight into it
-            self.device_params = self._staging = torch.zeros(numel, dtype=self.publish_dtype)
-        else:  # written by the step on the host (pinned, fp32: the master itself), then copied
-            self.device_params = (torch.zeros(numel, dtype=self.publish_dtype, device=self.device)
-                                  if self.keep_device_copy else None)
-            self._staging = None if self.publish_dtype == torch.float32 else host_zeros(
-                numel, self.device, self.publish_dtype)
-
-    @torch.no_grad()
-    def publish(self, groups: Sequence[int] | None = None) -> None:
-        """Offload: refresh the device's parameter copy of `groups` (default all) from the host
-        master (after copy_in / a checkpoint import / the step). On CUDA the copies go on the
-        side stream and gather_source waits for them; on CPU they are plain copies or none."""
-        if not self.offload or self.device_params is self.master:
-            return
-        self.transfers.wait_host("param")  # a copy still reading the staging buffer
-        indices = list(range(len(self.groups))) if groups is None else list(groups)
-        if self._staging is not None:  # not written by a step: converted here
-            for i in indices:
-                self.groups[i].shard(self._staging).copy_(self.groups[i].shard(self.master))
-        self._publish_stepped(indices)
-
-    def gather_shard(self, i: int) -> torch.Tensor:
-        """Group i's shard on the device to all-gather from (ZeRO-1/2, once after each step or
-        import): the fp32 master, or with offload the copy back from the host, once it has
-        landed (the current stream waits; the host does not)."""
-        if not self.offload:
-            return self.groups[i].shard(self.master)
-        self.transfers.wait_device(("param", i))  # CUDA only: on CPU there are no events
-        if self.device_params is None:
-            return self._inflight.pop(i)
-        return self.groups[i].shard(self.device_params)
-
-    def gather_source(self, i: int | None = None) -> torch.Tensor:
-        """The flat shard buffer the engines gather parameters from: the fp32 master on the
-        device, or with offload the device's copy, once its host-to-device copy for group i
-        (None: every group) has landed (the current stream waits; the host does not)."""
-        if not self.offload:
-            return self.master
-        for j in range(len(self.groups)) if i is None else [i]:
-            self.transfers.wait_device(("param", j))  # CUDA only: on CPU there are no events
-        return self.device_params
 
     def _decay_segments(self, group: FlatGroup) -> list[tuple[int, int]]:
         """The [begin, end) ranges of this rank's shard of `group` that get weight decay."""
@@ -235,15 +173,6 @@ class ShardedAdamW:
             self._grads[i] = torch.empty(self.groups[i].layout.shard_numel, device=self.device)
         return self._device_grad(i), first
 
-    def grad_reduced(self, i: int, shard: torch.Tensor) -> None:
-        """A reduction into group i's gradient shard has completed (GradientReductions, from
-        the backward's hooks): with offload, copy the shard to its host slice now, overlapped
-        with the rest of the backward, so the step finds it there. A later reduction of the
-        step (gradient accumulation) copies the sum again; the last copy is the one stepped."""
-        if self.offload:
-            self.transfers.copy(("grad", i), self.groups[i].shard(self.host_grad), shard)
-            self._landed.add(i)
-
     def held_grads(self) -> list[torch.Tensor]:
         return [g for g in self._grads if g is not None] + ([self._flat_grad] if self._flat_grad is not None else [])
 
@@ -266,37 +195,6 @@ class ShardedAdamW:
             adamw_step(self.master, self._flat_grad, self.exp_avg, self.exp_avg_sq, self.decays[0], **hyper)
         if self.after_step is not None:
             self.after_step()
-
-    def _host_step(self, hyper: dict) -> None:
-        """The step on the host, from the gradient slices copied there during backward (this
-        only waits for the last copies): the C++ AdamW updates master and moments and writes
-        the device's parameter copy (bf16 staging, or the master itself in fp32) in one pass;
-        each part's copy back to the device starts as soon as that part is stepped."""
-        hyper = {**hyper, "backend": "cpp"}
-        self.transfers.wait_host("param")  # the previous step's copies back may still read
-        if self.grad_per_group:
-            parts = [([i], g.shard, d) for i, (g, d) in enumerate(zip(self.groups, self.decays))
-                     if i in self._landed or self._grads[i] is not None]
-        else:
-            parts = [(list(range(len(self.groups))), lambda t: t, self.decays[0])]
-        for indices, view, decay in parts:
-            for i in indices:
-                self.group_grad(i)  # waits for the copies; zeros where nothing landed
-            copy = view(self._staging) if self._staging is not None else None
-            adamw_step(view(self.master), view(self.host_grad), view(self.exp_avg), view(self.exp_avg_sq), decay,
-                       param_copy=copy, **hyper)
-            self._publish_stepped(indices)
-
-    def _publish_stepped(self, indices: list[int]) -> None:
-        for i in indices:
-            view = self.groups[i].shard
-            source = self.master if self._staging is None else self._staging
-            if self.device_params is None:  # transient (ZeRO-1/2 on CUDA): until gather_shard
-                self._inflight[i] = torch.empty(self.groups[i].layout.shard_numel, dtype=self.publish_dtype,
-                                                device=self.device)
-                self.transfers.copy(("param", i), self._inflight[i], view(source))
-            elif view(self.device_params).data_ptr() != view(source).data_ptr():
-                self.transfers.copy(("param", i), view(self.device_params), view(source))
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self._written = set()

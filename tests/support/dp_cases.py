@@ -1,19 +1,17 @@
-"""The data-parallel / ZeRO test cases: which stages, variants and configs the shared worlds
+"""The data-parallel / ZeRO test cases, as Layout cases (support/layouts.py) of the tiny model
+with a variant's run settings: which stages and variants the shared worlds
 (tests/pyruntime/parallel/conftest.py) run, and the loss comparison."""
 from __future__ import annotations
-
-import dataclasses
 
 import torch
 
 from pyruntime.comm.collectives import DEBUG_DELAY_ENV
 from pyruntime.config import OptimConfig, ParallelConfig
 
-from support.configs import tiny_config, with_parallel
 from support.dp_probes import overlap_probe
+from support.layouts import STEPS, Layout, config
 from support.world import Run, train
 
-STEPS = 20
 DELAY_STEPS = 6
 DELAY_S = "0.003"
 ZEROS = (0, 1, 2, 3)
@@ -26,34 +24,31 @@ _CLI = (OptimConfig(), ParallelConfig())
 VARIANTS = {"plain": {"micro_per_rank": 1, "grad_clip": 0.0, "bucket_mb": 25.0, "eval_every": 10},
             "accum_clip": {"micro_per_rank": 2, "grad_clip": 0.3, "bucket_mb": 0.01, "eval_every": 0},
             "cli_default": {"micro_per_rank": 1, "grad_clip": _CLI[0].grad_clip, "bucket_mb": _CLI[1].bucket_mb,
-                            "eval_every": 0, "optim": _CLI[0]}}
-GLOBAL_BATCH = 8
+                            "eval_every": 0, "lr": _CLI[0].lr, "warmup": _CLI[0].warmup_steps}}
 # dp 3 (its own world): ZeRO-2 with one bucket over the whole model, so each rank's gradient
 # shard is one long flat tensor (the case where an fp32 norm was furthest off), CLI defaults.
-ONE_BUCKET_MB = 1000.0
+ONE_BUCKET = {"global_batch": 6, "bucket_mb": 1000.0}
 
 
-def config(out_dir, dp: int, zero: int, variant: str, steps: int = STEPS, global_batch: int = GLOBAL_BATCH):
-    v = VARIANTS[variant]
-    cfg = tiny_config(out_dir, steps=steps, global_batch=global_batch,
-                      micro_batch=global_batch // dp // v["micro_per_rank"], eval_every=v["eval_every"],
-                      eval_batches=2)
-    optim = dataclasses.replace(v.get("optim", cfg.optim), grad_clip=v["grad_clip"])
-    return with_parallel(dataclasses.replace(cfg, optim=optim), dp=dp, zero=zero, bucket_mb=v["bucket_mb"])
-
-
-def one_bucket_config(out_dir, dp: int = 3):
-    return with_parallel(config(out_dir, dp, 2, "cli_default", global_batch=6), bucket_mb=ONE_BUCKET_MB)
+def case(dp: int, zero: int, variant: str, steps: int = STEPS) -> Layout:
+    """The Layout of a data-parallel case: the tiny model (support.configs.TEST_MODEL) at lr
+    3e-3 unless the variant says otherwise, one_bucket at dp 3 on top of cli_default."""
+    v = VARIANTS["cli_default" if variant == "one_bucket" else variant]
+    settings = {"lr": v.get("lr", 3e-3), "warmup": v.get("warmup", 2), "grad_clip": v["grad_clip"],
+                "bucket_mb": v["bucket_mb"], "eval_every": v["eval_every"],
+                **(ONE_BUCKET if variant == "one_bucket" else {})}
+    return Layout(dp=dp, zero=zero, microbatches=v["micro_per_rank"], model="tiny", steps=steps, tag=variant,
+                  **settings)
 
 
 def world_jobs(out_dir, dp: int) -> tuple[list, list]:
     """The runs of the dp world ((zero, variant) keys, in order) and its jobs for run_jobs."""
     if dp == 3:
-        return [(2, "one_bucket")], [(train, {"runs": [Run(one_bucket_config(out_dir))]})]
+        return [(2, "one_bucket")], [(train, {"runs": [Run(config(out_dir, case(3, 2, "one_bucket")))]})]
     runs = [(z, v) for z in ZEROS for v in VARIANTS]
-    jobs = [(train, {"runs": [Run(config(out_dir, dp, z, v)) for z, v in runs]})]
+    jobs = [(train, {"runs": [Run(config(out_dir, case(dp, z, v))) for z, v in runs]})]
     if dp == 2:  # the debug-delay runs and overlap probes need one world only
-        jobs.append((train, {"runs": [Run(config(out_dir, dp, z, "accum_clip", DELAY_STEPS),
+        jobs.append((train, {"runs": [Run(config(out_dir, case(dp, z, "accum_clip", DELAY_STEPS)),
                                           {DEBUG_DELAY_ENV: DELAY_S}) for z in ZEROS]}))
         jobs += [(overlap_probe, {"zero": z, "out_dir": str(out_dir)}) for z in (0, 3)]
     return runs, jobs

@@ -28,6 +28,9 @@ MODEL = dataclasses.replace(TEST_MODEL, n_layers=8, n_heads=8, n_kv_heads=4, voc
 
 
 class Layout(NamedTuple):
+    """One parity case: the layout and the run settings it trains with (the defaults are the
+    layout table's; the data-parallel cases in dp_cases.py set their own)."""
+
     dp: int = 1
     pp: int = 1
     tp: int = 1
@@ -39,6 +42,18 @@ class Layout(NamedTuple):
     sp: bool = False
     overlap: bool = False
     mesh_order: str = "dp,pp,tp"
+    # run settings
+    model: str = "layouts"         # "layouts": MODEL below (8 layers); "tiny": support.configs.TEST_MODEL
+    global_batch: int = GLOBAL_BATCH
+    steps: int = STEPS
+    # lr 1e-3: at 3e-3 the 8-layer model has loss spikes, which amplify summation-order
+    # differences in the gradient norm beyond 1e-5 within 20 steps.
+    lr: float = 1e-3
+    warmup: int = 2
+    grad_clip: float = 1.0
+    bucket_mb: float = 0.01        # several buckets, some spanning pipeline chunks
+    eval_every: int = 10
+    tag: str = ""                  # a name for the run settings, in test ids
 
     @property
     def world(self) -> int:
@@ -46,7 +61,7 @@ class Layout(NamedTuple):
 
     @property
     def micro_batch(self) -> int:
-        return GLOBAL_BATCH // (self.dp * self.microbatches)
+        return self.global_batch // (self.dp * self.microbatches)
 
     def name(self) -> str:
         parts = [f"dp{self.dp}pp{self.pp}tp{self.tp}", f"zero{self.zero}", f"m{self.microbatches}"]
@@ -56,20 +71,25 @@ class Layout(NamedTuple):
         parts += ["sp"] * self.sp + ["overlap"] * self.overlap
         if self.mesh_order != "dp,pp,tp":
             parts.append(self.mesh_order.replace(",", "-"))
-        return "_".join(parts)
+        return "_".join(parts + ([self.tag] if self.tag else []))
+
+    def single_process(self) -> "Layout":
+        """The same run on one process, each micro-batch the same size (validation batches are
+        cut in micro-batches, so their means only agree at equal sizes)."""
+        return self._replace(dp=1, pp=1, tp=1, zero=0, sp=False, overlap=False,
+                             microbatches=self.dp * self.microbatches)
 
 
 def config(out_dir, layout: Layout) -> Config:
-    cfg = tiny_config(out_dir, steps=STEPS, global_batch=GLOBAL_BATCH, micro_batch=layout.micro_batch,
-                      eval_every=10, eval_batches=2)
+    cfg = tiny_config(out_dir, steps=layout.steps, global_batch=layout.global_batch, micro_batch=layout.micro_batch,
+                      eval_every=layout.eval_every, eval_batches=2)
     par = ParallelConfig(dp=layout.dp, pp=layout.pp, tp=layout.tp, zero=layout.zero, schedule=layout.schedule,
                          virtual_stages=layout.virtual_stages, pp_layout=layout.pp_layout,
                          sequence_parallel=layout.sp, tp_overlap=layout.overlap, mesh_order=layout.mesh_order,
-                         bucket_mb=0.01)  # several buckets, some spanning pipeline chunks
-    # lr 1e-3: at 3e-3 this 8-layer model has loss spikes, which amplify summation-order
-    # differences in the gradient norm beyond 1e-5 within 20 steps.
-    return dataclasses.replace(cfg, model=dataclasses.replace(MODEL), parallel=par,
-                               optim=dataclasses.replace(cfg.optim, lr=1e-3))
+                         bucket_mb=layout.bucket_mb)
+    model = MODEL if layout.model == "layouts" else TEST_MODEL
+    optim = dataclasses.replace(cfg.optim, lr=layout.lr, warmup_steps=layout.warmup, grad_clip=layout.grad_clip)
+    return dataclasses.replace(cfg, model=dataclasses.replace(model), parallel=par, optim=optim)
 
 
 # Tensor parallelism on its own (issue: tensor + sequence parallelism): plain, sequence

@@ -4,12 +4,10 @@ support/layouts.py) through the one worker (support/world.py: train), and single
 references (support/world.py: single_process) are computed once, in this process."""
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 
 from support import layouts
-from support.dp_cases import DELAY_STEPS, STEPS, ZEROS, config, one_bucket_config, world_jobs
+from support.dp_cases import DELAY_STEPS, ZEROS, case, world_jobs
 from support.world import run_jobs, run_world, single_process
 
 
@@ -36,21 +34,17 @@ def world_results(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def reference_records(tmp_path_factory):
-    """reference_records(dp, variant) -> single-process records of that variant with the
-    micro-batch size of the dp run (validation batches are cut in micro-batches); variant
-    "delay": the accum_clip variant over DELAY_STEPS; "one_bucket": the dp 3 case."""
+    """reference_records(dp, variant) -> single-process records of that variant's Layout
+    (Layout.single_process: the dp run's micro-batch size); variant "delay": the accum_clip
+    variant over DELAY_STEPS; "one_bucket": the dp 3 case."""
     out_dir = tmp_path_factory.mktemp("single")
     cache = {}
 
     def get(dp: int, variant: str) -> list[dict]:
         if (dp, variant) not in cache:
-            if variant == "one_bucket":
-                cfg = one_bucket_config(out_dir, dp)
-            else:
-                steps = DELAY_STEPS if variant == "delay" else STEPS
-                cfg = config(out_dir, dp, 0, "accum_clip" if variant == "delay" else variant, steps)
-            cache[(dp, variant)] = single_process(dataclasses.replace(
-                cfg, parallel=dataclasses.replace(cfg.parallel, dp=1)))
+            layout = (case(dp, 0, "accum_clip", DELAY_STEPS) if variant == "delay"
+                      else case(dp, 0, variant)).single_process()
+            cache[(dp, variant)] = single_process(layouts.config(out_dir, layout))
         return cache[(dp, variant)]
 
     return get

@@ -81,7 +81,7 @@ def test_zero3_volume_is_two_all_gathers_and_one_reduce_scatter_per_micro_batch(
     sizes = unit_sizes(dp)
     for records in world_results(dp)["train"][(3, variant)]:
         for previous, r in zip([{}] + records, records):
-            evals = 2 if "val_loss" in previous else 0  # dp_cases.config: eval_batches=2
+            evals = 2 if "val_loss" in previous else 0  # layouts.config: eval_batches=2
             assert r["comm_all_gather_bytes"] == 4 * (micro * (2 * sum(sizes) - sizes[-1]) + evals * sum(sizes))
             assert r["comm_all_gather_calls"] == micro * (2 * len(sizes) - 1) + evals * len(sizes)
             assert r["comm_reduce_scatter_bytes"] == 4 * micro * sum(sizes)

@@ -54,6 +54,7 @@ TRAIN_FLAGS = {
     "--mesh-order": ("parallel", "mesh_order"),
     "--recompute": ("parallel", "recompute"),
     "--recompute-layers": ("parallel", "recompute_layers"),
+    "--recompute-ops": ("parallel", "recompute_ops"),
     "--offload": ("optim", "offload"),
     "--timeline": ("train", "timeline"),
     "--save-every": ("train", "save_every"),

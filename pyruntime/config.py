@@ -224,6 +224,10 @@ class ParallelConfig:
     recompute_layers: int | None = None
     """With recompute: only the first K blocks of each pipeline stage (Megatron's "block"
     method); None: every block. At most the smallest stage's layer count."""
+    recompute_ops: str = "norm,swiglu"
+    """With --recompute selective: which ops' outputs are dropped and recomputed in backward,
+    comma-separated: norm (the RMSNorm outputs the q/k/v and gate/up GEMMs save), swiglu (the
+    activation the down projection saves). `bench recompute` measures each set."""
 
     def validate(self) -> None:
         if self.schedule == "interleaved" and self.pp > 1 and self.virtual_stages < 2:

@@ -1,5 +1,5 @@
 """Activation recomputation (train --recompute): step time and measured activation bytes of
-none / selective / full, one process, the trainer's own step (parallel/recompute.py), side by
+none / each selective set (--recompute-ops) / full, one process, the trainer's own step (parallel/recompute.py), side by
 side in one run; ratios are against none (the peer: no recomputation).
 
     python -m pyruntime bench recompute                       # small preset, CPU
@@ -19,7 +19,7 @@ import sys
 import torch
 
 from pyruntime.bench.harness import header, table_lines
-from pyruntime.config import PRESETS, RECOMPUTE_MODES, Config, DataConfig, ParallelConfig, TrainConfig
+from pyruntime.config import PRESETS, Config, DataConfig, ParallelConfig, TrainConfig
 
 # The model is built and run by the trainer in this process (a world of one).
 
@@ -46,20 +46,26 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return args
 
 
-def _config(args: argparse.Namespace, mode: str, out: str) -> Config:
+# (label, --recompute, --recompute-ops): none, each selective set, full
+VARIANTS = [("none", "none", "norm,swiglu"), ("selective norm", "selective", "norm"),
+            ("selective swiglu", "selective", "swiglu"), ("selective norm,swiglu", "selective", "norm,swiglu"),
+            ("full", "full", "norm,swiglu")]
+
+
+def _config(args: argparse.Namespace, mode: str, out: str, ops: str = "norm,swiglu") -> Config:
     model = dataclasses.replace(PRESETS[args.preset], max_seq_len=max(args.seq_len, PRESETS[args.preset].max_seq_len))
     return Config(train=TrainConfig(preset=args.preset, steps=args.warmup + args.steps, eval_every=0, quiet=True,
                                     out=out),
                   model=model, data=DataConfig(seq_len=args.seq_len, global_batch=args.global_batch,
                                                micro_batch=args.micro_batch, max_bytes=400_000),
-                  parallel=ParallelConfig(recompute=mode))
+                  parallel=ParallelConfig(recompute=mode, recompute_ops=ops))
 
 
-def run_mode(args: argparse.Namespace, mode: str, out: str) -> dict:
+def run_mode(args: argparse.Namespace, mode: str, out: str, ops: str = "norm,swiglu") -> dict:
     from pyruntime.mesh import Launch, ParallelDims, init_distributed
     from pyruntime.train.trainer import Trainer
 
-    cfg = _config(args, mode, out)
+    cfg = _config(args, mode, out, ops)
     init_distributed(Launch(rank=0, world_size=1, local_rank=0), torch.device("cpu"))
     dims = ParallelDims.from_config(cfg.parallel, 1).build_mesh("cpu")
     trainer = Trainer(cfg, dims, torch.device("cpu"), rank=0)
@@ -78,16 +84,24 @@ def main(argv: list[str]) -> int:
 
     print("\n".join(header(["recompute", *argv], "triton", None)))
     with tempfile.TemporaryDirectory() as out:
-        results = {mode: run_mode(args, mode, out) for mode in RECOMPUTE_MODES}
+        results = {label: run_mode(args, mode, out, ops) for label, mode, ops in VARIANTS}
     base = results["none"]
     if any(r["loss"] != base["loss"] for r in results.values()):
         print("bench recompute: the modes' losses differ (they must be bit-identical)", file=sys.stderr)
         return 1
-    rows = [[mode, f"{args.preset} mb {args.micro_batch}x{args.seq_len}", f"{r['bytes'] / 2**20:.2f}",
-             f"{base['bytes'] / r['bytes']:.2f}x", f"{r['time'] * 1e3:.1f}", f"{r['time'] / base['time'] - 1:+.1%}"]
-            for mode, r in results.items()]
-    print("\n".join(["recompute vs none (losses bit-identical: checked)"] + table_lines(
-        ["mode", "shape", "activation MiB", "none/mode", "step ms", "time vs none"], rows, args.markdown)))
+
+    def per_ms(r: dict) -> str:  # activation MiB saved per ms of step time added: the trade-off
+        added_ms = (r["time"] - base["time"]) * 1e3
+        saved = (base["bytes"] - r["bytes"]) / 2**20
+        return "" if r is base else (f"{saved / added_ms:.2f}" if added_ms > 0 else "free")
+
+    rows = [[label, f"{args.preset} mb {args.micro_batch}x{args.seq_len}", f"{r['bytes'] / 2**20:.2f}",
+             f"{base['bytes'] / r['bytes']:.2f}x", f"{r['time'] * 1e3:.1f}", f"{r['time'] / base['time'] - 1:+.1%}",
+             per_ms(r)] for label, r in results.items()]
+    print("\n".join(["recompute vs none (losses bit-identical: checked); MiB/ms: activation MiB saved per ms "
+                     "of step time added (higher is the better trade)"] + table_lines(
+        ["mode", "shape", "activation MiB", "none/mode", "step ms", "time vs none", "MiB/ms"], rows,
+        args.markdown)))
     return 0
 
 

@@ -97,7 +97,7 @@ def parallelize(model: nn.Module, dims: ParallelDims, cfg: Config, device: torch
     loss_fn = MaskedLoss(loss_fn)  # a loss mask in the data (instruction tuning): model/loss.py
     # Recompute wraps each block's forward (and meters what it saves): any engine's hooks
     # and the executor's zero-bubble split work through it (parallel/recompute.py).
-    apply_recompute(model, par.recompute, par.recompute_layers, stage_layers)
+    apply_recompute(model, par.recompute, par.recompute_layers, stage_layers, tuple(par.recompute_ops.split(",")))
     init = _values(model, dims, cfg, device, draw)
     engine = apply_data_parallel(model, dims, cfg, init=init, log=log)
     check_materialized(model)

@@ -52,6 +52,7 @@ from pyruntime.ops import wgrad
 from pyruntime.train.saved_bytes import SavedTensorMeter, note_saved
 
 _state = threading.local()  # the selective recipes of the block forward now running
+SELECTIVE_OPS = ("norm", "swiglu")  # what --recompute selective can drop (--recompute-ops)
 
 
 def check_recompute(cfg: Config) -> None:
@@ -60,6 +61,10 @@ def check_recompute(cfg: Config) -> None:
 
     par = cfg.parallel
     k = par.recompute_layers
+    ops = par.recompute_ops.split(",")
+    if not ops or not set(ops) <= set(SELECTIVE_OPS) or len(set(ops)) != len(ops):
+        raise ConfigError(f"--recompute-ops '{par.recompute_ops}': expected a comma-separated subset of "
+                          f"{', '.join(SELECTIVE_OPS)}")
     if k is None:
         return
     if par.recompute == "none":
@@ -231,11 +236,12 @@ def _wrap(block: nn.Module, mode: str, first: bool, meter: _BlockMeter) -> None:
 
 
 def apply_recompute(model: nn.Module, mode: str = "none", layers: int | None = None,
-                    stage_layers: list[int] | None = None) -> None:
+                    stage_layers: list[int] | None = None, ops: tuple[str, ...] = SELECTIVE_OPS) -> None:
     """Recompute the first `layers` blocks (all when None) of each stage of `model` in `mode`
     and meter every block. stage_layers: layers per stage (pipeline split); the model's
-    layers are grouped into stages by their global index. Called once, before ZeRO-3 makes
-    the parameters (hooks key on modules, not on Parameter objects)."""
+    layers are grouped into stages by their global index. ops: what selective drops (a subset
+    of SELECTIVE_OPS). Called once, before ZeRO-3 makes the parameters (hooks key on modules,
+    not on Parameter objects)."""
     if mode not in MODES:
         raise ValueError(f"recompute mode '{mode}' is not one of {MODES}")
     from pyruntime.model.llama import MLP, RMSNorm
@@ -253,9 +259,9 @@ def apply_recompute(model: nn.Module, mode: str = "none", layers: int | None = N
         _wrap(block, block_mode, position == 0, meter)
         if block_mode == "selective":
             for module in block.modules():
-                if isinstance(module, RMSNorm):
+                if isinstance(module, RMSNorm) and "norm" in ops:
                     module.register_forward_hook(_norm_hook)
-                elif type(module) is MLP:
+                elif type(module) is MLP and "swiglu" in ops:
                     _mlp_hooks(module)
 
 

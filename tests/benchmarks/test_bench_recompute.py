@@ -8,11 +8,17 @@ def test_bench_recompute_rows(capsys):
     assert run(["recompute", "--preset", "tiny", "--steps", "1", "--warmup", "0", "--seq-len", "16",
                 "--global-batch", "4", "--micro-batch", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
-    rows = {line.split()[0]: line.split() for line in lines if line.split()[:1] in (["none"], ["selective"], ["full"])}
-    assert set(rows) == {"none", "selective", "full"}, lines
-    mib = {mode: float(row[4]) for mode, row in rows.items()}
-    assert mib["full"] < mib["selective"] < mib["none"], rows
-    assert rows["none"][5] == "1.00x"
+    rows = {}
+    for line in lines:
+        words = line.split()
+        if "tiny" in words and words[0] in ("none", "selective", "full"):
+            at = words.index("tiny")
+            rows[" ".join(words[:at])] = words[at + 3:]  # activation MiB, none/mode, step ms, ...
+    assert set(rows) == {"none", "selective norm", "selective swiglu", "selective norm,swiglu", "full"}, lines
+    mib = {mode: float(row[0]) for mode, row in rows.items()}
+    assert mib["full"] < mib["selective norm,swiglu"] < min(mib["selective norm"], mib["selective swiglu"])
+    assert max(mib["selective norm"], mib["selective swiglu"]) < mib["none"], rows
+    assert rows["none"][1] == "1.00x"
 
 
 def test_bench_recompute_bad_input_one_line(capsys):

@@ -123,3 +123,28 @@ def test_bad_recompute_layers(tmp_path, parallel, message):
 def test_bad_mode_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match="recompute"):
         _config(tmp_path, "some").validate()
+
+
+@pytest.mark.parametrize("ops", ["rotary", "norm,norm", "", "norm,swiglu,softmax"])
+def test_bad_recompute_ops_are_one_line_exit_2(ops, capsys):
+    from pyruntime.cli import main
+
+    assert main(["train", "--recompute", "selective", "--recompute-ops", ops]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--recompute-ops '{ops}': expected a comma-separated subset of norm, swiglu" in err
+
+
+@pytest.mark.parametrize("ops", ["norm", "swiglu"])
+def test_each_selective_set_drops_less_than_both_and_is_exact(tmp_path, ops):
+    """One process: each set alone saves fewer bytes than none and more than both; losses and
+    gradient norms stay bit-identical to none."""
+    from support.world import single_process
+
+    def run(mode, recompute_ops):
+        cfg = _config(tmp_path, mode)
+        cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, recompute_ops=recompute_ops))
+        return single_process(cfg)
+
+    none, one, both = run("none", "norm,swiglu"), run("selective", ops), run("selective", "norm,swiglu")
+    assert [(r["loss"], r["grad_norm"]) for r in one] == [(r["loss"], r["grad_norm"]) for r in none]
+    assert both[0]["activation_bytes"] < one[0]["activation_bytes"] < none[0]["activation_bytes"]

@@ -17,6 +17,9 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +34,7 @@ from pyruntime.parallel.tensor.unshard import TPSpec
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+READ_AHEAD = 2  # parameters read ahead (and threads reading) while materialising
 # Buffers some older checkpoints store; they are recomputed, never weights.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
@@ -127,6 +131,7 @@ class SliceReader:
     def __init__(self, hf: HFDir):
         self.hf, self.bytes_read = hf, 0
         self.read_names: set[str] = set()
+        self._lock = threading.Lock()  # reads run in HFInit's read-ahead thread too
 
     def read_into(self, out: torch.Tensor, name: str, rows: tuple[int, int],
                   cols: tuple[int, int] | None = None) -> None:
@@ -139,8 +144,9 @@ class SliceReader:
             s = f.get_slice(name)
             t = s[rows[0]:rows[1]] if cols is None else s[rows[0]:rows[1], cols[0]:cols[1]]
             out.copy_(t)
-        self.bytes_read += t.numel() * t.element_size()
-        self.read_names.add(name)
+        with self._lock:
+            self.bytes_read += t.numel() * t.element_size()
+            self.read_names.add(name)
 
 
 def read_rows(spec: TPSpec, reader: SliceReader, tp_rank: int, out: torch.Tensor, r0: int, r1: int) -> None:
@@ -183,8 +189,37 @@ class HFInit(DeferredInit):
         super().__init__(model, hf.model, seed=0, tp_group=tp_group, device=device)
         self.hf, self.reader = hf, SliceReader(hf)
         self.tp_rank = tp_group.rank() if tp_group is not None else 0
+        self._ahead: dict[int, Future] = {}  # id(meta parameter) -> its value being read
+        self._top_up = None
+
+    @torch.no_grad()
+    def materialize(self, modules, values: bool = True) -> None:
+        """DeferredInit.materialize, with each parameter's read started READ_AHEAD parameters
+        early in a thread pool (as transformers' loader does): the copies release the GIL, so
+        the next tensor's page faults and conversion overlap this one's on another core."""
+        if not (values and self.draws):
+            return super().materialize(modules, values)
+        queue = deque(dict.fromkeys(p for m in modules for p in m.parameters() if p.is_meta))
+        with ThreadPoolExecutor(READ_AHEAD) as pool:
+            def top_up():
+                while queue and len(self._ahead) < READ_AHEAD:
+                    p = queue.popleft()
+                    self._ahead[id(p)] = pool.submit(self._read, p)
+            self._top_up = top_up
+            top_up()
+            try:
+                super().materialize(modules, values)
+            finally:
+                self._ahead, self._top_up = {}, None
 
     def value(self, p: nn.Parameter) -> torch.Tensor:
+        future = self._ahead.pop(id(p), None)
+        if future is None:
+            return self._read(p)
+        self._top_up()
+        return future.result()
+
+    def _read(self, p: nn.Parameter) -> torch.Tensor:
         shape = p.shape  # p: the meta parameter
         out = torch.empty(shape, dtype=torch.float32)
         read_rows(self.specs[self.names[id(p)]], self.reader, self.tp_rank, out, 0, shape[0])

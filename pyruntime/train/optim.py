@@ -46,7 +46,9 @@ def clip_grad_norm(grads: list[torch.Tensor], max_norm: float, group: dist.Proce
     for r, group_grads in by_replication.items():
         sq += _squared_norm(group_grads) / r
     if group is not None:
-        dist.all_reduce(sq, group=group)
+        reduced = sq.to(collective_device(sq, group))
+        dist.all_reduce(reduced, group=group)
+        sq = reduced.to(sq.device)
     norm = sq.sqrt()
     if max_norm > 0 and grads:
         scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0).float()
@@ -77,3 +79,11 @@ def _squared_norm(grads: list[torch.Tensor]) -> torch.Tensor:
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr
+
+
+def collective_device(t: torch.Tensor, group: dist.ProcessGroup) -> torch.device:
+    """Where a collective over `group` can take t: NCCL takes only CUDA tensors, and with
+    --offload optimizer the gradient shards (so the squared norm) are in host memory."""
+    if t.device.type == "cpu" and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return t.device

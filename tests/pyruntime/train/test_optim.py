@@ -35,3 +35,20 @@ def test_clip_disabled_returns_norm_only():
     g = torch.full((4,), 3.0)
     norm = clip_grad_norm([g], 0.0)
     assert norm.item() == 6.0 and torch.all(g == 3.0)
+
+
+def test_host_gradients_are_all_reduced_where_the_backend_takes_them(monkeypatch):
+    """--offload optimizer: the gradient shards live in host memory; NCCL refuses CPU tensors,
+    so the squared norm goes to the CUDA device for the all-reduce; gloo takes it where it is.
+    (Stood in on CPU: the backend name and the current CUDA device are patched.)"""
+    import torch.distributed as dist
+
+    from pyruntime.train.optim import collective_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    host = torch.zeros(())
+    monkeypatch.setattr(dist, "get_backend", lambda group: "nccl")
+    assert collective_device(host, object()) == torch.device("cuda", 3)
+    assert collective_device(torch.zeros((), device="meta"), object()) == torch.device("meta")
+    monkeypatch.setattr(dist, "get_backend", lambda group: "gloo")
+    assert collective_device(host, object()) == torch.device("cpu")

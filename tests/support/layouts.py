@@ -53,6 +53,7 @@ class Layout(NamedTuple):
     grad_clip: float = 1.0
     bucket_mb: float = 0.01        # several buckets, some spanning pipeline chunks
     eval_every: int = 10
+    recompute: str = "none"
     tag: str = ""                  # a name for the run settings, in test ids
 
     @property
@@ -71,6 +72,7 @@ class Layout(NamedTuple):
         parts += ["sp"] * self.sp + ["overlap"] * self.overlap
         if self.mesh_order != "dp,pp,tp":
             parts.append(self.mesh_order.replace(",", "-"))
+        parts += [f"recompute-{self.recompute}"] if self.recompute != "none" else []
         return "_".join(parts + ([self.tag] if self.tag else []))
 
     def single_process(self) -> "Layout":
@@ -86,7 +88,7 @@ def config(out_dir, layout: Layout) -> Config:
     par = ParallelConfig(dp=layout.dp, pp=layout.pp, tp=layout.tp, zero=layout.zero, schedule=layout.schedule,
                          virtual_stages=layout.virtual_stages, pp_layout=layout.pp_layout,
                          sequence_parallel=layout.sp, tp_overlap=layout.overlap, mesh_order=layout.mesh_order,
-                         bucket_mb=layout.bucket_mb)
+                         bucket_mb=layout.bucket_mb, recompute=layout.recompute)
     model = MODEL if layout.model == "layouts" else TEST_MODEL
     optim = dataclasses.replace(cfg.optim, lr=layout.lr, warmup_steps=layout.warmup, grad_clip=layout.grad_clip)
     return dataclasses.replace(cfg, model=dataclasses.replace(model), parallel=par, optim=optim)
@@ -145,8 +147,14 @@ def records_to_result(records: list[dict]) -> Result:
     return Result(*([r[k] for r in records if k in r] for k in ("loss", "grad_norm", "val_loss")))
 
 
+# Recomputation on the full 3D layout (issue: memory): none / selective / full must give
+# bit-identical losses and gradient norms; 3 steps each (compared with each other).
+RECOMPUTE = {8: [COMPOSED[8][0]._replace(steps=3, eval_every=0, recompute=mode)
+                 for mode in ("none", "selective", "full")]}
+
+
 def by_world(world: int) -> list[Layout]:
-    return TENSOR.get(world, []) + PIPELINE.get(world, []) + COMPOSED.get(world, [])
+    return TENSOR.get(world, []) + PIPELINE.get(world, []) + COMPOSED.get(world, []) + RECOMPUTE.get(world, [])
 
 
 def trainer(out_dir, layout: Layout, rank: int, world_size: int) -> Trainer:

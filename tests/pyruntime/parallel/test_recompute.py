@@ -148,3 +148,15 @@ def test_each_selective_set_drops_less_than_both_and_is_exact(tmp_path, ops):
     none, one, both = run("none", "norm,swiglu"), run("selective", ops), run("selective", "norm,swiglu")
     assert [(r["loss"], r["grad_norm"]) for r in one] == [(r["loss"], r["grad_norm"]) for r in none]
     assert both[0]["activation_bytes"] < one[0]["activation_bytes"] < none[0]["activation_bytes"]
+
+
+def test_3d_layout_is_bit_identical_in_every_mode(layout_results):
+    """dp 2 x pp 2 x tp 2 (ZeRO-1, sequence parallel, 1F1B), in the shared 8-rank layout world:
+    selective and full give exactly none's losses and gradient norms."""
+    from support.layouts import RECOMPUTE
+
+    results = layout_results(8)
+    none, *others = RECOMPUTE[8]
+    for layout in others:
+        assert results[layout].loss == results[none].loss and results[layout].grad_norm == results[none].grad_norm, \
+            layout.recompute

@@ -39,7 +39,7 @@ test-cpp:
 	ctest --test-dir build/cmake --output-on-failure
 
 test-py: $(BUILD_STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests   # the slowest tests listed: keep the suite under 15 min on CI
 
 test: test-cpp test-py
 

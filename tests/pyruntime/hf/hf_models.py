@@ -11,15 +11,21 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 CASES = {
     "llama_gqa": ("LlamaConfig", {}),
     "llama31_rope_scaling": ("LlamaConfig", {"rope_scaling": LLAMA3_ROPE, "rope_theta": 500000.0}),
+    "llama_linear_rope": ("LlamaConfig", {"rope_scaling": {"rope_type": "linear", "factor": 4.0}}),
     "llama_tied": ("LlamaConfig", {"tie_word_embeddings": True}),
+    "llama_biases": ("LlamaConfig", {"attention_bias": True, "mlp_bias": True}),
+    "llama_head_dim": ("LlamaConfig", {"head_dim": 16}),
     "mistral_sliding_window": ("MistralConfig", {"sliding_window": 5, "head_dim": 8}),
     "qwen2_bias_tied": ("Qwen2Config", {"tie_word_embeddings": True}),
-    "llama_head_dim": ("LlamaConfig", {"head_dim": 16}),
 }
 
 
 def hf_model(name: str, seed: int = 0, **overrides):
-    """A random fp32 transformers model of case `name`; every parameter (norms, biases) drawn."""
+    """A random fp32 transformers model of case `name`, every parameter (norms and biases
+    too) drawn, so no term of the math is hidden by a zero or a one; .config_json: the
+    config.json save_pretrained writes for it."""
+    import json
+
     import transformers
 
     cls_name, extra = CASES[name]
@@ -31,6 +37,8 @@ def hf_model(name: str, seed: int = 0, **overrides):
         for n, p in model.named_parameters():
             norm = n.endswith("norm.weight")
             p.copy_(torch.randn_like(p) * (0.3 if norm else 0.08) + (1.0 if norm else 0.0))
+    model.config.architectures = [type(model).__name__]  # as save_pretrained records it
+    model.config_json = json.loads(model.config.to_json_string(use_diff=True))
     return model
 
 

@@ -71,11 +71,13 @@ def _model_time(layers: int, dim: int, batch: int, seq: int) -> tuple[float, flo
     from pyruntime.plan.layout import Layout, Workload
     from pyruntime.plan.timing import chunk_forward_flops
     from pyruntime.model.loss import lm_loss
+    from pyruntime.parallel.recompute import apply_recompute
 
     dev, sync = _device_and_sync()
     cfg = ModelConfig(dim=dim, n_layers=layers, n_heads=max(2, dim // 64), ffn_dim=dim * 8 // 3 // 8 * 8,
                       vocab_size=256, max_seq_len=seq)
     model = Transformer(cfg).to(dev)
+    apply_recompute(model, "none")  # as the trainer runs every block: metered (parallel/recompute.py)
     x = torch.randint(0, 256, (batch, seq), device=dev)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda")
 

@@ -93,31 +93,32 @@ class _ReduceFromTPRegion(torch.autograd.Function):
 
 
 class _GatherFromTPRegion(torch.autograd.Function):
-    """Forward: all-gather along the last dim (feature shards -> full features).
-    Backward: keep this rank's slice of the gradient (no communication)."""
+    """Forward: all-gather along `dim` (shards -> the whole, replicated after).
+    Backward: keep this rank's slice of the gradient (no communication: every rank computed
+    the same gradient of the replicated output)."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return gather_along(x, group, -1)
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return gather_along(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return split_along(grad, ctx.group, -1), None
+        return split_along(grad, ctx.group, ctx.dim), None, None
 
 
 class _ScatterToTPRegion(torch.autograd.Function):
-    """Forward: keep this rank's slice of the last dim (no communication).
-    Backward: all-gather the gradient along the last dim."""
+    """Forward: keep this rank's slice along `dim` (no communication).
+    Backward: all-gather the gradient along `dim`."""
 
     @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return split_along(x, group, -1)
+    def forward(ctx, x, group, dim):
+        ctx.group, ctx.dim = group, dim
+        return split_along(x, group, dim)
 
     @staticmethod
     def backward(ctx, grad):
-        return gather_along(grad, ctx.group, -1), None
+        return gather_along(grad, ctx.group, ctx.dim), None, None
 
 
 class _AllGatherSequence(torch.autograd.Function):
@@ -159,14 +160,16 @@ def reduce_from_tp_region(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Te
     return _ReduceFromTPRegion.apply(x, group)
 
 
-def gather_from_tp_region(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Feature shards -> full features. Fwd: all-gather on the last dim. Bwd: split."""
-    return _GatherFromTPRegion.apply(x, group)
+def gather_from_tp_region(x: torch.Tensor, group: dist.ProcessGroup, dim: int = -1) -> torch.Tensor:
+    """Shards -> the whole, replicated: feature shards (dim -1), or leaving a sequence-parallel
+    region with a replicated activation (dim SEQ_DIM). Fwd: all-gather on dim. Bwd: split."""
+    return _GatherFromTPRegion.apply(x, group, dim)
 
 
-def scatter_to_tp_region(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    """Full features -> this rank's feature shard. Fwd: split the last dim. Bwd: all-gather."""
-    return _ScatterToTPRegion.apply(x, group)
+def scatter_to_tp_region(x: torch.Tensor, group: dist.ProcessGroup, dim: int = -1) -> torch.Tensor:
+    """Replicated -> this rank's shard along dim (features, or the sequence: entering a
+    sequence-parallel region). Fwd: split on dim. Bwd: all-gather."""
+    return _ScatterToTPRegion.apply(x, group, dim)
 
 
 def all_gather_sequence(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

@@ -36,9 +36,8 @@ import torch.nn.functional as F
 
 from pyruntime import ops
 from pyruntime.comm.overlap import all_gather_gemm, gemm_reduce_scatter, overlap_supported
-from pyruntime.comm.tp import (SEQ_DIM, all_gather_sequence, copy_to_tp_region, gather_along,
-                               gather_from_tp_region, reduce_from_tp_region, reduce_scatter_sequence,
-                               scatter_to_tp_region, split_along)
+from pyruntime.comm.tp import (SEQ_DIM, all_gather_sequence, copy_to_tp_region, gather_from_tp_region,
+                               reduce_from_tp_region, reduce_scatter_sequence, scatter_to_tp_region)
 from pyruntime.model.llama import RMSNorm
 
 
@@ -68,48 +67,18 @@ def shard_rows(full: torch.Tensor, group: dist.ProcessGroup, pad: bool = False) 
     return shard
 
 
-class _ScatterSequence(torch.autograd.Function):
-    """Forward: this rank's block of the sequence of a replicated (B, T, C) (no communication).
-    Backward: all-gather the gradient along the sequence (each rank holds its positions')."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return split_along(x, group, SEQ_DIM)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return gather_along(grad, ctx.group, SEQ_DIM), None
-
-
-class _GatherSequence(torch.autograd.Function):
-    """Forward: all-gather along the sequence, (B, T/tp, C) -> (B, T, C), replicated after.
-    Backward: keep this rank's block of the gradient (every rank computed the same full one
-    from the replicated output: summing them, as all_gather_sequence does for a GEMM's
-    partial gradients, would count it tp times)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return gather_along(x, group, SEQ_DIM)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return split_along(grad, ctx.group, SEQ_DIM), None
-
-
 def scatter_sequence(x: torch.Tensor, tp_group: dist.ProcessGroup) -> torch.Tensor:
     """Enter a sequence-parallel region: replicated (B, T, C) -> this rank's (B, T/tp, C).
     T must divide by the tp size (a padded position would change attention's result)."""
     if x.dim() < 2 or x.shape[SEQ_DIM] % tp_group.size():
         raise ValueError(f"scatter_sequence: the sequence (dim {SEQ_DIM} of shape {tuple(x.shape)}) must "
                          f"divide by tp {tp_group.size()}")
-    return _ScatterSequence.apply(x, tp_group)
+    return scatter_to_tp_region(x, tp_group, SEQ_DIM)
 
 
 def gather_sequence(x: torch.Tensor, tp_group: dist.ProcessGroup) -> torch.Tensor:
     """Leave a sequence-parallel region: (B, T/tp, C) shards -> the replicated (B, T, C)."""
-    return _GatherSequence.apply(x, tp_group)
+    return gather_from_tp_region(x, tp_group, SEQ_DIM)
 
 
 def _seeded_normal(shape, std: float, seed: int) -> torch.Tensor:

@@ -91,10 +91,21 @@ DEVICES: dict[str, Device] = {d.name: d for d in (
     _gpu("l40s", 48, 362, 32, _NDR, 0.864,
          "NVIDIA L40S datasheet: 48 GB GDDR6 at 864 GB/s, BF16 733 TFLOPS with sparsity (362 dense), no "
          "NVLink: PCIe Gen4 x16 64 GB/s both directions"),
+    _gpu("a10g", 24, 125, 32, _EDR, 0.6,
+         "NVIDIA A10 Tensor Core GPU datasheet (AWS's A10G is its cloud variant): 24 GB GDDR6 at 600 GB/s, "
+         "BF16 250 TFLOPS with sparsity (125 dense), no NVLink: PCIe Gen4 x16 64 GB/s both directions"),
     _gpu("mi300x", 192, 1307, 448, _NDR, 5.3,
          "AMD Instinct MI300X datasheet: 192 GB HBM3 at 5.3 TB/s, BF16 1,307.4 TFLOPS dense, 7 Infinity "
          "Fabric links of 64 GB/s per direction"),
 )}
+
+
+def peak_flops_of(gpu_name: str) -> float | None:
+    """The table's dense bf16 peak for a GPU as torch names it ("NVIDIA H100 80GB HBM3",
+    "NVIDIA H100 NVL"): the longest table name inside it; None for a GPU the table lacks."""
+    name = "-".join(gpu_name.lower().replace("_", " ").split())
+    known = sorted((k for k in DEVICES if k in name), key=len, reverse=True)
+    return DEVICES[known[0]].peak_flops if known else None
 
 
 def device(name: str) -> Device:

@@ -10,15 +10,13 @@ import torch
 
 from pyruntime.train.faults import IOFault, writing
 
-# Dense bf16 tensor-core peak (FLOP/s) by device-name fragment; MFU is only shown where known.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12}
-
 
 def device_peak_flops(device: torch.device) -> float | None:
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+    from pyruntime.plan.devices import peak_flops_of  # the one device table (with its sources)
+
+    return peak_flops_of(torch.cuda.get_device_name(device))
 
 
 def peak_memory_mb(device: torch.device) -> float:

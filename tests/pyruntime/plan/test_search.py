@@ -41,3 +41,16 @@ def test_step_time_parts_add_up_and_pipeline_bubble_shrinks_with_microbatches():
         assert 0 <= t.step - (t.pipeline + t.dp_exposed + t.optimizer) < 1e-2  # + per-step syncs and overhead
         assert 0 < t.mfu < 1
     assert few.bubble / few.pipeline > many.bubble / many.pipeline
+
+
+def test_trainer_mfu_peak_comes_from_the_device_table():
+    """The trainer's MFU divides by the planner's table (one source of each GPU's peak), matched
+    from the name torch reports; the longest table name wins (h100-nvl before h100, gh200
+    before h200); a GPU the table lacks gets no MFU."""
+    from pyruntime.plan.devices import DEVICES, peak_flops_of
+
+    assert peak_flops_of("NVIDIA H100 80GB HBM3") == DEVICES["h100"].peak_flops == 989e12
+    assert peak_flops_of("NVIDIA H100 NVL") == DEVICES["h100-nvl"].peak_flops
+    assert peak_flops_of("NVIDIA GH200 480GB") == DEVICES["gh200"].peak_flops
+    assert peak_flops_of("NVIDIA A100-SXM4-40GB") == 312e12 and peak_flops_of("NVIDIA A10G") == 125e12
+    assert peak_flops_of("NVIDIA GeForce RTX 4090") is None

@@ -17,7 +17,7 @@ import sys
 
 import torch
 
-from pyruntime.bench.harness import compare, header, print_table, table_lines, time_fn
+from pyruntime.bench.harness import compare, header, print_table, suite_parser, table_lines, time_fn
 from pyruntime.ops.adamw import adamw_step
 
 BYTES_PER_PARAM = 28  # read p, g, m, v and write p, m, v, fp32
@@ -34,14 +34,8 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line on stderr, exit 2 (argparse also prints usage)
-        print(f"bench adam: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = _Parser(prog="pyruntime bench adam", description=__doc__.split("\n\n")[0])
+    p = suite_parser("adam", __doc__)
     p.add_argument("--sizes", type=_sizes, default=_sizes("1e6,1e7,1e8"), help="parameters per buffer, comma-separated")
     p.add_argument("--repeat", type=int, default=10, help="timed steps per implementation (median)")
     p.add_argument("--warmup", type=int, default=2)

@@ -181,9 +181,9 @@ def bench_tokenize(args) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from pyruntime.bench.harness import header
+    from pyruntime.bench.harness import header, suite_parser
 
-    parser = argparse.ArgumentParser(prog="pyruntime bench hf", description=__doc__.splitlines()[0])
+    parser = suite_parser("hf", __doc__)
     parser.add_argument("--part", choices=["load", "tokenize", "both"], default="both")
     parser.add_argument("--dim", type=int, default=2048)
     parser.add_argument("--layers", type=int, default=16)

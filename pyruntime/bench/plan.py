@@ -8,11 +8,10 @@ predicted and measured step time side by side, and how well the prediction ranks
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import sys
 
-from pyruntime.bench.harness import header, table_lines
+from pyruntime.bench.harness import header, suite_parser, table_lines
 
 # (world size, parallel fields, micro-batch)
 LAYOUTS = [
@@ -63,7 +62,7 @@ def main(argv=None) -> int:
     from pyruntime.plan.timing import Cluster, step_time
     from pyruntime.spawn import run_world
 
-    parser = argparse.ArgumentParser(prog="pyruntime bench plan", description=__doc__.splitlines()[0])
+    parser = suite_parser("plan", __doc__)
     parser.add_argument("--preset", default="tiny")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--global-batch", type=int, default=8)

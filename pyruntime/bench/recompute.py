@@ -18,20 +18,14 @@ import sys
 
 import torch
 
-from pyruntime.bench.harness import header, table_lines
+from pyruntime.bench.harness import header, suite_parser, table_lines
 from pyruntime.config import PRESETS, Config, DataConfig, ParallelConfig, TrainConfig
 
 # The model is built and run by the trainer in this process (a world of one).
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line on stderr, exit 2
-        print(f"bench recompute: {message}", file=sys.stderr)
-        raise SystemExit(2)
-
-
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = _Parser(prog="pyruntime bench recompute", description=__doc__.split("\n\n")[0])
+    p = suite_parser("recompute", __doc__)
     p.add_argument("--preset", default="small", choices=sorted(PRESETS))
     p.add_argument("--steps", type=int, default=4, help="timed steps per mode")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps first")

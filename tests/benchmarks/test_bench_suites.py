@@ -86,7 +86,7 @@ def test_bench_initmem_builds_both_ways(capsys):
     assert [r[0] for r in rows] == ["deferred", "eager"] and all(len(r) == 4 for r in rows), rows
 
 
-@pytest.mark.parametrize("suite", ["tp", "pp", "zero", "flat", "overlap", "tpstep", "initmem"])
+@pytest.mark.parametrize("suite", ["tp", "pp", "zero", "flat", "overlap", "tpstep", "initmem", "adam", "recompute", "hf", "plan"])
 def test_suite_help_is_a_whole_paragraph_and_bad_options_one_line(suite, capsys):
     assert run([suite, "--help"]) == 0
     out = capsys.readouterr().out

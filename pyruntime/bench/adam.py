@@ -8,7 +8,9 @@ a = b + s * c, through torch's multi-threaded add).
 
 GB/s counts the bytes an AdamW step must move, 28 per parameter (read parameter, gradient and
 both moments, write parameter and moments, fp32), whichever implementation runs; the triad
-moves 12 bytes per element. Every implementation gets the same threads (torch's pool).
+moves 12 bytes per element. Every implementation gets the same threads (torch's pool); ours
+and each peer are timed in alternating single steps (median of each), so the machine's
+bandwidth drifting during the run (other tenants) falls on both alike.
 """
 from __future__ import annotations
 
@@ -53,24 +55,38 @@ def triad_seconds(n: int, repeat: int, warmup: int) -> float:
     return time_fn(lambda: torch.add(b, c, alpha=3.0, out=a), warmup=warmup, repeat=repeat, device="cpu")
 
 
-def _ours(n: int):
+def _ours(n: int, copy_dtype: torch.dtype | None = None):
+    """One step of the C++ AdamW; with copy_dtype it also writes the parameters' copy in that
+    dtype in the same pass (what `--offload optimizer` sends back to the device)."""
     g = torch.Generator().manual_seed(0)
     master, grad = torch.randn(n, generator=g), torch.randn(n, generator=g) * 1e-3
     m, v = torch.zeros(n), torch.zeros(n)
+    copy = torch.empty(n, dtype=copy_dtype) if copy_dtype is not None else None
     step = [0]
 
     def run():
         step[0] += 1
-        adamw_step(master, grad, m, v, None, step=step[0], backend="cpp", **HYPER)
+        adamw_step(master, grad, m, v, None, step=step[0], backend="cpp", param_copy=copy, **HYPER)
 
     return run
 
 
-def _torch(n: int, **impl):
+def _torch(n: int, copy_dtype: torch.dtype | None = None, **impl):
+    """One torch.optim.AdamW step; with copy_dtype followed by the copy into that dtype that
+    torch needs as a second pass."""
     g = torch.Generator().manual_seed(0)
     param = torch.randn(n, generator=g).requires_grad_(True)
     param.grad = torch.randn(n, generator=g) * 1e-3
-    return torch.optim.AdamW([param], **HYPER, **impl).step
+    step = torch.optim.AdamW([param], **HYPER, **impl).step
+    if copy_dtype is None:
+        return step
+    copy = torch.empty(n, dtype=copy_dtype)
+
+    def step_and_copy():
+        step()
+        copy.copy_(param.detach())
+
+    return step_and_copy
 
 
 def size_rows(n: int, repeat: int, warmup: int):
@@ -81,8 +97,15 @@ def size_rows(n: int, repeat: int, warmup: int):
     for impl, name in (({"fused": True}, "AdamW fused"), ({"foreach": True}, "AdamW foreach")):
         baseline = _torch(n, **impl)  # one torch optimizer's state alive at a time
         rows.append(compare(f"C++ AdamW vs {name}", shape, ours, baseline, baseline_name=name,
-                            bytes_moved=moved, warmup=warmup, repeat=repeat))
+                            bytes_moved=moved, warmup=warmup, repeat=repeat, interleave=True))
         del baseline
+    del ours
+    # The offload step: parameters also written as the device's bf16 copy. Ours does it in the
+    # same pass (+2 bytes per parameter); torch needs its step and then a copy (+6).
+    ours, baseline = _ours(n, torch.bfloat16), _torch(n, torch.bfloat16, fused=True)
+    rows.append(compare("C++ AdamW+bf16 copy vs fused+copy_", shape, ours, baseline,
+                        baseline_name="fused + copy_", bytes_moved=(BYTES_PER_PARAM + 2) * n,
+                        warmup=warmup, repeat=repeat, interleave=True))
     return rows
 
 

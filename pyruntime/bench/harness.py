@@ -48,6 +48,22 @@ def time_fn(fn: Callable[[], object], *, warmup: int = 5, repeat: int = 30, devi
     return statistics.median(samples)
 
 
+def time_interleaved(a: Callable[[], object], b: Callable[[], object], *, warmup: int = 5,
+                     repeat: int = 30) -> tuple[float, float]:
+    """Median seconds per call of a and of b, timed in alternating single calls (CPU)."""
+    for _ in range(warmup):
+        a()
+        b()
+    samples: dict[int, list[float]] = {0: [], 1: []}
+    fns = (a, b)
+    for i in range(repeat):
+        for k in ((0, 1) if i % 2 == 0 else (1, 0)):
+            t0 = time.perf_counter()
+            fns[k]()
+            samples[k].append(time.perf_counter() - t0)
+    return statistics.median(samples[0]), statistics.median(samples[1])
+
+
 def peak_extra_memory(fn: Callable[[], object]) -> float | None:
     """Bytes of device memory one call of fn allocates at its peak above what was allocated
     before it (its result included); None off CUDA, where there is no allocator to ask."""
@@ -82,10 +98,16 @@ class Row:
 
 def compare(name: str, shape: str, ours: Callable, baseline: Callable | None = None, *,
             flops: float | None = None, bytes_moved: float | None = None, baseline_name: str = "torch",
-            warmup: int = 5, repeat: int = 30, memory: bool = False) -> Row:
-    """Time ours (and baseline); with memory=True also one call of each for peak memory."""
-    ours_s = time_fn(ours, warmup=warmup, repeat=repeat)
-    base_s = time_fn(baseline, warmup=warmup, repeat=repeat) if baseline is not None else None
+            warmup: int = 5, repeat: int = 30, memory: bool = False, interleave: bool = False) -> Row:
+    """Time ours (and baseline); with memory=True also one call of each for peak memory.
+    interleave=True alternates single calls of the two (which goes first alternating too), so
+    a drift of the machine's speed during the run (memory bandwidth shared with other tenants)
+    falls on both sides alike; otherwise each is timed in one block."""
+    if interleave and baseline is not None:
+        ours_s, base_s = time_interleaved(ours, baseline, warmup=warmup, repeat=repeat)
+    else:
+        ours_s = time_fn(ours, warmup=warmup, repeat=repeat)
+        base_s = time_fn(baseline, warmup=warmup, repeat=repeat) if baseline is not None else None
     row = Row(name, shape, ours_s, base_s, flops, bytes_moved, baseline_name)
     if memory:
         row.ours_mem = peak_extra_memory(ours)

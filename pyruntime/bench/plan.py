@@ -71,12 +71,17 @@ def main(argv=None) -> int:
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
     print("\n".join(header(["plan", *(argv or [])], "cpu", "CPU / gloo ranks, one thread each")), flush=True)
-    dev = load_profile(args.profile) if args.profile else calibrate("runs/bench_plan_profile.json")
+    from pyruntime.config import PRESETS
+
+    # calibrated with this preset's blocks at tp 1 and 2, as `plan --calibrate --preset P
+    # --seq-len S --gpus 2` does
+    dev = (load_profile(args.profile) if args.profile
+           else calibrate("runs/bench_plan_profile.json", model=PRESETS[args.preset], seq_len=args.seq_len, tps=(1, 2)))
     print(f"profile: {dev.name} | GEMM {dev.peak_flops / 1e9:.1f} GFLOP/s x {dev.gemm_efficiency:.0%} | dispatch "
           f"{dev.block_overhead * 1e3:.2f} ms per block + {dev.micro_overhead * 1e3:.2f} ms per micro-batch + {dev.step_overhead * 1e3:.1f} ms per step | "
           f"collectives {dev.intra_bw / 1e9:.2f} GB/s + {dev.latency * 1e6:.0f} us (gather "
-          f"{dev.gather_latency * 1e6:.0f} us, p2p {dev.p2p_latency * 1e6:.0f} us) | memory {dev.mem_bw / 1e9:.1f} GB/s",
-          flush=True)
+          f"{dev.gather_latency * 1e6:.0f} us, p2p {dev.p2p_latency * 1e6:.0f} us) | memory {dev.mem_bw / 1e9:.1f} GB/s"
+          f" | model pieces timed: {len(dev.block_fits)}", flush=True)
     rows, predicted, measured = [], [], []
     for world in (1, 2):
         configs = _configs(args, world)

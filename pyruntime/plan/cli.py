@@ -4,6 +4,7 @@ subcommand; its flags and output live here).
     plan --preset 7b --seq-len 4096 --global-batch 64 --gpus 8 --device h100 --zero 3
     plan --hf-config config.json --gpus 16 --gpus-per-node 8 --device a100 --search
     plan --calibrate                       # this machine -> plan_profile.json
+    plan --calibrate --preset small --seq-len 512 --gpus 2   # ... and that model's blocks (tp 1, 2)
     plan --profile plan_profile.json --preset small --dp 2
 """
 from __future__ import annotations
@@ -50,7 +51,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         p.add_argument(flag, type=typ, default=None, help=text)
     p.add_argument("--sp", action="store_true", help="sequence parallelism (tp > 1)")
     p.add_argument("--search", action="store_true", help="every layout that fits, fastest first")
-    p.add_argument("--calibrate", action="store_true", help="measure this machine and save a profile")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure this machine and save a profile; with a model (--preset, --config, --hf-config) "
+                        "also time its blocks at --seq-len for each tp up to --gpus, which plans of it then use")
 
 
 def _positive(args: argparse.Namespace) -> None:
@@ -136,12 +139,20 @@ def run(args: argparse.Namespace) -> int:
     _positive(args)
     if args.calibrate:
         path = args.profile or DEFAULT_PROFILE
-        dev = calibrate(path)
+        model, seq, tps = None, 0, (1,)
+        if args.preset or args.config or args.hf_config:  # also time this model's blocks
+            work, _, _ = workload_and_base(args)
+            model, seq = work.model, work.seq_len
+            tps = tuple(t for t in (1, 2, 4, 8) if t <= (args.gpus or 1) and work.model.n_heads % t == 0
+                        and work.model.kv_heads % t == 0 and work.model.ffn_dim % t == 0)
+        dev = calibrate(path, model=model, seq_len=seq, tps=tps)
         print(f"calibrated {dev.name}: GEMM {dev.peak_flops / 1e9:.1f} GFLOP/s (a block sustains "
               f"{dev.gemm_efficiency:.0%}), dispatch {dev.block_overhead * 1e3:.2f} ms per block + "
               f"{dev.micro_overhead * 1e3:.2f} ms per micro-batch + {dev.step_overhead * 1e3:.1f} ms per step, memory {dev.mem_bw / 1e9:.1f} GB/s, collectives "
               f"{dev.intra_bw / 1e9:.2f} GB/s + {dev.latency * 1e6:.0f} us (all-gather / reduce-scatter "
-              f"{dev.gather_latency * 1e6:.0f} us, p2p {dev.p2p_latency * 1e6:.0f} us) | {path}")
+              f"{dev.gather_latency * 1e6:.0f} us, p2p {dev.p2p_latency * 1e6:.0f} us)"
+              + (f", this model's blocks timed at seq {seq} for tp {', '.join(map(str, tps))}" if model else "")
+              + f" | {path}")
         return 0
     work, base, model_args = workload_and_base(args)
     if args.search:

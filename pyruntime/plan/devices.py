@@ -58,6 +58,53 @@ class Device:
     it dominates small models."""
     cuda: bool = True
     """Whether the trainer runs it with bf16 autocast (activations 2 bytes, ZeRO-3 units bf16)."""
+    comm_times: tuple[tuple[str, int, float], ...] = ()
+    """Measured (kind, bytes, seconds) of single collectives between 2 ranks, kind one of
+    "allreduce", "gather" (the runtime's all-gather / reduce-scatter) and "p2p"; where present
+    (a `--calibrate` profile) the line through them replaces latency + bytes / bandwidth
+    inside one node."""
+    block_fits: tuple[tuple[str, float, float, float, float], ...] = ()
+    """Measured times of one model's pieces on this machine (`plan --calibrate` given a model):
+    (fit_key(model, seq_len, tp), a, b, c, d): one block's forward + backward takes a + b * mb
+    seconds at micro-batch mb, the rest of a micro-batch (embedding, final norm, head, loss)
+    c + d * mb. Plans of that model at that sequence length and tp use them instead of FLOPs
+    over gemm_efficiency plus the dispatch overheads."""
+
+    def comm_seconds(self, kind: str, nbytes: float) -> float | None:
+        """Seconds of one 2-rank collective of nbytes: the least-squares line through
+        comm_times' sizes of that kind; None where none was measured."""
+        points = [(b, t) for k, b, t in self.comm_times if k == kind]
+        if not points:
+            return None
+        intercept, slope = line_fit(points)
+        return intercept + slope * nbytes
+
+    def block_fit(self, key: str) -> tuple[float, float, float, float] | None:
+        for k, *fit in self.block_fits:
+            if k == key:
+                return tuple(fit)
+        return None
+
+
+def line_fit(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """(intercept, slope) of the least-squares line through (x, y) points, both kept >= 0
+    (a time never falls with size; one point gives a flat line)."""
+    n = len(points)
+    mx, my = sum(x for x, _ in points) / n, sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    slope = max(sum((x - mx) * (y - my) for x, y in points) / sxx, 0.0) if sxx > 0 else 0.0
+    intercept = my - slope * mx
+    if intercept < 0:  # through the origin instead
+        intercept, slope = 0.0, sum(x * y for x, y in points) / max(sum(x * x for x, _ in points), 1e-30)
+    return intercept, slope
+
+
+def fit_key(model, seq_len: int, tp: int) -> str:
+    """What block_fits are measured for: the tp-local block and head shapes and the sequence."""
+    return (f"dim {model.dim} heads {model.n_heads} kv {model.kv_heads} head_dim {model.head_dim} "
+            f"ffn {model.ffn_dim} vocab {model.vocab_size} tied {int(model.tie_embeddings)} "
+            f"bias {int(model.qkv_bias)}{int(model.o_bias)}{int(model.mlp_bias)} window {model.sliding_window} "
+            f"seq {seq_len} tp {tp}")
 
 
 _NDR, _HDR, _EDR = 50 * GB, 25 * GB, 12.5 * GB  # InfiniBand 400 / 200 / 100 Gb/s per GPU

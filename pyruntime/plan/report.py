@@ -50,6 +50,9 @@ def time_lines(work: Workload, layout: Layout, t: StepTime, tokens: float | None
         f"bubble {t.bubble:.3f} s), data-parallel comm {t.dp_comm:.3f} s of which exposed {t.dp_exposed:.3f} s, "
         f"optimizer {t.optimizer:.3f} s",
         f"throughput {t.tokens_per_s:,.0f} tokens/s, MFU {t.mfu:.1%}",
+        "compute from " + ("this model's blocks as timed by the calibration profile" if t.measured_blocks
+                           else "FLOPs at the device's sustained rate (a profile calibrated with this model "
+                                "and sequence length times its blocks instead)"),
     ]
     if tokens:
         lines.append(f"{tokens:.3g} tokens: {t.days(tokens):,.1f} days")

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from pyruntime.model.llama import count_params
 from pyruntime.parallel.pipeline.schedule import Costs, simulate
-from pyruntime.plan.devices import Device
+from pyruntime.plan.devices import Device, fit_key
 from pyruntime.plan.flops import SECONDS_PER_DAY, model_flops_per_token
 from pyruntime.plan.layout import Layout, Workload
 from pyruntime.plan.memory import rank_chunks
@@ -55,20 +55,46 @@ class StepTime:
     step: float
     tokens_per_s: float
     mfu: float
+    measured_blocks: bool = False
+    """Compute came from the profile's timing of this model's blocks (Device.block_fits), not
+    from FLOPs over the sustained rate."""
 
     def days(self, tokens: float) -> float:
         return tokens / self.tokens_per_s / SECONDS_PER_DAY
 
 
+def _intra(cluster: Cluster, stride: int, size: int) -> bool:
+    return stride * size <= cluster.gpus_per_node
+
+
 def _bw(cluster: Cluster, stride: int, size: int) -> float:
     d = cluster.device
-    return d.intra_bw if stride * size <= cluster.gpus_per_node else d.inter_bw
+    return d.intra_bw if _intra(cluster, stride, size) else d.inter_bw
 
 
 def ring(nbytes: float, ranks: int, bw: float, latency: float, all_reduce: bool = False) -> float:
     if ranks == 1:
         return 0.0
     return (2 if all_reduce else 1) * (ranks - 1) / ranks * nbytes / bw + latency
+
+
+_LATENCY = {"allreduce": "latency", "gather": "gather_latency", "p2p": "p2p_latency"}
+
+
+def collective(cluster: Cluster, kind: str, nbytes: float, stride: int, ranks: int) -> float:
+    """Seconds of one collective over `ranks` ranks `stride` apart in the mesh: kind
+    "allreduce" (nbytes reduced), "gather" (an all-gather into, or a reduce-scatter from,
+    nbytes) or "p2p" (nbytes sent). A profile's measured 2-rank time of that size inside a
+    node, scaled by a ring's (ranks - 1) / ranks of the volume; else latency + bytes / bandwidth."""
+    if ranks == 1:
+        return 0.0
+    d = cluster.device
+    measured = d.comm_seconds(kind, nbytes) if _intra(cluster, stride, ranks) else None
+    if measured is not None:
+        return measured if kind == "p2p" else measured * 2 * (ranks - 1) / ranks
+    if kind == "p2p":
+        return nbytes / _bw(cluster, stride, ranks) + d.p2p_latency
+    return ring(nbytes, ranks, _bw(cluster, stride, ranks), getattr(d, _LATENCY[kind]), all_reduce=kind == "allreduce")
 
 
 def chunk_forward_flops(work: Workload, layout: Layout, layers: int, head: bool) -> float:
@@ -87,15 +113,14 @@ def _tp_time(work: Workload, layout: Layout, cluster: Cluster, layers: int, act:
     t = layout.tp
     if t == 1:
         return 0.0
-    d, nbytes = cluster.device, layout.micro_batch * work.seq_len * work.model.dim * act
-    bw = _bw(cluster, 1, t)
-    if layout.sp:
-        one = 2 * ring(nbytes, t, bw, d.gather_latency)
-    else:
-        one = ring(nbytes, t, bw, d.latency, all_reduce=True)
+    tokens = layout.micro_batch * work.seq_len
+    nbytes = tokens * work.model.dim * act
+    one = (2 * collective(cluster, "gather", nbytes, 1, t) if layout.sp
+           else collective(cluster, "allreduce", nbytes, 1, t))
     total = (2 * layers + embedding) * one
-    if head:
-        total += 3 * d.latency + (ring(nbytes, t, bw, d.gather_latency) if layout.sp else 0.0)
+    if head:  # the loss's max, sum-exp and target-logit all-reduces, one fp32 per token
+        total += 3 * collective(cluster, "allreduce", 4 * tokens, 1, t)
+        total += collective(cluster, "gather", nbytes, 1, t) if layout.sp else 0.0
     return total
 
 
@@ -104,17 +129,26 @@ def _rank_costs(work: Workload, layout: Layout, cluster: Cluster, pp_rank: int) 
     d = cluster.device
     rate = d.peak_flops * d.gemm_efficiency
     act = 2 if d.cuda else 4
+    fit = d.block_fit(fit_key(work.model, work.seq_len, layout.tp))
     fwd = bwd = rec = comm = 0.0
     for c in rank_chunks(work, layout, pp_rank):
-        flops = chunk_forward_flops(work, layout, c.layers, c.head)
-        # dispatch: the blocks', the head's (about one block) and the chunk's own (rotary, loss)
-        fixed = (c.layers + (1 if c.head else 0)) * d.block_overhead + d.micro_overhead
+        if fit is not None:  # measured on this machine for this model (calibrate.model_fits)
+            mb = layout.micro_batch
+            block = fit[0] + fit[1] * mb
+            compute = c.layers * block + (fit[2] + fit[3] * mb if c.head else d.micro_overhead)
+            recompute = c.layers * block / 3
+        else:
+            flops = chunk_forward_flops(work, layout, c.layers, c.head)
+            # dispatch: the blocks', the head's (about one block) and the chunk's own (rotary, loss)
+            fixed = (c.layers + (1 if c.head else 0)) * d.block_overhead + d.micro_overhead
+            compute = 3 * flops / rate + fixed
+            recompute = chunk_forward_flops(work, layout, c.layers, False) / rate + c.layers * d.block_overhead / 3
         tp = _tp_time(work, layout, cluster, c.layers, act, c.embedding, c.head)
-        fwd += flops / rate + fixed / 3 + tp
-        bwd += 2 * flops / rate + 2 * fixed / 3 + tp
+        fwd += compute / 3 + tp  # backward = 2 x forward: a matmul's two gradients
+        bwd += 2 * compute / 3 + tp
         comm += 2 * tp
         if layout.recompute == "full":
-            rec += chunk_forward_flops(work, layout, c.layers, False) / rate + c.layers * d.block_overhead / 3 + tp
+            rec += recompute + tp
     return fwd, bwd, rec, comm
 
 
@@ -124,32 +158,40 @@ def _dp_time(work: Workload, layout: Layout, cluster: Cluster, backward: float, 
     dp, d = layout.dp, cluster.device
     if dp == 1:
         return 0.0, 0.0
-    states = rank_states(work, layout, 0, compute_bytes=2 if d.cuda else 4)
-    bw = _bw(cluster, layout.tp * layout.pp, dp)
-    grads, n = 4 * states.params, states.params
+    compute_bytes = 2 if d.cuda else 4
+    states = rank_states(work, layout, 0, compute_bytes=compute_bytes)
+    stride = layout.tp * layout.pp
+
+    def each(kind: str, sizes) -> float:
+        return sum(collective(cluster, kind, b, stride, dp) for b in sizes)
+
     if layout.zero == 3:
-        units = len(states.units)
-        gathers = 2 * ring((2 if d.cuda else 4) * n, dp, bw, d.gather_latency * units)
-        per_micro = gathers + ring(grads, dp, bw, d.latency * units)  # reduce-scatter: an in-place all-reduce on gloo
-        first = ring(max(states.units), dp, bw, d.gather_latency)
+        gathers = 2 * each("gather", states.units)  # forward, and again for backward
+        # the gradients' reduce-scatter of the fp32 unit (on gloo an in-place all-reduce)
+        per_micro = gathers + each("gather" if d.cuda else "allreduce", [4 * u // compute_bytes for u in states.units])
+        first = collective(cluster, "gather", max(states.units), stride, dp)
         exposed = micro * (max(0.0, per_micro - forward - backward) + 2 * first)
         return micro * per_micro, exposed if d.overlap else micro * per_micro
-    reduce = ring(grads, dp, bw, d.latency * len(states.buckets), all_reduce=layout.zero == 0)
-    tail = ring(max(states.buckets), dp, bw, d.latency, all_reduce=layout.zero == 0)
+    kind = "allreduce" if layout.zero == 0 else "gather"  # ZeRO-1/2 reduce-scatter the buckets
+    reduce = each(kind, states.buckets)
+    tail = collective(cluster, kind, max(states.buckets), stride, dp)
     reductions = micro if layout.zero == 2 else 1
     total = reductions * reduce
     exposed = reductions * max(tail, reduce - backward) if d.overlap else total
     if layout.zero in (1, 2):  # the updated parameters, all-gathered after the step
-        gather = ring(grads, dp, bw, d.gather_latency * len(states.buckets))
+        gather = each("gather", states.buckets)
         total, exposed = total + gather, exposed + gather
     return total, exposed
 
 
-def _step_syncs(layout: Layout, device) -> float:
+def _step_syncs(layout: Layout, cluster: Cluster) -> float:
     """The step's small blocking all-reduces: the loss over dp and over pp, and the global
     gradient norm (skipped by plain data parallelism, where every rank holds the whole norm)."""
-    count = (layout.dp > 1) + (layout.pp > 1) + (layout.world > 1 and not (layout.dp == layout.world and layout.zero == 0))
-    return count * device.latency
+    small = lambda stride, ranks: collective(cluster, "allreduce", 8, stride, ranks)  # noqa: E731
+    total = small(layout.tp * layout.pp, layout.dp) + small(layout.tp, layout.pp)
+    if layout.world > 1 and not (layout.dp == layout.world and layout.zero == 0):
+        total += small(1, layout.world)
+    return total
 
 
 def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
@@ -164,7 +206,7 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
         act = 2 if d.cuda else 4
         sn = work.seq_len // layout.tp if layout.sp else work.seq_len
         msg = layout.micro_batch * sn * work.model.dim * act
-        p2p = msg / _bw(cluster, layout.tp, layout.pp) + d.p2p_latency
+        p2p = collective(cluster, "p2p", msg, layout.tp, layout.pp)
         costs = Costs(forward=fwd, backward=bwd, backward_input=bwd / 2, backward_weight=bwd / 2, comm_latency=p2p)
         sim = simulate(layout.schedule, layout.pp, micro, layout.virtual_stages, costs)
         makespan = sim.makespan
@@ -173,8 +215,9 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     states = rank_states(work, layout, 0)
     shard = states.held.optim // 8  # fp32 elements this rank's optimizer updates
     optimizer = ADAM_BYTES * shard / d.mem_bw
-    step = makespan + dp_exposed + optimizer + _step_syncs(layout, d) + d.step_overhead
+    step = makespan + dp_exposed + optimizer + _step_syncs(layout, cluster) + d.step_overhead
     tokens_per_s = work.global_batch * work.seq_len / step
     mfu = tokens_per_s * model_flops_per_token(work.model, work.seq_len) / (layout.world * d.peak_flops)
+    measured = d.block_fit(fit_key(work.model, work.seq_len, layout.tp)) is not None
     return StepTime(fwd, bwd, micro * comm, makespan, bubble, dp_total, dp_exposed, optimizer, step,
-                    tokens_per_s, mfu)
+                    tokens_per_s, mfu, measured)

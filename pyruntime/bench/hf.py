@@ -3,8 +3,8 @@
   load      a Llama-3.2-1B-shaped directory (bf16 shards, tied embeddings, written here with
             random values) read into fp32 parameters: ours (meta model + HFInit, dp 1) vs
             transformers' AutoModelForCausalLM.from_pretrained(dtype=float32), wall time of
-            each run (interleaved, each first in turn, after one untimed load of a tiny
-            directory by each);
+            each run (interleaved, each first in turn, each in a new process after one
+            untimed load of a tiny directory there);
             then peak resident memory per rank at tp 2 (2 gloo ranks, each reading its
             blocks) against the full fp32 model's bytes.
   tokenize  `tokenize_files` (our tokenize command, --workers 1 and --workers N) vs reading
@@ -21,6 +21,8 @@ import json
 import math
 import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -63,10 +65,16 @@ def write_model_dir(path: Path, args) -> dict:
 
 def _timed(load):
     """(wall s, CPU s of every thread of this process) of one load: on a shared machine the
-    CPU time says what a load costs when wall time also counts other people's jobs."""
+    CPU time says what a load costs when wall time also counts other people's jobs. The model
+    is kept until the clocks are read: freeing it (unmapping ~5 GB, 0.3 s here) is not part of
+    loading, and would otherwise fall inside one loader's time and not the other's (a model
+    with reference cycles lives until the next garbage collection)."""
     t0, c0 = time.perf_counter(), time.process_time()
-    load()
-    return time.perf_counter() - t0, time.process_time() - c0
+    model = load()
+    took = time.perf_counter() - t0, time.process_time() - c0
+    del model
+    gc.collect()
+    return took
 
 
 def load_ours(path: str) -> tuple[float, float]:
@@ -78,6 +86,7 @@ def load_ours(path: str) -> tuple[float, float]:
         with torch.device("meta"):
             model = Transformer(hf.model)
         HFInit(model, hf, None, torch.device("cpu")).materialize([model])
+        return model
     return _timed(load)
 
 
@@ -105,16 +114,31 @@ def _tp_rank(rank: int, world: int, path: str) -> dict:
     return {"peak_mb": after["VmHWM"] - before["VmHWM"], "read_mb": init.reader.bytes_read / 2**20}
 
 
+def _fresh_process_load(which: str, path: str, warm: str) -> tuple[float, float]:
+    """(wall s, CPU s) of one load in a new Python process, after one untimed load of the tiny
+    directory `warm` there: a user loads a model once per process, and loads in one process
+    one after another inherit each other's freed memory and heap (measured: in one process the
+    ratio swung from 0.56x to 1.2x between runs; in fresh processes each side varied by ~3%)."""
+    code = ("import sys, warnings; warnings.filterwarnings('ignore')\n"
+            "import transformers; transformers.utils.logging.disable_progress_bar();"
+            " transformers.utils.logging.set_verbosity_error()\n"
+            "from pyruntime.bench import hf\n"
+            f"load = hf.load_{which}\nload({warm!r})\nprint(*load({path!r}))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"bench hf: the {which} load failed: {done.stderr.strip()[-2000:]}")
+    wall, cpu = done.stdout.split()[-2:]
+    return float(wall), float(cpu)
+
+
 def _warm_up(tmp: Path, args) -> None:
-    """One untimed load of a tiny directory by each loader, so one-time costs (imports, lazy
-    modules, torch's first meta-device build) are in neither's timings, and a read of the
-    benchmark's files, so both find them in the page cache."""
+    """A tiny directory each timed process loads once untimed (imports, lazy modules, torch's
+    first meta-device build are then in neither loader's time), and a read of the benchmark's
+    files, so both find them in the page cache."""
     small = argparse.Namespace(**{**vars(args), "dim": 64, "layers": 2, "heads": 4, "kv_heads": 2, "ffn": 128,
                                   "vocab": 512})
     (tmp / "warm").mkdir()
     write_model_dir(tmp / "warm", small)
-    load_ours(str(tmp / "warm"))
-    load_transformers(str(tmp / "warm"))
     for file in sorted((tmp / "model").glob("*.safetensors")):
         with open(file, "rb") as f:
             while f.read(64 << 20):
@@ -130,16 +154,15 @@ def bench_load(args) -> list[str]:
         full_mb = info["params"] * 4 / 2**20
         _warm_up(Path(tmp), args)
         runs, path = [], str(Path(tmp) / "model")
-        for i in range(args.repeat):  # interleaved, each going first in turn: the first load after
-            # a pause pays for memory the kernel must reclaim, and load on a shared machine varies
-            first, second = (load_ours, load_transformers) if i % 2 == 0 else (load_transformers, load_ours)
-            a = first(path)
-            gc.collect()
-            b = second(path)
-            gc.collect()
+        warm = str(Path(tmp) / "warm")
+        for i in range(args.repeat):  # interleaved, each going first in turn, each in a new process
+            first, second = ("ours", "transformers") if i % 2 == 0 else ("transformers", "ours")
+            a = _fresh_process_load(first, path, warm)
+            b = _fresh_process_load(second, path, warm)
             runs.append((a, b) if i % 2 == 0 else (b, a))
         ranks = run_world(2, _tp_rank, str(Path(tmp) / "model"), timeout=1800)
-    lines = [f"load: {info['params'] / 1e9:.2f} B params, bf16 shards -> fp32; {args.repeat} runs, interleaved",
+    lines = [f"load: {info['params'] / 1e9:.2f} B params, bf16 shards -> fp32; {args.repeat} runs, interleaved, "
+             "each load in a new process",
              "| what | ours | transformers.from_pretrained | transformers / ours |", "|---|---|---|---|"]
     for i, ((ours, ours_cpu), (theirs, theirs_cpu)) in enumerate(runs):
         lines.append(f"| dp 1 load, run {i + 1} ({'ours' if i % 2 == 0 else 'transformers'} first): wall (CPU) "

@@ -7,16 +7,19 @@ model.safetensors.index.json, streamed so that no rank ever reads the full model
 HFInit plugs into deferred initialisation (parallel/deferred_init.py): the data-parallel
 engine asks for each local parameter's value when it makes it (all at once for DDP and
 ZeRO-1/2; at ZeRO-3 only the element range of each parameter that the rank's flat shard
-holds, one parameter at a time), and the value is read straight from the file with
-safetensors' `get_slice`: just this rank's tp block of each reference tensor (rows, or
-columns for a row-parallel weight), of this rank's pipeline stages, and at ZeRO-3 just the
-rows of that block which cover the shard's range. The slice is a view of the mapped file,
-converted to fp32 in the one copy into the parameter. `bytes_read` counts what was read.
+holds, one parameter at a time), and the value is read straight from the mapped file
+(SliceReader; safetensors itself reads the headers when the directory is checked): just this
+rank's tp block of each reference tensor (rows, or columns for a row-parallel weight), of
+this rank's pipeline stages, and at ZeRO-3 just the rows of that block which cover the
+shard's range. The block is a view of the mapping, converted to fp32 in the one copy into
+the parameter. `bytes_read` counts what was read.
 """
 from __future__ import annotations
 
 import json
 import math
+import mmap
+import struct
 import threading
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,9 +37,19 @@ from pyruntime.parallel.tensor.unshard import TPSpec
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-READ_AHEAD = 2  # parameters read ahead (and threads reading) while materialising
+# Parameters whose reads run ahead of the one being made, on READ_THREADS threads; one larger
+# than SPLIT_BYTES is read in READ_THREADS row blocks (measured on the 1B model, 2 cores:
+# a window of 2 whole parameters left one thread idle while the other read the 1 GB embedding).
+READ_AHEAD = 8
+READ_THREADS = 2
+SPLIT_BYTES = 64 << 20
 # Buffers some older checkpoints store; they are recomputed, never weights.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+# safetensors' dtype names -> torch's (the float ones a checkpoint holds weights in).
+DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+          "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None)}
 
 
 def hf_name(name: str) -> str:
@@ -94,8 +107,12 @@ class HFDir:
                     for key in f.keys():
                         if weight_map is not None and weight_map.get(key) != shard:
                             continue  # the index decides which file holds a name
+                        view = f.get_slice(key)
+                        if DTYPES.get(view.get_dtype()) is None and not key.endswith(IGNORED_SUFFIXES):
+                            raise HFError(f"{file}: tensor '{key}' is {view.get_dtype()}, not a float dtype "
+                                          f"({', '.join(k for k, v in DTYPES.items() if v is not None)})")
                         self.files[key] = file
-                        self.shapes[key] = tuple(f.get_slice(key).get_shape())
+                        self.shapes[key] = tuple(view.get_shape())
             except HFError:
                 raise
             except Exception as e:  # noqa: BLE001 - a garbled header: one line
@@ -121,32 +138,71 @@ class HFDir:
                 raise HFError(f"{self.path}: tensor '{name}' has shape {self.shapes[name]}, the model needs {shape}")
 
 
+@dataclass
+class _Mapped:
+    """One safetensors file, mapped once: its header's entries and where the data starts."""
+
+    map: mmap.mmap
+    data_start: int
+    entries: dict
+
+
 class SliceReader:
     """Reads blocks of tensors from the directory's files, counting the bytes it reads.
-    Each read opens the file and closes it again: safetensors memory-maps it, and a mapping
-    kept open leaves every page read so far resident (bench hf, 1B model, tp 2: peak RSS per
-    rank 0.88x the full fp32 model with the files kept open, 0.54x this way), while re-reading
-    a header costs little."""
+
+    Each file is mapped once (copy-on-write, so torch can view it; nothing writes) and a block
+    is a view of the mapping, converted in the one copy into its destination. After the copy
+    the block's pages are dropped from the mapping (madvise MADV_DONTNEED: they stay in the
+    page cache, only this process stops holding them), so the pages read do not pile up in
+    the resident set (a mapping kept as read left the 1B model's tp 2 ranks at 0.88x the full
+    fp32 model's bytes; this way 0.53x). Mapping once instead of per read (as safetensors'
+    safe_open does) keeps the two read-ahead threads from waiting on each other: every
+    map / unmap takes the address space's lock for writing."""
 
     def __init__(self, hf: HFDir):
         self.hf, self.bytes_read = hf, 0
         self.read_names: set[str] = set()
-        self._lock = threading.Lock()  # reads run in HFInit's read-ahead thread too
+        self._lock = threading.Lock()  # reads run in HFInit's read-ahead threads too
+        self._files: dict[Path, _Mapped] = {}
+
+    def _mapped(self, path: Path) -> _Mapped:
+        with self._lock:
+            if path not in self._files:
+                with open(path, "rb") as f:
+                    (size,) = struct.unpack("<Q", f.read(8))
+                    entries = json.loads(f.read(size))
+                    self._files[path] = _Mapped(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY), 8 + size, entries)
+            return self._files[path]
 
     def read_into(self, out: torch.Tensor, name: str, rows: tuple[int, int],
                   cols: tuple[int, int] | None = None) -> None:
         """out <- rows [rows) (and columns [cols) of a 2-D tensor) of tensor `name` (HF name),
-        converted to out's dtype in the one copy: safetensors' slice of a row range is a view
-        of the mapped file, so nothing else is made."""
-        from safetensors import safe_open
-
-        with safe_open(str(self.hf.files[name]), framework="pt") as f:
-            s = f.get_slice(name)
-            t = s[rows[0]:rows[1]] if cols is None else s[rows[0]:rows[1], cols[0]:cols[1]]
-            out.copy_(t)
+        converted to out's dtype in the one copy from the mapped file."""
+        m = self._mapped(self.hf.files[name])
+        entry = m.entries[name]
+        dtype, shape = DTYPES[entry["dtype"]], entry["shape"]  # a float dtype: HFDir.open checked
+        row = math.prod(shape[1:])
+        size = torch.tensor([], dtype=dtype).element_size()
+        begin = m.data_start + entry["data_offsets"][0] + rows[0] * row * size
+        count = (rows[1] - rows[0]) * row
+        block = torch.frombuffer(m.map, dtype=dtype, count=count, offset=begin).view(rows[1] - rows[0], *shape[1:])
+        if cols is not None:
+            block = block[:, cols[0]:cols[1]]
+        out.copy_(block)
+        moved = block.numel() * size
+        del block  # the mapping cannot be released while a view of it is alive
+        page = mmap.PAGESIZE
+        first, last = begin // page * page, -(-(begin + count * size) // page) * page
+        m.map.madvise(mmap.MADV_DONTNEED, first, min(last, len(m.map)) - first)
         with self._lock:
-            self.bytes_read += t.numel() * t.element_size()
+            self.bytes_read += moved
             self.read_names.add(name)
+
+    def close(self) -> None:
+        with self._lock:
+            for m in self._files.values():
+                m.map.close()
+            self._files.clear()
 
 
 def read_rows(spec: TPSpec, reader: SliceReader, tp_rank: int, out: torch.Tensor, r0: int, r1: int) -> None:
@@ -189,22 +245,22 @@ class HFInit(DeferredInit):
         super().__init__(model, hf.model, seed=0, tp_group=tp_group, device=device)
         self.hf, self.reader = hf, SliceReader(hf)
         self.tp_rank = tp_group.rank() if tp_group is not None else 0
-        self._ahead: dict[int, Future] = {}  # id(meta parameter) -> its value being read
+        self._ahead: dict[int, tuple] = {}  # id(meta parameter) -> (its value, the reads filling it)
         self._top_up = None
 
     @torch.no_grad()
     def materialize(self, modules, values: bool = True) -> None:
-        """DeferredInit.materialize, with each parameter's read started READ_AHEAD parameters
-        early in a thread pool (as transformers' loader does): the copies release the GIL, so
-        the next tensor's page faults and conversion overlap this one's on another core."""
+        """DeferredInit.materialize, with each parameter's read started up to READ_AHEAD
+        parameters early in a thread pool (as transformers' loader does): the copies release
+        the GIL, so the next tensors' page faults and conversion overlap this one's."""
         if not (values and self.draws):
             return super().materialize(modules, values)
         queue = deque(dict.fromkeys(p for m in modules for p in m.parameters() if p.is_meta))
-        with ThreadPoolExecutor(READ_AHEAD) as pool:
+        with ThreadPoolExecutor(READ_THREADS) as pool:
             def top_up():
                 while queue and len(self._ahead) < READ_AHEAD:
                     p = queue.popleft()
-                    self._ahead[id(p)] = pool.submit(self._read, p)
+                    self._ahead[id(p)] = self._submit(pool, p)
             self._top_up = top_up
             top_up()
             try:
@@ -212,12 +268,26 @@ class HFInit(DeferredInit):
             finally:
                 self._ahead, self._top_up = {}, None
 
+    def _submit(self, pool: ThreadPoolExecutor, p: nn.Parameter) -> tuple[torch.Tensor, list[Future]]:
+        """p's value and the reads filling it: a large one in READ_THREADS row blocks, so no
+        thread reads the embedding or the head (a fifth of a Llama 3.2 1B each) alone."""
+        shape = p.shape  # p: the meta parameter
+        out = torch.empty(shape, dtype=torch.float32)
+        spec = self.specs[self.names[id(p)]]
+        pieces = max(1, min(READ_THREADS, shape[0], 4 * out.numel() // SPLIT_BYTES))
+        bounds = [shape[0] * i // pieces for i in range(pieces + 1)]
+        return out, [pool.submit(read_rows, spec, self.reader, self.tp_rank, out[a:b], a, b)
+                     for a, b in zip(bounds, bounds[1:])]
+
     def value(self, p: nn.Parameter) -> torch.Tensor:
-        future = self._ahead.pop(id(p), None)
-        if future is None:
+        ahead = self._ahead.pop(id(p), None)
+        if ahead is None:
             return self._read(p)
         self._top_up()
-        return future.result()
+        out, reads = ahead
+        for read in reads:
+            read.result()
+        return out
 
     def _read(self, p: nn.Parameter) -> torch.Tensor:
         shape = p.shape  # p: the meta parameter

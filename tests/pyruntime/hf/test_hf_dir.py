@@ -128,6 +128,16 @@ def test_bad_directories_fail_in_one_line(tmp_path):
     assert "names shard model-00002-of" in broken("shard", lambda d: next(d.glob("model-00002-*")).unlink())
     assert "has shape (97, 32), the model needs (97, 30)" in broken("shape", lambda d: _edit_config(d, hidden_size=30, head_dim=8))
 
+    def int_weight(d):  # a weight stored as integers: refused when the directory is opened
+        from safetensors.torch import load_file, save_file
+
+        shard = next(d.glob("model-00001-*"))
+        tensors = load_file(shard)
+        name = sorted(tensors)[0]
+        tensors[name] = tensors[name].to(torch.int32)
+        save_file(tensors, shard, metadata={"format": "pt"})
+    assert "is I32, not a float dtype (F64, F32, F16, BF16" in broken("int", int_weight)
+
 
 def test_init_from_conflicts_fail_in_one_line(tmp_path, capsys):
     from pyruntime.cli import main

@@ -190,19 +190,15 @@ class SliceReader:
             block = block[:, cols[0]:cols[1]]
         out.copy_(block)
         moved = block.numel() * size
-        del block  # the mapping cannot be released while a view of it is alive
-        page = mmap.PAGESIZE
-        first, last = begin // page * page, -(-(begin + count * size) // page) * page
-        m.map.madvise(mmap.MADV_DONTNEED, first, min(last, len(m.map)) - first)
+        # Pages shared with a neighbouring tensor that another thread is reading are dropped
+        # too; it faults them back from the page cache (nothing ever writes this mapping).
+        if hasattr(m.map, "madvise"):  # not on Windows, where pages stay until the load ends
+            page = mmap.PAGESIZE
+            first, last = begin // page * page, -(-(begin + count * size) // page) * page
+            m.map.madvise(mmap.MADV_DONTNEED, first, min(last, len(m.map)) - first)
         with self._lock:
             self.bytes_read += moved
             self.read_names.add(name)
-
-    def close(self) -> None:
-        with self._lock:
-            for m in self._files.values():
-                m.map.close()
-            self._files.clear()
 
 
 def read_rows(spec: TPSpec, reader: SliceReader, tp_rank: int, out: torch.Tensor, r0: int, r1: int) -> None:

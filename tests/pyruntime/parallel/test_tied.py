@@ -4,7 +4,7 @@ norm within 1e-6): dp 2 x tp 2 ZeRO-3 (the head's unit gathers the embedding's: 
 parameter, one gradient); dp 2 x pp 2 ZeRO-1 and ZeRO-3 (each stage's copy in a flat group of
 its own, the gradient shards summed over pp; ZeRO-3 also with --offload optimizer); and a run
 resumed at dp 2 x pp 2 ZeRO-2 from the ZeRO-3 run's step-2 checkpoint, which holds the
-matrix once."""
+matrix once; and pp 4, where the two copies sit on the first and last of four stages."""
 from __future__ import annotations
 
 import dataclasses
@@ -24,10 +24,10 @@ from support.world import Run, run_world, single_process, train
 STEPS, SAVE_AT = 3, 2
 
 
-def config(out: Path, **parallel):
+def config(out: Path, layers: int | None = None, **parallel):
     cfg = tiny_config(out, steps=STEPS, global_batch=8, micro_batch=2)
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, tie_embeddings=True),
-                               parallel=ParallelConfig(**parallel))
+    model = dataclasses.replace(cfg.model, tie_embeddings=True, n_layers=layers or cfg.model.n_layers)
+    return dataclasses.replace(cfg, model=model, parallel=ParallelConfig(**parallel))
 
 
 def tied_layout(trainer) -> dict:
@@ -58,15 +58,19 @@ def world(tmp_path_factory):
             "dp2_pp2_zero3": saver,
             "dp2_pp2_zero3_offload": dataclasses.replace(offload, optim=dataclasses.replace(offload.optim,
                                                                                              offload="optimizer")),
-            "resumed_pp2_zero2": resumed}
-    per_rank = run_world(4, train, [Run(cfg, inspect=tied_layout) for cfg in runs.values()], name="tied")
+            "resumed_pp2_zero2": resumed,
+            "pp4": config(tmp / "pp4", pp=4, layers=4)}
+    per_rank = run_world(4, train, [Run(cfg, inspect=None if name == "pp4" else tied_layout)  # pp4: no flat groups
+                                    for name, cfg in runs.items()], name="tied")
     results = {name: [per_rank[r][i] for r in range(4)] for i, name in enumerate(runs)}
-    return tmp, results, single_process(config(tmp / "single"))
+    return tmp, results, {"layers": single_process(config(tmp / "single")),
+                          "four": single_process(config(tmp / "single4", layers=4))}
 
 
-@pytest.mark.parametrize("name", ["dp2_tp2_zero3", "dp2_pp2_zero1", "dp2_pp2_zero3", "dp2_pp2_zero3_offload"])
+@pytest.mark.parametrize("name", ["dp2_tp2_zero3", "dp2_pp2_zero1", "dp2_pp2_zero3", "dp2_pp2_zero3_offload", "pp4"])
 def test_layout_reproduces_single_process(world, name):
-    _, results, ref = world
+    _, results, refs = world
+    ref = refs["four" if name == "pp4" else "layers"]
     for rank, (records, _) in enumerate(results[name]):
         got = torch.tensor([r["loss"] for r in records], dtype=torch.float64)
         want = torch.tensor([r["loss"] for r in ref], dtype=torch.float64)
@@ -90,7 +94,8 @@ def test_pp_stage_copies_sit_alone_in_identically_sharded_groups(world, name):
 
 
 def test_resume_from_a_zero3_pp_checkpoint_continues_single_process_training(world):
-    tmp, results, ref = world
+    tmp, results, refs = world
+    ref = refs["layers"]
     for rank, (records, _) in enumerate(results["resumed_pp2_zero2"]):
         assert [r["step"] for r in records] == list(range(SAVE_AT + 1, STEPS + 1)), rank
         got = torch.tensor([r["loss"] for r in records], dtype=torch.float64)

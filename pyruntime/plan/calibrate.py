@@ -131,6 +131,18 @@ def tp_local_model(model, tp: int):
 FIT_MICRO_BATCHES = (1, 4)
 
 
+def probe_bytes(model, seq_len: int) -> int:
+    """Memory the largest model_fits probe needs: 3 blocks with embedding and head, their
+    parameters and gradients in fp32, and what a micro-batch of FIT_MICRO_BATCHES[-1] saves
+    for backward, with the logits' peak (plan/activations.py)."""
+    from pyruntime.model.llama import count_params
+    from pyruntime.plan.activations import Shape, chunk_bytes, logits_peak_bytes
+
+    probe = dataclasses.replace(model, n_layers=3)
+    x = Shape(probe, FIT_MICRO_BATCHES[-1], seq_len)
+    return 8 * count_params(probe)["total"] + chunk_bytes(x, 3, True, True) + logits_peak_bytes(x)
+
+
 def model_fits(model, seq_len: int, tps=(1,)) -> tuple[tuple[str, float, float, float, float], ...]:
     """Devices.block_fits for `model` at seq_len on this machine, for each tp degree in tps:
     models of 1 and 3 of its (tp-local) blocks, forward + loss + backward, timed at each of
@@ -238,6 +250,12 @@ def calibrate(path: str | os.PathLike = DEFAULT_PROFILE, comm: bool = True, mode
     from pyruntime.spawn import run_world
 
     cuda = torch.cuda.is_available()
+    if model is not None:  # before measuring anything: a model too big to probe is refused at once
+        need, have = probe_bytes(model, seq_len), _free_memory(cuda)
+        if need > have // 2:
+            raise PlanError(f"timing this model's blocks at seq {seq_len} needs about {need / 1e9:.1f} GB "
+                            f"(3 blocks, micro-batch {FIT_MICRO_BATCHES[-1]}); this machine has "
+                            f"{have / 1e9:.1f} GB free: calibrate with a shorter --seq-len or without a model")
     if not cuda:
         torch.set_num_threads(1)
     rate = gemm_flops()
@@ -262,6 +280,15 @@ def calibrate(path: str | os.PathLike = DEFAULT_PROFILE, comm: bool = True, mode
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(dataclasses.asdict(dev), indent=1))
     return dev
+
+
+def _free_memory(cuda: bool) -> int:
+    if cuda:
+        return torch.cuda.mem_get_info()[0]
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError):  # no such sysconf name here
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def step_overhead(dev: Device) -> float:

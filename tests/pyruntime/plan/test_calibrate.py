@@ -81,3 +81,17 @@ def test_a_profile_from_before_the_measured_tables_still_loads(tmp_path):
     path.write_text(json.dumps(old))
     dev = load_profile(path)
     assert dev.comm_times == () and dev.block_fits == ()
+
+
+def test_a_model_too_big_to_probe_is_refused_before_anything_is_measured(tmp_path, monkeypatch, capsys):
+    import pyruntime.plan.calibrate as calibrate
+
+    monkeypatch.setattr(calibrate, "_free_memory", lambda cuda: 10**9)
+
+    def measured():
+        raise AssertionError("measured before refusing")
+    monkeypatch.setattr(calibrate, "gemm_flops", measured)
+    code = main(["plan", "--calibrate", "--preset", "7b", "--seq-len", "4096", "--profile", str(tmp_path / "p.json")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "\n" not in err and "needs about 30.8 GB" in err and "1.0 GB free" in err, err
+    assert not (tmp_path / "p.json").exists()

@@ -37,10 +37,13 @@ from pyruntime.parallel.tensor.unshard import TPSpec
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-# Parameters whose reads run ahead of the one being made, on READ_THREADS threads; one larger
-# than SPLIT_BYTES is read in READ_THREADS row blocks (measured on the 1B model, 2 cores:
-# a window of 2 whole parameters left one thread idle while the other read the 1 GB embedding).
+# Parameters whose reads run ahead of the one being made (at most READ_AHEAD of them and, past
+# the first two, READ_AHEAD_BYTES of fp32 values: on a GPU they are host copies on their way),
+# on READ_THREADS threads; one larger than SPLIT_BYTES is read in READ_THREADS row blocks
+# (measured on the 1B model, 2 cores: a window of 2 whole parameters left one thread idle
+# while the other read the 1 GB embedding).
 READ_AHEAD = 8
+READ_AHEAD_BYTES = 2 << 30
 READ_THREADS = 2
 SPLIT_BYTES = 64 << 20
 # Buffers some older checkpoints store; they are recomputed, never weights.
@@ -255,6 +258,9 @@ class HFInit(DeferredInit):
         with ThreadPoolExecutor(READ_THREADS) as pool:
             def top_up():
                 while queue and len(self._ahead) < READ_AHEAD:
+                    held = sum(out.numel() * 4 for out, _ in self._ahead.values())
+                    if len(self._ahead) >= 2 and held + 4 * queue[0].numel() > READ_AHEAD_BYTES:
+                        break
                     p = queue.popleft()
                     self._ahead[id(p)] = self._submit(pool, p)
             self._top_up = top_up

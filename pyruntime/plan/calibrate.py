@@ -42,19 +42,26 @@ from pyruntime.plan.layout import PlanError
 DEFAULT_PROFILE = "plan_profile.json"
 
 
-def _best_time(fn, repeats: int = 9, warmup: int = 2, sync=lambda: None) -> float:
-    """The fastest of `repeats` timed runs: on a machine shared with other jobs, the least
-    disturbed one estimates the machine (a median drifts with the others' load)."""
-    for _ in range(warmup):
-        fn()
+def _run_times(fn, repeats: int, warmup: int, sync, before=None) -> list[float]:
+    """Seconds of each of `repeats` runs of fn after `warmup` untimed ones; before (if given)
+    runs, untimed, ahead of every run."""
     times = []
-    for _ in range(repeats):
+    for i in range(warmup + repeats):
+        if before is not None:
+            before()
         sync()
         t0 = time.perf_counter()
         fn()
         sync()
-        times.append(time.perf_counter() - t0)
-    return min(times)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def _best_time(fn, repeats: int = 9, warmup: int = 2, sync=lambda: None) -> float:
+    """The fastest of `repeats` timed runs: on a machine shared with other jobs, the least
+    disturbed one estimates the machine (a median drifts with the others' load)."""
+    return min(_run_times(fn, repeats, warmup, sync))
 
 
 def _device_and_sync():
@@ -119,11 +126,9 @@ def dispatch_overheads() -> tuple[float, float, float]:
 def tp_local_model(model, tp: int):
     """The shapes one tp rank computes with (tensor/apply.py): its share of the heads, of the
     MLP and of the vocabulary (padded to a multiple of tp), the head width kept."""
-    import dataclasses as dc
-
     if tp == 1:
         return model
-    return dc.replace(model, n_heads=model.n_heads // tp, n_kv_heads=model.kv_heads // tp,
+    return dataclasses.replace(model, n_heads=model.n_heads // tp, n_kv_heads=model.kv_heads // tp,
                       head_size=model.head_dim, ffn_dim=model.ffn_dim // tp, vocab_size=-(-model.vocab_size // tp))
 
 
@@ -186,15 +191,7 @@ def _mean_time_between_work(fn, work, repeats: int = 30, warmup: int = 3, sync=l
     compete for the cores, which an idle back-to-back loop does not show (measured here: the
     idle loop's fastest 2-rank all-reduce of 512 KB took 0.5 ms, the mean between ~1 ms of
     GEMMs 2.3 ms, and the trainer's tp all-reduces of that size 2.8 ms on average)."""
-    times = []
-    for i in range(warmup + repeats):
-        work()
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
+    times = _run_times(fn, repeats, warmup, sync, before=work)
     return sum(times) / len(times)
 
 

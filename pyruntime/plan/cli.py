@@ -20,7 +20,7 @@ from pyruntime.plan.devices import DEVICES, custom, device
 from pyruntime.plan.layout import Layout, PlanError, Workload, check
 from pyruntime.plan.memory import all_rank_memory
 from pyruntime.plan.report import memory_lines, time_lines
-from pyruntime.plan.search import search, train_command
+from pyruntime.plan.search import search, tp_degrees, train_command
 from pyruntime.plan.timing import Cluster, step_time
 
 
@@ -53,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--search", action="store_true", help="every layout that fits, fastest first")
     p.add_argument("--calibrate", action="store_true",
                    help="measure this machine and save a profile; with a model (--preset, --config, --hf-config) "
-                        "also time its blocks at --seq-len for each tp up to --gpus, which plans of it then use")
+                        "also time its blocks at --seq-len for each tp a --search of --gpus tries, which plans of it then use")
 
 
 def _positive(args: argparse.Namespace) -> None:
@@ -143,8 +143,7 @@ def run(args: argparse.Namespace) -> int:
         if args.preset or args.config or args.hf_config:  # also time this model's blocks
             work, _, _ = workload_and_base(args)
             model, seq = work.model, work.seq_len
-            tps = tuple(t for t in (1, 2, 4, 8) if t <= (args.gpus or 1) and work.model.n_heads % t == 0
-                        and work.model.kv_heads % t == 0 and work.model.ffn_dim % t == 0)
+            tps = tuple(tp_degrees(work, args.gpus or 1, args.gpus_per_node or 8))  # what --search tries
         dev = calibrate(path, model=model, seq_len=seq, tps=tps)
         print(f"calibrated {dev.name}: GEMM {dev.peak_flops / 1e9:.1f} GFLOP/s (a block sustains "
               f"{dev.gemm_efficiency:.0%}), dispatch {dev.block_overhead * 1e3:.2f} ms per block + "

@@ -73,6 +73,14 @@ class Workload:
         return self.global_batch // (layout.dp * layout.micro_batch)
 
 
+def tp_misfit(model: ModelConfig, tp: int) -> str | None:
+    """Why tp cannot shard the model's heads, KV heads and MLP (one line), or None."""
+    for name, size in (("n_heads", model.n_heads), ("n_kv_heads", model.kv_heads), ("ffn_dim", model.ffn_dim)):
+        if size % tp:
+            return f"tp {tp} does not divide model.{name} {size}"
+    return None
+
+
 def check(work: Workload, layout: Layout, gpus: int | None = None) -> None:
     """Raises PlanError (one line naming the numbers) for a layout the trainer would refuse."""
     m, lay = work.model, layout
@@ -89,9 +97,9 @@ def check(work: Workload, layout: Layout, gpus: int | None = None) -> None:
         raise PlanError(f"unknown recompute mode '{lay.recompute}'; choose from {', '.join(RECOMPUTE_MODES)}")
     if lay.offload not in OFFLOAD_TARGETS:
         raise PlanError(f"unknown offload target '{lay.offload}'; choose from {', '.join(OFFLOAD_TARGETS)}")
-    for name, size in (("n_heads", m.n_heads), ("n_kv_heads", m.kv_heads), ("ffn_dim", m.ffn_dim)):
-        if size % lay.tp:
-            raise PlanError(f"tp {lay.tp} does not divide model.{name} {size}")
+    misfit = tp_misfit(m, lay.tp)
+    if misfit:
+        raise PlanError(misfit)
     if lay.sp and (lay.tp == 1 or work.seq_len % lay.tp):
         raise PlanError(f"sequence parallelism needs tp > 1 dividing seq_len {work.seq_len}, got tp {lay.tp}")
     if work.global_batch % (lay.dp * lay.micro_batch):

@@ -12,7 +12,7 @@ import itertools
 import shlex
 from dataclasses import dataclass
 
-from pyruntime.plan.layout import Layout, PlanError, Workload, check
+from pyruntime.plan.layout import Layout, PlanError, Workload, check, tp_misfit
 from pyruntime.plan.memory import RankMemory, all_rank_memory
 from pyruntime.plan.timing import Cluster, StepTime, step_time
 
@@ -32,6 +32,11 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
+def tp_degrees(work: Workload, gpus: int, gpus_per_node: int) -> list[int]:
+    """The tp sizes a search of `gpus` GPUs tries: divisors inside one node that shard the model."""
+    return [t for t in _divisors(gpus) if t <= gpus_per_node and tp_misfit(work.model, t) is None]
+
+
 def trainer_modes() -> tuple[tuple[str, ...], tuple[str, ...]]:
     """The recompute modes and offload targets `train` accepts today."""
     from pyruntime.cli import TRAIN_FLAGS
@@ -49,8 +54,8 @@ def layouts(work: Workload, cluster: Cluster, max_micro_batch: int = 16, *, reco
     recomputes = (recompute,) if recompute else recomputes
     offloads = (offload,) if offload else offloads
     n = cluster.gpus
-    for tp, pp in itertools.product(_divisors(n), _divisors(n)):
-        if n % (tp * pp) or tp > cluster.gpus_per_node:
+    for tp, pp in itertools.product(tp_degrees(work, n, cluster.gpus_per_node), _divisors(n)):
+        if n % (tp * pp):
             continue
         dp = n // (tp * pp)
         if work.global_batch % dp:

@@ -124,12 +124,12 @@ def _tp_time(work: Workload, layout: Layout, cluster: Cluster, layers: int, act:
     return total
 
 
-def _rank_costs(work: Workload, layout: Layout, cluster: Cluster, pp_rank: int) -> tuple[float, float, float, float]:
+def _rank_costs(work: Workload, layout: Layout, cluster: Cluster, pp_rank: int,
+                fit: tuple[float, float, float, float] | None) -> tuple[float, float, float, float]:
     """(forward, backward, recompute, tp comm) seconds of one micro-batch on pipeline rank pp_rank."""
     d = cluster.device
     rate = d.peak_flops * d.gemm_efficiency
     act = 2 if d.cuda else 4
-    fit = d.block_fit(fit_key(work.model, work.seq_len, layout.tp))
     fwd = bwd = rec = comm = 0.0
     for c in rank_chunks(work, layout, pp_rank):
         if fit is not None:  # measured on this machine for this model (calibrate.model_fits)
@@ -196,7 +196,8 @@ def _step_syncs(layout: Layout, cluster: Cluster) -> float:
 
 def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     micro = work.microbatches(layout)
-    per_rank = [_rank_costs(work, layout, cluster, r) for r in range(layout.pp)]
+    fit = cluster.device.block_fit(fit_key(work.model, work.seq_len, layout.tp))  # None: FLOPs / rate
+    per_rank = [_rank_costs(work, layout, cluster, r, fit) for r in range(layout.pp)]
     fwd, bwd, rec, comm = (max(c[i] for c in per_rank) for i in range(4))
     bwd += rec
     d = cluster.device
@@ -218,6 +219,5 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     step = makespan + dp_exposed + optimizer + _step_syncs(layout, cluster) + d.step_overhead
     tokens_per_s = work.global_batch * work.seq_len / step
     mfu = tokens_per_s * model_flops_per_token(work.model, work.seq_len) / (layout.world * d.peak_flops)
-    measured = d.block_fit(fit_key(work.model, work.seq_len, layout.tp)) is not None
     return StepTime(fwd, bwd, micro * comm, makespan, bubble, dp_total, dp_exposed, optimizer, step,
-                    tokens_per_s, mfu, measured)
+                    tokens_per_s, mfu, fit is not None)

@@ -184,8 +184,7 @@ class SliceReader:
         m = self._mapped(self.hf.files[name])
         entry = m.entries[name]
         dtype, shape = DTYPES[entry["dtype"]], entry["shape"]  # a float dtype: HFDir.open checked
-        row = math.prod(shape[1:])
-        size = torch.tensor([], dtype=dtype).element_size()
+        row, size = _row_numel(shape), dtype.itemsize
         begin = m.data_start + entry["data_offsets"][0] + rows[0] * row * size
         count = (rows[1] - rows[0]) * row
         block = torch.frombuffer(m.map, dtype=dtype, count=count, offset=begin).view(rows[1] - rows[0], *shape[1:])

@@ -12,6 +12,8 @@ from pyruntime.mesh import ParallelDims
 from pyruntime.parallel.ddp import BucketedDataParallel
 from pyruntime.parallel.deferred_init import DeferredInit
 from pyruntime.parallel.engine import DataParallelEngine
+from pyruntime.parallel.local_offload import LocalOffloadEngine
+from pyruntime.parallel.offload import HostAdamW
 from pyruntime.parallel.optimizer import build_adamw
 from pyruntime.parallel.zero.stage12 import ZeroBucketEngine
 from pyruntime.parallel.zero.stage3 import FullyShardedEngine
@@ -30,7 +32,10 @@ def apply_data_parallel(model: nn.Module, dims: ParallelDims, cfg: Config, *, in
     if dims.dp == 1:
         if par.zero > 0:
             log(f"--zero {par.zero} with dp 1: nothing to shard over, ZeRO does nothing here")
-        return DataParallelEngine(model, build_adamw(model.named_parameters(), cfg.optim))
+        optimizer = build_adamw(model.named_parameters(), cfg.optim)
+        if isinstance(optimizer, HostAdamW):  # --offload optimizer: gradients to the host in backward
+            return LocalOffloadEngine(model, optimizer)
+        return DataParallelEngine(model, optimizer)
     try:
         debug = CommDebug.from_env()
     except ValueError as e:

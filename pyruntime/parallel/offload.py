@@ -13,10 +13,11 @@ the parameter itself is the master and is updated in place. On CUDA each paramet
 master in pinned host memory (made from the parameter at its first step and again after a
 checkpoint import replaced its state); the C++ step writes the parameter's new value (fp32: the
 master itself; bf16: a pinned staging copy) in the same pass and it goes back on a side stream
-(Transfers) while the next parameter is stepped. Gradients: ddp.BucketedDataParallel copies
-each bucket to the host as its all-reduce completes (host_grads); otherwise (dp 1) each
-gradient is copied at step time, because clipping scales the device's .grad after the backward
-(DataParallelEngine.gradient_pieces hands out p.grad).
+(Transfers) while the next parameter is stepped. Gradients reach the host during the
+backward, put in `host_grads` by the engine: ddp.BucketedDataParallel copies each bucket as its
+all-reduce completes, local_offload.LocalOffloadEngine (dp 1) each gradient as its last
+accumulation of the step lands; a parameter without a host copy (this optimizer used on its
+own) has its gradient copied at step time.
 """
 from __future__ import annotations
 
@@ -99,8 +100,7 @@ class HostAdamW:
         # or None): a checkpoint import replaces the state dict, and the master is then re-read
         self._masters: dict[torch.Tensor, tuple[dict, torch.Tensor, torch.Tensor | None]] = {}
         # parameter -> its gradient's host copy, kept current by the engine during backward
-        # (ddp.BucketedDataParallel copies each bucket as its all-reduce completes); others are
-        # copied at step time
+        # (BucketedDataParallel / LocalOffloadEngine); others are copied at step time
         self.host_grads: dict[torch.Tensor, torch.Tensor] = {}
 
     def _state(self, p: torch.Tensor) -> dict[str, torch.Tensor]:

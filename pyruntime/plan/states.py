@@ -133,13 +133,14 @@ def _offloaded(planned: ModelStateBytes, held: ModelStateBytes, n: int, dp: int,
                buckets: tuple[int, ...], shard: int, compute_bytes: int) -> tuple[ModelStateBytes, ModelStateBytes, int]:
     """--offload optimizer (parallel/offload.py, zero/sharded.py), as on CUDA: on the host the
     moments, the fp32 master and the gradient the step reads; held grows by what has no device
-    counterpart. ZeRO 0 / dp 1: a master per parameter, and with dp each bucket's host copy.
+    counterpart. ZeRO 0 / dp 1: a master per parameter, and the gradients' host copies (each
+    bucket's with dp, each parameter's at dp 1).
     ZeRO 1-3: the master, moment and gradient shards; ZeRO-3 also keeps a device copy of the
     shard in the compute dtype (bf16: written through a pinned staging copy of that size);
     ZeRO-1/2's copy back is transient. A CPU run with fp32 parameters has no separate
     device copy or staging (host and device are one memory; the master is the copy)."""
     if dp == 1 or zero == 0:
-        master, grads = FP32 * n, (sum(buckets) if dp > 1 else 0)
+        master, grads = FP32 * n, (sum(buckets) if dp > 1 else FP32 * n)
         held = replace(held, param=held.param + master, grad=held.grad + grads)
         return planned, held, held.optim + master + grads
     copy = compute_bytes * shard // FP32 if zero == 3 else 0

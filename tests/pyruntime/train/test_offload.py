@@ -1,6 +1,6 @@
 """--offload optimizer: AdamW's state in host memory, stepped by the C++ host AdamW. 20 steps
 equal the on-device optimizer (torch.optim.AdamW / the sharded reference step) within 1e-6
-relative at one process and, in one 2-rank world, at every ZeRO stage, pp 2 and tp 2."""
+relative at one process and, in one 2-rank world, at every ZeRO stage, pp 2 (1f1b, zb) and tp 2."""
 import dataclasses
 
 import pytest
@@ -13,7 +13,7 @@ from support.world import Run, build_trainer, run_world, single_process, train
 
 STEPS = 20
 LAYOUTS = {f"dp2_zero{z}": dict(dp=2, zero=z) for z in range(4)} | {
-    "pp2": dict(pp=2), "tp2_sp": dict(tp=2, sequence_parallel=True)}
+    "pp2": dict(pp=2), "pp2_zb": dict(pp=2, schedule="zb"), "tp2_sp": dict(tp=2, sequence_parallel=True)}
 
 
 def _config(out, offload: str, **parallel):
@@ -168,6 +168,43 @@ def test_zero0_buckets_reach_the_host_before_the_step(comm):
     assert all(g.data_ptr() == opt.host_grads[p].data_ptr() for g, p in zip(grads, engine.params))
     opt.step()
     assert opt.transfers.take_counts().get("grad", 0) == 0
+
+
+def test_dp1_gradients_reach_the_host_during_the_last_backward(tmp_path):
+    """dp 1 (LocalOffloadEngine): each gradient goes to its host copy from its hook in the last
+    micro-batch's backward (none in the earlier ones, which accumulate on the device);
+    clipping scales the host copies and the step reads them, copying no gradient itself. The
+    held gradient bytes (device gradients and their host copies) are the planner's."""
+    from pyruntime.config import OptimConfig
+    from pyruntime.model import Transformer
+    from pyruntime.model.init import init_weights
+    from pyruntime.parallel.local_offload import LocalOffloadEngine
+    from pyruntime.parallel.optimizer import build_adamw
+    from pyruntime.plan.layout import Layout, Workload
+    from pyruntime.plan.states import rank_states
+    from pyruntime.train.optim import clip_grad_norm
+    from support.configs import TEST_MODEL
+
+    model = Transformer(TEST_MODEL)
+    init_weights(model, TEST_MODEL, 3)
+    engine = LocalOffloadEngine(model, build_adamw(model.named_parameters(), OptimConfig(lr=1e-2, offload="optimizer")))
+    opt, events = engine.optimizer, []
+    original = opt.transfers.copy
+    opt.transfers.copy = lambda key, dst, src: (events.append(key), original(key, dst, src))
+    _backward(model, engine, events)
+    first_returned, last_start = events.index("backward returned"), len(events) - 1 - events[::-1].index("micro-batch")
+    assert not [e for e in events[:first_returned] if isinstance(e, tuple)], events
+    during = [e for e in events[last_start:events.index("backward returned", last_start)] if isinstance(e, tuple)]
+    assert sorted(during) == [("grad", i) for i in range(len(engine.params))], events
+    grads, _ = engine.gradient_pieces()
+    assert all(torch.equal(g, p.grad) and g.data_ptr() != p.grad.data_ptr() for g, p in zip(grads, engine.params))
+    clip_grad_norm(grads, 1e-3)  # scales the host copies, which the step reads
+    assert all(g.data_ptr() == opt.host_grads[p].data_ptr() for g, p in zip(grads, engine.params))
+    opt.transfers.take_counts()
+    opt.step()
+    assert opt.transfers.take_counts().get("grad", 0) == 0
+    states = rank_states(Workload(model=TEST_MODEL, seq_len=8, global_batch=4), Layout(offload="optimizer"), 0)
+    assert engine.held_grad_bytes() == states.held.grad == 2 * 4 * sum(p.numel() for p in engine.params)
 
 
 def test_zero3_bf16_device_copy_written_by_the_host_step(comm):

@@ -12,7 +12,8 @@ and the in-place update count 12 bytes per element (the triad's write into a buf
 read also pulls that buffer into the cache first, so it reads below what an in-place update,
 like AdamW's, reaches: the in-place figure is the ceiling the "of in-place" column uses).
 Every implementation gets the same threads (torch's pool); ours and each peer are timed in
-alternating single steps (median of each), so the machine's bandwidth drifting during the run (other tenants) falls on both alike.
+alternating single steps (median of each), so the machine's bandwidth drifting during the run
+(other tenants) falls on both alike.
 """
 from __future__ import annotations
 

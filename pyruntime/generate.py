@@ -3,6 +3,7 @@ cache.
 
     generate --from runs/x/checkpoints --prompt "def main(" --max-new-tokens 64
     generate --from out/hf --prompt "Question: 2+2?" --temperature 0.7 --top-p 0.9
+    generate --from out/hf --chat --prompt "What is 2 + 2?"   # a user turn, as instruction data is rendered
 
 --from is a training checkpoint (a step_N dir, or a checkpoints/ folder: its latest) or a
 Hugging Face model directory. The tokenizer is --tokenizer, else the directory's
@@ -148,6 +149,9 @@ def add_generate_parser(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tokenizer", help="tokenizer.json or a directory holding it")
+    p.add_argument("--chat", action="store_true",
+                   help="send --prompt as a user turn through the tokenizer's chat template, as `tokenize` "
+                        "renders instruction data, and print only the reply")
 
 
 def run_generate(args: argparse.Namespace) -> int:
@@ -156,15 +160,25 @@ def run_generate(args: argparse.Namespace) -> int:
                           f"{args.max_new_tokens}, {args.temperature}, {args.top_p}")
     model, hf_dir = load_model(args.source)
     tok = pick_tokenizer(args.tokenizer, hf_dir, model.cfg.vocab_size)
-    prompt = tok.encode_batch([args.prompt])[0]
-    bos = getattr(tok, "bos", None)
-    if bos and tok.tok.token_to_id(bos) is not None:  # as the model was trained (Llama: <|begin_of_text|>)
-        prompt = [tok.tok.token_to_id(bos)] + prompt
+    if args.chat:  # the template writes its own BOS where the model expects one
+        from pyruntime.data.tokenize import chat_prompt
+
+        if getattr(tok, "chat_template", None) is None:  # then instruction data trains as prompt + response
+            raise ConfigError("--chat needs a tokenizer with a chat template (tokenizer_config.json's chat_template); "
+                              "without one, instruction records train as the bare prompt + response: drop --chat")
+        prompt = tok.encode_batch([chat_prompt(tok, args.prompt)])[0]
+    else:
+        prompt = tok.encode_batch([args.prompt])[0]
+        bos = getattr(tok, "bos", None)
+        if bos and tok.tok.token_to_id(bos) is not None:  # as the model was trained (Llama: <|begin_of_text|>)
+            prompt = [tok.tok.token_to_id(bos)] + prompt
     if not prompt:
         raise ConfigError("--prompt encodes to no tokens")
     if len(prompt) >= model.cfg.max_seq_len:
         raise ConfigError(f"--prompt is {len(prompt)} tokens; the model's context is {model.cfg.max_seq_len}")
     new = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    eos_id=tok.eos_id, seed=args.seed)
-    print(args.prompt + tok.decode(new), flush=True)
+    if new and new[-1] == tok.eos_id:  # the model's end of the reply, not text
+        new = new[:-1]
+    print((tok.decode(new) if args.chat else args.prompt + tok.decode(new)), flush=True)
     return 0

@@ -135,6 +135,13 @@ def render_chat(messages: list[dict], tokenizer: TextTokenizer, where: str) -> l
     return segments + ([(rest, False)] if rest else [])
 
 
+def chat_prompt(tokenizer: TextTokenizer, user_text: str) -> str:
+    """One user turn and the assistant's cue through the tokenizer's chat template, as
+    `prompt` / `response` records are rendered for training (generate --chat; the tokenizer
+    must have a template: without one those records train as the bare prompt + response)."""
+    return _template(tokenizer)([{"role": "user", "content": user_text}], True)
+
+
 def _template(tokenizer: TextTokenizer):
     if tokenizer.chat_template is None:
         def plain(messages, generation_prompt):

@@ -46,3 +46,50 @@ def test_generate_command_on_an_hf_directory(tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.startswith("hello") and len(out.strip()) > len("hello")
     assert main(["generate", "--from", str(tmp_path), "--prompt", "x", "--top-p", "0"]) == 2
+
+
+def test_chat_prompt_is_rendered_as_instruction_data_is_for_training(tmp_path, capsys, monkeypatch):
+    """--chat: the prompt the model gets is token for token the uncounted part of the
+    {"prompt", "response"} record `tokenize` writes for training (the chat template's user turn
+    and assistant cue), and only the reply is printed."""
+    import json
+
+    import numpy as np
+
+    import pyruntime.generate as gen_module
+    from pyruntime.data.tokenize import load_tokenizer, tokenize_files
+
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    save_hf("qwen2_bias_tied", tmp_path, vocab_size=300)
+    train_bpe(iter(["user assistant what is two plus two " * 50]), 300, tmp_path / "tokenizer.json")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": chatml}))
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"prompt": "what is two plus two?", "response": "four"}) + "\n")
+    tok = load_tokenizer(tmp_path)
+    tokenize_files([str(tmp_path / "sft.jsonl")], tmp_path / "sft.bin", tok)
+    from pyruntime.data.tokens import read_tokens
+
+    ids, mask, _ = read_tokens(tmp_path / "sft.bin")
+    trained_prompt = np.asarray(ids)[:int(np.argmax(np.asarray(mask)))].tolist()  # before the first counted token
+
+    seen, real = {}, gen_module.generate
+
+    def recording(model, prompt, *args, **kwargs):
+        seen["p"] = prompt
+        return real(model, prompt, *args, **kwargs)
+
+    monkeypatch.setattr(gen_module, "generate", recording)
+    assert main(["generate", "--from", str(tmp_path), "--chat", "--prompt", "what is two plus two?",
+                 "--max-new-tokens", "4"]) == 0
+    assert seen["p"] == trained_prompt
+    out = capsys.readouterr().out
+    assert "<|im_start|>" not in out and "what is two plus two" not in out
+
+
+def test_chat_without_a_chat_template_is_one_line(tmp_path, capsys):
+    save_hf("qwen2_bias_tied", tmp_path, vocab_size=300)
+    train_bpe(iter(["hello world " * 50]), 300, tmp_path / "tokenizer.json")
+    capsys.readouterr()  # transformers' saving progress
+    assert main(["generate", "--from", str(tmp_path), "--chat", "--prompt", "hi"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--chat needs a tokenizer with a chat template" in err[0], err

@@ -58,6 +58,15 @@ class Device:
     it dominates small models."""
     cuda: bool = True
     """Whether the trainer runs it with bf16 autocast (activations 2 bytes, ZeRO-3 units bf16)."""
+    host_bw: float = 300e9
+    """Bytes/s of a node's host memory, which the host AdamW of its ranks share (--offload
+    optimizer). Assumed: a DGX-class node's two sockets of 8 DDR5-4800 channels (614 GB/s)
+    at the ~50% a streaming kernel reaches. A CPU device (cuda False) is its own host: its
+    mem_bw is used."""
+    link_bw: float = 25e9
+    """Bytes/s per direction of pinned copies between host memory and the device (offload):
+    PCIe Gen4 x16 (32 GB/s) less protocol overhead; Gen5 parts 50 GB/s. On a CPU device a copy
+    reads and writes memory: mem_bw / 2 is used."""
     comm_times: tuple[tuple[str, int, float], ...] = ()
     """Measured (kind, bytes, seconds) of single collectives between 2 ranks, kind one of
     "allreduce", "gather" (the runtime's all-gather / reduce-scatter) and "p2p"; where present
@@ -110,31 +119,33 @@ def fit_key(model, seq_len: int, tp: int) -> str:
 _NDR, _HDR, _EDR = 50 * GB, 25 * GB, 12.5 * GB  # InfiniBand 400 / 200 / 100 Gb/s per GPU
 
 def _gpu(name: str, memory_gb: float, tflops: float, intra_gbs: float, inter: float, hbm_tbs: float,
-         source: str) -> Device:
-    return Device(name, memory_gb * GB, tflops * TB, intra_gbs * GB, inter, source, mem_bw=hbm_tbs * TB)
+         source: str, link_gbs: float = 25) -> Device:
+    """link_gbs: host <-> device per direction, effective (PCIe Gen3 12, Gen4 25, Gen5 50)."""
+    return Device(name, memory_gb * GB, tflops * TB, intra_gbs * GB, inter, source, mem_bw=hbm_tbs * TB,
+                  link_bw=link_gbs * GB)
 
 
 DEVICES: dict[str, Device] = {d.name: d for d in (
     _gpu("h100", 80, 989, 450, _NDR, 3.35,
          "NVIDIA H100 Tensor Core GPU datasheet (SXM5): 80 GB HBM3 at 3.35 TB/s, BF16 1,979 TFLOPS with "
-         "sparsity (989 dense), NVLink 900 GB/s; DGX H100: 8x ConnectX-7 400 Gb/s"),
+         "sparsity (989 dense), NVLink 900 GB/s, PCIe Gen5 128 GB/s both directions; DGX H100: 8x ConnectX-7 400 Gb/s", link_gbs=50),
     _gpu("h100-nvl", 94, 835, 300, _NDR, 3.9,
          "NVIDIA H100 datasheet (H100 NVL): 94 GB at 3.9 TB/s, BF16 1,671 TFLOPS with sparsity (835 dense), "
-         "NVLink bridge 600 GB/s"),
+         "NVLink bridge 600 GB/s, PCIe Gen5 128 GB/s both directions", link_gbs=50),
     _gpu("gh200", 96, 989, 450, _NDR, 4.0,
          "NVIDIA GH200 Grace Hopper Superchip datasheet: 96 GB HBM3 at 4 TB/s, BF16 1,979 TFLOPS with "
-         "sparsity (989 dense), NVLink 900 GB/s"),
+         "sparsity (989 dense), NVLink 900 GB/s, NVLink-C2C to the Grace CPU 900 GB/s both directions", link_gbs=450),
     _gpu("h200", 141, 989, 450, _NDR, 4.8,
          "NVIDIA H200 Tensor Core GPU datasheet (SXM): 141 GB HBM3e at 4.8 TB/s, BF16 1,979 TFLOPS with "
-         "sparsity (989 dense), NVLink 900 GB/s"),
+         "sparsity (989 dense), NVLink 900 GB/s, PCIe Gen5 128 GB/s both directions", link_gbs=50),
     _gpu("a100", 80, 312, 300, _HDR, 2.039,
          "NVIDIA A100 Tensor Core GPU datasheet (80GB SXM): 2,039 GB/s, BF16 312 TFLOPS dense, NVLink "
-         "600 GB/s; DGX A100: 8x ConnectX-6 200 Gb/s"),
+         "600 GB/s, PCIe Gen4 64 GB/s both directions; DGX A100: 8x ConnectX-6 200 Gb/s"),
     _gpu("a100-40gb", 40, 312, 300, _HDR, 1.555,
          "NVIDIA A100 Tensor Core GPU datasheet (40GB SXM): 1,555 GB/s, BF16 312 TFLOPS dense, NVLink 600 GB/s"),
     _gpu("v100", 32, 125, 150, _EDR, 0.9,
          "NVIDIA V100 datasheet (SXM2 32GB): 900 GB/s, no bf16: FP16 tensor 125 TFLOPS, NVLink 300 GB/s; "
-         "DGX-1: 4x 100 Gb/s EDR InfiniBand for 8 GPUs (12.5 GB/s per port)"),
+         "PCIe Gen3 32 GB/s both directions; DGX-1: 4x 100 Gb/s EDR InfiniBand for 8 GPUs (12.5 GB/s per port)", link_gbs=12),
     _gpu("l40s", 48, 362, 32, _NDR, 0.864,
          "NVIDIA L40S datasheet: 48 GB GDDR6 at 864 GB/s, BF16 733 TFLOPS with sparsity (362 dense), no "
          "NVLink: PCIe Gen4 x16 64 GB/s both directions"),
@@ -143,7 +154,7 @@ DEVICES: dict[str, Device] = {d.name: d for d in (
          "BF16 250 TFLOPS with sparsity (125 dense), no NVLink: PCIe Gen4 x16 64 GB/s both directions"),
     _gpu("mi300x", 192, 1307, 448, _NDR, 5.3,
          "AMD Instinct MI300X datasheet: 192 GB HBM3 at 5.3 TB/s, BF16 1,307.4 TFLOPS dense, 7 Infinity "
-         "Fabric links of 64 GB/s per direction"),
+         "Fabric links of 64 GB/s per direction, PCIe Gen5 x16 host link", link_gbs=50),
 )}
 
 

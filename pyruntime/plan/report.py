@@ -48,7 +48,8 @@ def time_lines(work: Workload, layout: Layout, t: StepTime, tokens: float | None
         f"time per step {t.step:.3f} s: pipeline {t.pipeline:.3f} s (forward {t.forward * 1e3:.2f} ms + "
         f"backward {t.backward * 1e3:.2f} ms per micro-batch, tp collectives {t.tp_comm:.3f} s, "
         f"bubble {t.bubble:.3f} s), data-parallel comm {t.dp_comm:.3f} s of which exposed {t.dp_exposed:.3f} s, "
-        f"optimizer {t.optimizer:.3f} s",
+        f"optimizer {t.optimizer:.3f} s" + (" (on the host, with the copies the backward does not hide)"
+                                            if layout.offload == "optimizer" else ""),
         f"throughput {t.tokens_per_s:,.0f} tokens/s, MFU {t.mfu:.1%}",
         "compute from " + ("this model's blocks as timed by the calibration profile" if t.measured_blocks
                            else "FLOPs at the device's sustained rate (a profile calibrated with this model "

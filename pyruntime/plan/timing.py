@@ -9,7 +9,8 @@ adds what its collectives leave exposed: ZeRO-0/1/2 reduce gradients while the l
 runs (exposed: the part longer than that backward, at least the last bucket), ZeRO-1/2
 all-gather the updated parameters after the step (exposed), ZeRO-3 gathers each unit ahead of
 its use (exposed: what exceeds the compute, plus the first unit). Then the optimizer, bound by
-memory bandwidth (AdamW moves 28 bytes per fp32 element).
+memory bandwidth (AdamW moves 28 bytes per fp32 element): the device's, or with --offload
+optimizer the host's, plus the copies between them that the backward does not hide.
 
 Ring collectives over g ranks move (g-1)/g of the buffer per rank (all-reduce twice); a group
 runs at the intra-node bandwidth when it fits in one node (mesh order dp, pp, tp: tp
@@ -28,6 +29,7 @@ from pyruntime.plan.memory import rank_chunks
 from pyruntime.plan.states import rank_states
 
 ADAM_BYTES = 28  # fp32 master, gradient, two moments read, three written
+FP32 = 4
 
 
 @dataclass(frozen=True)
@@ -194,6 +196,32 @@ def _step_syncs(layout: Layout, cluster: Cluster) -> float:
     return total
 
 
+def _optimizer_time(layout: Layout, cluster: Cluster, elements: int, backward: float, micro: int) -> float:
+    """Seconds the optimizer adds to a step, updating `elements` fp32 values. On the device:
+    AdamW's 28 bytes per element at device memory bandwidth. --offload optimizer
+    (parallel/offload.py): the C++ step at host bandwidth (the node's, shared by the ranks on
+    it); each gradient's copy to the host
+    runs beside the backward that finishes it (exposed: what exceeds one micro-batch's
+    backward; ZeRO-2/3 copy after each micro-batch's reduction, the others once), and the
+    parameters' copies back start part by part as the host steps them (the longer of the two
+    counts). A CPU device is its own host: its copies are memory copies on the same cores, and
+    its fp32 parameters are written in place by the step."""
+    d = cluster.device
+    if layout.offload != "optimizer":
+        return ADAM_BYTES * elements / d.mem_bw
+    ranks_on_node = min(layout.world, cluster.gpus_per_node)
+    host_bw, link_bw = (d.host_bw / ranks_on_node, d.link_bw) if d.cuda else (d.mem_bw, d.mem_bw / 2)
+    host_step = ADAM_BYTES * elements / host_bw
+    sharded = layout.dp > 1 and layout.zero > 0
+    to_host = FP32 * elements / link_bw
+    copies = micro if sharded and layout.zero >= 2 else 1
+    exposed = copies * (max(0.0, to_host - backward) if d.overlap else to_host)
+    if not d.cuda:
+        return host_step + exposed
+    back = (2 if sharded and layout.zero == 3 else FP32) * elements / link_bw  # ZeRO-3: its bf16 copy
+    return max(host_step, back) + exposed
+
+
 def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
     micro = work.microbatches(layout)
     fit = cluster.device.block_fit(fit_key(work.model, work.seq_len, layout.tp))  # None: FLOPs / rate
@@ -213,9 +241,7 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
         makespan = sim.makespan
         bubble = makespan - max(sim.busy)
     dp_total, dp_exposed = _dp_time(work, layout, cluster, bwd, fwd, micro)
-    states = rank_states(work, layout, 0)
-    shard = states.held.optim // 8  # fp32 elements this rank's optimizer updates
-    optimizer = ADAM_BYTES * shard / d.mem_bw
+    optimizer = _optimizer_time(layout, cluster, rank_states(work, layout, 0).held.optim // 8, bwd, micro)
     step = makespan + dp_exposed + optimizer + _step_syncs(layout, cluster) + d.step_overhead
     tokens_per_s = work.global_batch * work.seq_len / step
     mfu = tokens_per_s * model_flops_per_token(work.model, work.seq_len) / (layout.world * d.peak_flops)

@@ -2,6 +2,8 @@
 the seed's 7B fine-tune fits no single 96 GB GPU and the planner names what does."""
 import shlex
 
+import pytest
+
 from pyruntime.cli import build_parser, config_from_args
 from pyruntime.config import PRESETS
 from pyruntime.plan.devices import device
@@ -54,3 +56,31 @@ def test_trainer_mfu_peak_comes_from_the_device_table():
     assert peak_flops_of("NVIDIA GH200 480GB") == DEVICES["gh200"].peak_flops
     assert peak_flops_of("NVIDIA A100-SXM4-40GB") == 312e12 and peak_flops_of("NVIDIA A10G") == 125e12
     assert peak_flops_of("NVIDIA GeForce RTX 4090") is None
+
+
+def test_offload_costs_the_host_step_and_the_copies_the_backward_does_not_hide():
+    """--offload optimizer: the optimizer time is the host AdamW over this rank's elements at
+    the node's host bandwidth shared by its ranks, against the parameters' copies back (the
+    longer counts), plus gradient copies beyond one micro-batch's backward; so an offloaded
+    layout is never faster than the same layout on the device, and on one GPU the 7B step
+    pays seconds for it. A CPU device pays its copies in full at memory bandwidth."""
+    import dataclasses
+
+    h100 = device("h100")
+    one = Cluster(h100, 1)
+    on_device = step_time(WORK_7B, Layout(recompute="full"), one)
+    off = step_time(WORK_7B, Layout(recompute="full", offload="optimizer"), one)
+    elements = on_device.optimizer * h100.mem_bw / 28
+    host_step, back = 28 * elements / h100.host_bw, 4 * elements / h100.link_bw
+    assert off.optimizer >= max(host_step, back) and off.optimizer > 10 * on_device.optimizer
+    assert off.step - on_device.step == pytest.approx(off.optimizer - on_device.optimizer, rel=1e-9)
+    eight = Cluster(h100, 8)  # eight ranks share the node's host memory
+    zero3 = Layout(dp=8, zero=3, offload="optimizer")
+    shard = step_time(WORK_7B, dataclasses.replace(zero3, offload="none"), eight).optimizer * h100.mem_bw / 28
+    assert step_time(WORK_7B, zero3, eight).optimizer >= 28 * shard / (h100.host_bw / 8)
+    cpu = dataclasses.replace(h100, cuda=False, overlap=False)
+    small = Workload(model=PRESETS["small"], seq_len=256, global_batch=4)
+    plain = step_time(small, Layout(), Cluster(cpu, 1)).optimizer
+    elements = plain * cpu.mem_bw / 28
+    assert step_time(small, Layout(offload="optimizer"), Cluster(cpu, 1)).optimizer == pytest.approx(
+        plain + 4 * elements / (cpu.mem_bw / 2), rel=1e-12)

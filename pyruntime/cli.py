@@ -15,7 +15,7 @@ from pathlib import Path
 
 from pyruntime.config import SECTIONS, Config, ConfigError, config_from_dict, default_micro_batch, load_config_file
 from pyruntime.data import DataError
-from pyruntime.data.tokenize import add_tokenize_parser, run_tokenize
+from pyruntime.data.tokenize import TokenizeError, add_tokenize_parser, run_tokenize
 from pyruntime.generate import add_generate_parser, run_generate
 from pyruntime.hf.cli import add_export_parser, model_from_init_dir, run_export
 from pyruntime.schema import field_help, flag_type
@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
 # Errors that are the user's to fix (bad input, a full disk): one line, exit 2, on every rank
 # (the watchdog gives the line to the peers of the rank that raised it).
-USER_ERRORS = (ConfigError, DataError, CheckpointError, IOFault)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, IOFault, TokenizeError)
 
 
 def user_error(e: BaseException) -> tuple[int, str] | None:

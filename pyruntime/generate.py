@@ -16,6 +16,7 @@ the whole sequence's.
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 import torch
@@ -155,9 +156,11 @@ def add_generate_parser(sub) -> None:
 
 
 def run_generate(args: argparse.Namespace) -> int:
-    if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1:
-        raise ConfigError(f"generate needs --max-new-tokens >= 1, --temperature >= 0 and --top-p in (0, 1]; got "
-                          f"{args.max_new_tokens}, {args.temperature}, {args.top_p}")
+    if args.max_new_tokens < 1 or not 0 <= args.temperature < math.inf or not 0 < args.top_p <= 1:
+        raise ConfigError(f"generate needs --max-new-tokens >= 1, a finite --temperature >= 0 and --top-p in (0, 1]; "
+                          f"got {args.max_new_tokens}, {args.temperature}, {args.top_p}")
+    if not 0 <= args.seed < 2**63:  # torch.Generator's range
+        raise ConfigError(f"--seed must be in [0, 2**63 - 1], got {args.seed}")
     model, hf_dir = load_model(args.source)
     tok = pick_tokenizer(args.tokenizer, hf_dir, model.cfg.vocab_size)
     if args.chat:  # the template writes its own BOS where the model expects one

@@ -104,6 +104,8 @@ def train_bpe(texts: Iterator[str], vocab_size: int, save_to: str | os.PathLike)
 
     if vocab_size < 258:
         raise TokenizeError(f"--train-bpe {vocab_size}: a byte-level BPE needs at least 258 tokens (256 bytes, EOS, a merge)")
+    if vocab_size > 2**32:
+        raise TokenizeError(f"--train-bpe {vocab_size}: a token file holds ids below 2**32, so at most 4294967296 tokens")
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -196,6 +198,8 @@ def plan_chunks(paths: list[str], chunk_bytes: int = CHUNK_BYTES) -> list[Chunk]
         if not path.is_file():
             raise TokenizeError(f"input file not found: {path}")
         size = path.stat().st_size
+        if size == 0:
+            raise TokenizeError(f"input file {path} is empty; give a .jsonl of records or a text file")
         if path.suffix != ".jsonl":
             chunks.append(Chunk(name, 0, size))
             continue
@@ -343,6 +347,8 @@ def tokenize_files(inputs: list[str], output: str | os.PathLike, tokenizer: Text
             writer.write(ids, mask)
             counted += int(mask.sum())
         total = writer.count
+        if total == 0:  # raised inside the writer: it leaves no file
+            raise TokenizeError(f"{', '.join(inputs)}: no documents (only blank lines); nothing to write")
     if counted == total:  # every token counts: no mask file
         (Path(str(output) + ".mask")).unlink(missing_ok=True)
     return total, counted
@@ -363,11 +369,37 @@ def add_tokenize_parser(sub) -> None:
                    help="with --train-bpe: where tokenizer.json goes (default: next to --output)")
 
 
+def check_paths(args) -> None:
+    """--output (and --save-tokenizer) are files that can be written and that are none of the
+    inputs: the token file replaces what is at its path."""
+    from pyruntime.train.preflight import _blocking_file, writable_dir
+
+    if args.save_tokenizer is not None and args.train_bpe is None:
+        raise TokenizeError("--save-tokenizer goes with --train-bpe (where the trained tokenizer.json goes); "
+                            "with --tokenizer nothing is saved: drop it")
+    inputs = {Path(p).resolve() for p in args.input}
+    outputs = [("--output", Path(args.output))]
+    if args.train_bpe is not None:
+        outputs.append(("--save-tokenizer", Path(args.save_tokenizer or Path(args.output).parent / "tokenizer.json")))
+    for flag, path in outputs:
+        if path.is_dir():
+            raise TokenizeError(f"{flag} {path} is a directory; give a file name")
+        blocker = _blocking_file(path.parent)
+        if blocker is not None:
+            raise TokenizeError(f"{flag} {path} is under {blocker}, which is a file; give a path in a directory")
+        if path.resolve() in inputs:
+            raise TokenizeError(f"{flag} {path} is also an --input; writing it would replace that input")
+        writable_dir(path.parent, f"directory of {flag}")
+    if len(outputs) == 2 and outputs[0][1].resolve() == outputs[1][1].resolve():
+        raise TokenizeError(f"--output and --save-tokenizer are the same file {args.output}")
+
+
 def run_tokenize(args) -> int:
     from pyruntime.data.corpus import DataError
 
     try:
         check_workers(args.workers)
+        check_paths(args)
         if args.train_bpe is not None:
             save = Path(args.save_tokenizer or Path(args.output).parent / "tokenizer.json")
             texts = (text for doc in documents(args.input, None, args.text_field) for text, _ in doc)

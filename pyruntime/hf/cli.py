@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+from pathlib import Path
 
 from pyruntime.config import ConfigError
-from pyruntime.hf.export import DTYPES, export_checkpoint
+from pyruntime.hf.export import COMPANIONS, DTYPES, check_export_dir, export_checkpoint
 from pyruntime.hf.load import HFDir
 
 
@@ -49,10 +51,19 @@ def add_export_parser(sub) -> None:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    """Every argument is checked before the checkpoint is read (and OUT before it is replaced)."""
     if args.dtype not in DTYPES:
         raise ConfigError(f"--dtype {args.dtype} is not one of {', '.join(DTYPES)}")
-    if not args.shard_mb > 0:
-        raise ConfigError(f"--shard-mb must be > 0, got {args.shard_mb}")
+    if not (math.isfinite(args.shard_mb) and args.shard_mb * 1e6 >= 1):
+        raise ConfigError(f"--shard-mb must be a finite number of MB >= 0.000001 (one byte), got {args.shard_mb}")
+    if args.tokenizer_from is not None:
+        src = Path(args.tokenizer_from)
+        if not src.is_dir():
+            raise ConfigError(f"--tokenizer-from {src} is not a directory; give the model directory holding "
+                              "tokenizer.json")
+        if not any((src / name).is_file() for name in COMPANIONS):
+            raise ConfigError(f"--tokenizer-from {src} holds none of {', '.join(COMPANIONS)}")
+    check_export_dir(args.hf, "export directory (--hf)")
     out = export_checkpoint(args.checkpoint, args.hf, max_shard_bytes=int(args.shard_mb * 1e6), dtype=args.dtype,
                             companions_from=args.tokenizer_from)
     print(f"wrote {out}")

@@ -39,7 +39,9 @@ class HFError(ConfigError):
 
 def architecture_of(raw: dict[str, Any]) -> str:
     archs = raw.get("architectures") or []
-    family = ARCHITECTURES.get(archs[0]) if len(archs) == 1 else None
+    if not isinstance(archs, list):
+        raise HFError(f"config.json architectures must be a list such as [\"LlamaForCausalLM\"], got {archs!r}")
+    family = ARCHITECTURES.get(archs[0]) if len(archs) == 1 and isinstance(archs[0], str) else None
     if family is None:
         raise HFError(f"config.json architectures {archs} is not supported; use one of {', '.join(ARCHITECTURES)}")
     return family
@@ -47,12 +49,15 @@ def architecture_of(raw: dict[str, Any]) -> str:
 
 def _rope(raw: dict[str, Any]) -> dict[str, Any]:
     """rope_theta and the scaling fields, from either spelling."""
+    for key in ("rope_parameters", "rope_scaling"):
+        if not isinstance(raw.get(key) or {}, dict):
+            raise HFError(f"config.json {key} must be a JSON object, got {raw[key]!r}")
     params = dict(raw.get("rope_parameters") or {})
     scaling = dict(raw.get("rope_scaling") or {})
     theta = params.pop("rope_theta", raw.get("rope_theta", 10000.0))
     params.update(scaling)
     kind = params.pop("rope_type", params.pop("type", "default"))
-    out: dict[str, Any] = {"rope_theta": float(theta)}
+    out: dict[str, Any] = {"rope_theta": _number({"rope_theta": theta}, "rope_theta", float)}
     known = {"linear": {"factor"},
              "llama3": {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"},
              "default": set()}
@@ -63,12 +68,23 @@ def _rope(raw: dict[str, Any]) -> dict[str, Any]:
         raise HFError(f"config.json rope {kind} scaling field '{extra[0]}' is not supported")
     if kind == "default":
         return out
-    out.update(rope_scaling=kind, rope_factor=float(params["factor"]))
+    lacking = sorted(known[kind] - set(params))
+    if lacking:
+        raise HFError(f"config.json rope {kind} scaling lacks '{lacking[0]}' (it needs {', '.join(sorted(known[kind]))})")
+    out.update(rope_scaling=kind, rope_factor=_number(params, "factor", float))
     if kind == "llama3":
-        out.update(rope_low_freq_factor=float(params["low_freq_factor"]),
-                   rope_high_freq_factor=float(params["high_freq_factor"]),
-                   rope_original_max_seq_len=int(params["original_max_position_embeddings"]))
+        out.update(rope_low_freq_factor=_number(params, "low_freq_factor", float),
+                   rope_high_freq_factor=_number(params, "high_freq_factor", float),
+                   rope_original_max_seq_len=_number(params, "original_max_position_embeddings", int))
     return out
+
+
+def _number(table: dict[str, Any], key: str, kind: type):
+    """table[key] as `kind` (an int stays exact; a float must be whole for an int field)."""
+    value = table[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise HFError(f"config.json {key} must be {'an integer' if kind is int else 'a number'}, got {value!r}")
+    return kind(value)
 
 
 def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> int | None:
@@ -94,6 +110,8 @@ def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> int | No
 def model_config_from_hf(raw: dict[str, Any], **overrides: Any) -> ModelConfig:
     """The ModelConfig of a Hugging Face config.json (as a dict); HFError for anything the
     model cannot honour. overrides: runtime-only fields (kernels)."""
+    if not isinstance(raw, dict):
+        raise HFError(f"config.json must hold a JSON object of model fields, got {type(raw).__name__}")
     family = architecture_of(raw)
     unknown = sorted(set(raw) - INERT - set(FIXED) - set(SIZES) - OPTIONAL)
     if unknown:
@@ -104,6 +122,13 @@ def model_config_from_hf(raw: dict[str, Any], **overrides: Any) -> ModelConfig:
     missing = [k for k in SIZES if k not in raw]
     if missing:
         raise HFError(f"config.json lacks '{missing[0]}'")
+    for key in SIZES:  # the arithmetic below runs before ModelConfig's own checks
+        number = (int, float) if key == "rms_norm_eps" else int
+        if not isinstance(raw[key], number) or isinstance(raw[key], bool):
+            raise HFError(f"config.json {key} must be {'a number' if key == 'rms_norm_eps' else 'an integer'}, "
+                          f"got {raw[key]!r}")
+    if raw["num_attention_heads"] < 1:
+        raise HFError(f"config.json num_attention_heads must be >= 1, got {raw['num_attention_heads']}")
     fields: dict[str, Any] = {ours: raw[theirs] for theirs, ours in SIZES.items()}
     fields["norm_eps"] = float(fields["norm_eps"])
     fields["n_kv_heads"] = raw.get("num_key_value_heads")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import warnings
 from pathlib import Path
@@ -32,6 +33,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 # Files of the source directory that belong with the weights (tokenizer, generation defaults).
 COMPANIONS = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
               "tokenizer.model")
+SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
 def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
@@ -48,6 +50,26 @@ def plan_shards(sizes: dict[str, int], max_bytes: int) -> list[list[str]]:
     return shards
 
 
+def _export_file(name: str) -> bool:
+    """A file an export writes (so one it may replace)."""
+    return name in COMPANIONS or name in ("config.json", SINGLE, INDEX) or bool(SHARD.fullmatch(name))
+
+
+def check_export_dir(out: str | os.PathLike, what: str = "export directory") -> None:
+    """An export replaces OUT whole, so OUT must be new, empty or an earlier export (only the
+    files an export writes): `--hf runs/x` would otherwise delete the run's checkpoints."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise HFError(f"{what} {out} is a file; give a directory")
+    if not out.is_dir():
+        return
+    foreign = sorted(p.name for p in out.iterdir() if not _export_file(p.name))
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise HFError(f"{what} {out} holds '{foreign[0]}'{more}, which an export does not write; the export replaces "
+                      "the directory whole: give a new or empty directory, or an earlier export")
+
+
 def write_hf_dir(tensors: dict[str, torch.Tensor], cfg: ModelConfig, out: str | os.PathLike, *,
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: str = "float32",
                  companions_from: str | os.PathLike | None = None) -> Path:
@@ -58,6 +80,7 @@ def write_hf_dir(tensors: dict[str, torch.Tensor], cfg: ModelConfig, out: str | 
     if max_shard_bytes < 1:
         raise HFError(f"export shard size must be > 0 bytes, got {max_shard_bytes}")
     out = Path(out)
+    check_export_dir(out)
     order = list(reference_shapes(cfg))
     missing = [n for n in order if n not in tensors]
     if missing:

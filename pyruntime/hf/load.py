@@ -96,6 +96,8 @@ class HFDir:
                 weight_map = json.loads((self.path / INDEX).read_text())["weight_map"]
             except (ValueError, KeyError, TypeError):
                 raise HFError(f"{self.path / INDEX} has no valid weight_map") from None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise HFError(f"{self.path / INDEX}: weight_map must map tensor names to shard file names")
             shards = sorted(set(weight_map.values()))
         elif (self.path / SINGLE).is_file():
             weight_map, shards = None, [SINGLE]

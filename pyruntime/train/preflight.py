@@ -24,6 +24,9 @@ def check_run(cfg: Config, device: torch.device) -> Config:
         writable_dir(Path(t.out) / CHECKPOINTS, "checkpoint directory")
     writable_file(cfg.metrics_path, "metrics file (--metrics)")
     if t.export_hf:
+        from pyruntime.hf.export import check_export_dir
+
+        check_export_dir(t.export_hf, "export directory (--export-hf)")  # it is replaced whole at the end
         writable_dir(Path(t.export_hf), "export directory (--export-hf)")
     if device.type == "cuda" and t.plan_check:
         check_fits(cfg, torch.cuda.get_device_properties(device).total_memory, torch.cuda.get_device_name(device))

@@ -115,7 +115,7 @@ BAD = {
     "config rope scaling unknown": (["--config", "{d}/rope.json"], "unknown rope scaling 'yarn' (model.rope_scaling)"),
     "config sliding window zero": (["--config", "{d}/window.json"], "model.sliding_window must be >= 1, got 0"),
     "export-dtype unknown": (["--export-dtype", "int8"], "unknown export dtype 'int8' (train.export_dtype)"),
-    "export-shard-mb zero": (["--export-shard-mb", "0"], "train.export_shard_mb must be > 0"),
+    "export-shard-mb zero": (["--export-shard-mb", "0"], "train.export_shard_mb must be >= 1e-06, got 0.0"),
 }
 
 CONFIG_FILES = {

@@ -1,0 +1,166 @@
+"""Bad input to the commands besides `train`'s flags (export, generate, tokenize, plan,
+schedule, demo, bench) and to the files `train` reads (--init-from's config.json and index,
+--export-hf's directory): each exits 2 with one line on stderr naming what is wrong, no
+traceback, no process group, and nothing the user already had is deleted or overwritten.
+
+Every case runs `main([...])` in-process; `{d}` in an argument is the directory of prepared
+files (see `files`: a tiny Hugging Face directory written by our own exporter, a tiny BPE, a
+fake run directory, config.json variants).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import pyruntime.mesh
+from pyruntime.cli import main
+from pyruntime.config import ModelConfig
+from pyruntime.data.tokenize import train_bpe
+from pyruntime.hf.config import hf_config_from_model
+from pyruntime.hf.export import write_hf_dir
+from pyruntime.model.llama import Transformer
+
+TRAIN = ["train", "--steps", "1", "--eval-every", "0", "--quiet", "--global-batch", "2", "--seq-len", "16"]
+# (argv, text the one line must contain)
+BAD = {
+    # export: OUT is replaced whole, so it must be new, empty or an earlier export
+    "export over a directory of the user's": (["export", "{d}/adir", "--hf", "{d}/precious"],
+                                              "export directory (--hf) {d}/precious holds 'notes.txt'"),
+    "export into the run's own directory": (["export", "{d}/run/checkpoints", "--hf", "{d}/run"],
+                                            "{d}/run holds 'checkpoints' (and 1 more), which an export does not write"),
+    "export to a file": (["export", "{d}/adir", "--hf", "{d}/afile"], "export directory (--hf) {d}/afile is a file"),
+    "export shard-mb inf": (["export", "{d}/adir", "--hf", "{d}/new", "--shard-mb", "inf"],
+                            "--shard-mb must be a finite number of MB >= 0.000001 (one byte), got inf"),
+    "export shard-mb below a byte": (["export", "{d}/adir", "--hf", "{d}/new", "--shard-mb", "1e-9"],
+                                     "--shard-mb must be a finite number of MB >= 0.000001"),
+    "export tokenizer-from missing": (["export", "{d}/adir", "--hf", "{d}/new", "--tokenizer-from", "{d}/nowhere"],
+                                      "--tokenizer-from {d}/nowhere is not a directory"),
+    "export tokenizer-from without tokenizer files": (
+        ["export", "{d}/adir", "--hf", "{d}/new", "--tokenizer-from", "{d}/adir"],
+        "--tokenizer-from {d}/adir holds none of tokenizer.json"),
+    # train's --export-hf and the export size, refused before training, not after it
+    "train export-hf over a run": ([*TRAIN, "--export-hf", "{d}/run"],
+                                   "export directory (--export-hf) {d}/run holds 'checkpoints'"),
+    "train export-shard-mb below a byte": ([*TRAIN, "--export-shard-mb", "1e-9"],
+                                           "train.export_shard_mb must be >= 1e-06, got 1e-09"),
+    # --init-from: a config.json or index of the wrong shape
+    "init-from config a list": ([*TRAIN, "--init-from", "{d}/cfg_list"],
+                                "config.json must hold a JSON object of model fields, got list"),
+    "init-from hidden_size a string": ([*TRAIN, "--init-from", "{d}/cfg_str"],
+                                       "config.json hidden_size must be an integer, got '32'"),
+    "init-from llama3 rope lacking a field": ([*TRAIN, "--init-from", "{d}/cfg_rope3"],
+                                              "config.json rope llama3 scaling lacks 'high_freq_factor'"),
+    "init-from rope_parameters a list": ([*TRAIN, "--init-from", "{d}/cfg_ropelist"],
+                                         "config.json rope_parameters must be a JSON object"),
+    "init-from rope_theta a string": ([*TRAIN, "--init-from", "{d}/cfg_theta"],
+                                      "config.json rope_theta must be a number, got 'big'"),
+    "init-from architectures a string": ([*TRAIN, "--init-from", "{d}/cfg_arch"],
+                                         "config.json architectures must be a list such as"),
+    "init-from index weight_map a list": ([*TRAIN, "--init-from", "{d}/idx_list"],
+                                          "weight_map must map tensor names to shard file names"),
+    "plan hf-config a list": (["plan", "--hf-config", "{d}/cfg_list/config.json"],
+                              "config.json must hold a JSON object of model fields"),
+    # generate
+    "generate temperature nan": (["generate", "--from", "{d}/hf", "--prompt", "x", "--temperature", "nan"],
+                                 "a finite --temperature >= 0"),
+    "generate temperature inf": (["generate", "--from", "{d}/hf", "--prompt", "x", "--temperature", "inf"],
+                                 "a finite --temperature >= 0"),
+    "generate seed beyond int64": (["generate", "--from", "{d}/hf", "--prompt", "x", "--seed", str(2**70)],
+                                   "--seed must be in [0, 2**63 - 1]"),
+    "generate tokenizer missing": (["generate", "--from", "{d}/hf", "--prompt", "x", "--tokenizer", "{d}/nowhere"],
+                                   "no tokenizer at {d}/nowhere"),
+    "generate tokenizer not JSON": (["generate", "--from", "{d}/hf", "--prompt", "x", "--tokenizer", "{d}/afile"],
+                                    "{d}/afile is not a tokenizers file"),
+    # tokenize
+    "tokenize empty input": (["tokenize", "--tokenizer", "{d}/tok", "--input", "{d}/empty.jsonl", "--output",
+                              "{d}/new/t.bin"], "input file {d}/empty.jsonl is empty"),
+    "tokenize only blank lines": (["tokenize", "--tokenizer", "{d}/tok", "--input", "{d}/blank.jsonl", "--output",
+                                   "{d}/new/t.bin", "--workers", "1"], "{d}/blank.jsonl: no documents"),
+    "tokenize output a directory": (["tokenize", "--tokenizer", "{d}/tok", "--input", "{d}/text.jsonl", "--output",
+                                     "{d}/adir"], "--output {d}/adir is a directory; give a file name"),
+    "tokenize output under a file": (["tokenize", "--tokenizer", "{d}/tok", "--input", "{d}/text.jsonl",
+                                      "--output", "{d}/afile/t.bin"], "is under {d}/afile, which is a file"),
+    "tokenize output is the input": (["tokenize", "--tokenizer", "{d}/tok", "--input", "{d}/text.jsonl",
+                                      "--output", "{d}/adir/../text.jsonl"], "is also an --input"),
+    "tokenize save-tokenizer without train-bpe": (
+        ["tokenize", "--tokenizer", "{d}/tok", "--input", "{d}/text.jsonl", "--output", "{d}/new/t.bin",
+         "--save-tokenizer", "{d}/new/tok.json"], "--save-tokenizer goes with --train-bpe"),
+    "tokenize save-tokenizer a directory": (
+        ["tokenize", "--train-bpe", "300", "--input", "{d}/text.jsonl", "--output", "{d}/new/t.bin",
+         "--save-tokenizer", "{d}/adir"], "--save-tokenizer {d}/adir is a directory"),
+    "tokenize train-bpe beyond 2**32": (["tokenize", "--train-bpe", str(2**70), "--input", "{d}/text.jsonl",
+                                         "--output", "{d}/new/t.bin"], "at most 4294967296 tokens"),
+}
+
+MODEL = ModelConfig(vocab_size=300, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64)
+
+
+def _config_variant(d, name: str, edit) -> None:
+    raw = json.loads((d / "hf" / "config.json").read_text())
+    raw = edit(raw)
+    (d / name).mkdir()
+    (d / name / "config.json").write_text(json.dumps(raw))
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad_input_more")
+    (d / "afile").write_text("not a directory")
+    (d / "adir").mkdir()
+    (d / "precious").mkdir()
+    (d / "precious" / "notes.txt").write_text("the user's")
+    (d / "run" / "checkpoints" / "step_1").mkdir(parents=True)
+    (d / "run" / "metrics.jsonl").write_text("{}\n")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model = Transformer(MODEL)
+    write_hf_dir(dict(model.named_parameters()), MODEL, d / "hf")
+    assert json.loads((d / "hf" / "config.json").read_text()) == json.loads(json.dumps(hf_config_from_model(MODEL)))
+    train_bpe(iter(["the quick brown fox jumps over the lazy dog " * 20]), 280, d / "tok" / "tokenizer.json")
+    (d / "text.jsonl").write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(5)))
+    (d / "empty.jsonl").write_text("")
+    (d / "blank.jsonl").write_text("\n  \n\n")
+    _config_variant(d, "cfg_list", lambda raw: [raw])
+    _config_variant(d, "cfg_str", lambda raw: {**raw, "hidden_size": "32"})
+    _config_variant(d, "cfg_rope3", lambda raw: {**raw, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,
+                                                                          "low_freq_factor": 1.0}})
+    _config_variant(d, "cfg_ropelist", lambda raw: {**raw, "rope_parameters": [1]})
+    _config_variant(d, "cfg_theta", lambda raw: {**raw, "rope_theta": "big"})
+    _config_variant(d, "cfg_arch", lambda raw: {**raw, "architectures": "LlamaForCausalLM"})
+    _config_variant(d, "idx_list", lambda raw: raw)
+    (d / "idx_list" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
+    return d
+
+
+@pytest.fixture
+def no_process_group(monkeypatch):
+    calls = []
+    monkeypatch.setattr(pyruntime.mesh, "init_distributed", lambda *a, **k: calls.append(a))
+    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: calls.append(a))
+    return calls
+
+
+def _run(argv, files, capsys) -> str:
+    capsys.readouterr()
+    assert main([a.replace("{d}", str(files)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("pyruntime: error: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_input_is_one_line_exit_2(case, files, no_process_group, tmp_path, monkeypatch, capsys):
+    argv, expected = BAD[case]
+    monkeypatch.chdir(tmp_path)  # train's default --out lands here
+    err = _run(argv, files, capsys)
+    assert expected.replace("{d}", str(files)) in err, err
+    assert not no_process_group
+    # nothing the user had is gone or overwritten, and no half-written output stays
+    assert (files / "precious" / "notes.txt").read_text() == "the user's"
+    assert (files / "run" / "checkpoints" / "step_1").is_dir() and (files / "run" / "metrics.jsonl").is_file()
+    assert (files / "afile").read_text() == "not a directory" and not list((files / "adir").iterdir())
+    assert (files / "text.jsonl").read_text().startswith('{"text": "line 0"}')
+    assert not (files / "new").exists() or not list((files / "new").iterdir())

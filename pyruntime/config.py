@@ -218,16 +218,18 @@ class ParallelConfig:
     """Axis order of the rank grid, outermost first: the last axis has adjacent ranks (keep
     tp last so tp traffic stays inside a node)."""
     recompute: str = "none"
-    """Activation recomputation (parallel/recompute.py): none, selective (norm outputs and the
-    SwiGLU activation are recomputed in backward, GEMM and attention outputs kept) or full
+    """Activation recomputation (parallel/recompute.py): none, selective (norm outputs, the
+    SwiGLU activation and grouped-KV repeats are recomputed in backward, GEMM and attention
+    outputs kept) or full
     (each block keeps only its input and reruns its forward in backward)."""
     recompute_layers: int | None = None
     """With recompute: only the first K blocks of each pipeline stage (Megatron's "block"
     method); None: every block. At most the smallest stage's layer count."""
-    recompute_ops: str = "norm,swiglu"
+    recompute_ops: str = "norm,swiglu,kv_repeat"
     """With --recompute selective: which ops' outputs are dropped and recomputed in backward,
     comma-separated: norm (the RMSNorm outputs the q/k/v and gate/up GEMMs save), swiglu (the
-    activation the down projection saves). `bench recompute` measures each set."""
+    activation the down projection saves), kv_repeat (with grouped KV heads: the repeated k
+    and v attention saves). `bench recompute` measures each set."""
 
     def validate(self) -> None:
         if self.schedule == "interleaved" and self.pp > 1 and self.virtual_stages < 2:

@@ -20,6 +20,7 @@ import torch
 
 from pyruntime.bench.harness import header, suite_parser, table_lines
 from pyruntime.config import PRESETS, Config, DataConfig, ParallelConfig, TrainConfig
+from pyruntime.parallel.recompute import SELECTIVE_OPS
 
 # The model is built and run by the trainer in this process (a world of one).
 
@@ -41,12 +42,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 # (label, --recompute, --recompute-ops): none, each selective set, full
-VARIANTS = [("none", "none", "norm,swiglu"), ("selective norm", "selective", "norm"),
-            ("selective swiglu", "selective", "swiglu"), ("selective norm,swiglu", "selective", "norm,swiglu"),
-            ("full", "full", "norm,swiglu")]
+ALL_OPS = ",".join(SELECTIVE_OPS)
+VARIANTS = [("none", "none", ALL_OPS)] + [(f"selective {op}", "selective", op) for op in SELECTIVE_OPS] + [
+    (f"selective {ALL_OPS} (default)", "selective", ALL_OPS), ("full", "full", ALL_OPS)]
 
 
-def _config(args: argparse.Namespace, mode: str, out: str, ops: str = "norm,swiglu") -> Config:
+def _config(args: argparse.Namespace, mode: str, out: str, ops: str = ALL_OPS) -> Config:
     model = dataclasses.replace(PRESETS[args.preset], max_seq_len=max(args.seq_len, PRESETS[args.preset].max_seq_len))
     return Config(train=TrainConfig(preset=args.preset, steps=args.warmup + args.steps, eval_every=0, quiet=True,
                                     out=out),
@@ -55,7 +56,7 @@ def _config(args: argparse.Namespace, mode: str, out: str, ops: str = "norm,swig
                   parallel=ParallelConfig(recompute=mode, recompute_ops=ops))
 
 
-def run_mode(args: argparse.Namespace, mode: str, out: str, ops: str = "norm,swiglu") -> dict:
+def run_mode(args: argparse.Namespace, mode: str, out: str, ops: str = ALL_OPS) -> dict:
     from pyruntime.mesh import Launch, ParallelDims, init_distributed
     from pyruntime.train.trainer import Trainer
 

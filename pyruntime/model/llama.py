@@ -12,7 +12,10 @@ unmodified model afterwards (parallel/), which relies on these things:
 """
 from __future__ import annotations
 
+import functools
 import math
+import threading
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -75,6 +78,32 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos + rotated * sin
 
 
+class _Droppable(threading.local):
+    """Selective recomputation's ear inside the attention math: parallel/recompute.py sets
+    `offer` on this thread while a block runs in that mode, and offer(out, recipe, keep) tells
+    it that `out` can be rebuilt in backward by recipe(), which reads only `keep`."""
+
+    offer: Callable | None = None
+
+
+DROPPABLE = _Droppable()
+
+
+def repeat_kv(t: torch.Tensor, groups: int) -> torch.Tensor:
+    """t (B, Hkv, T, hd) -> (B, Hkv * groups, T, hd): each KV head repeated for the query heads
+    of its group (an explicit repeat: enable_gqa is not in every torch the runtime supports).
+    Attention saves the repeated copy for backward, groups times t's bytes; offered to
+    selective recomputation, which keeps t's own bytes instead (a compact copy: v is a view
+    into the fused q/k/v output) and repeats it again in backward."""
+    offer = DROPPABLE.offer
+    if offer is None or not torch.is_grad_enabled():
+        return t.repeat_interleave(groups, dim=1)
+    compact = t.contiguous()
+    out = compact.repeat_interleave(groups, dim=1)
+    offer(out, functools.partial(torch.repeat_interleave, compact, groups, dim=1), (compact,))
+    return out
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None = None) -> torch.Tensor:
     """Causal softmax attention of q (B, Hq, Tq, hd) over k, v (B, Hkv, Tk, hd), Tq <= Tk:
     the queries are the last Tq positions (Tk - Tq earlier keys: a KV cache). window: a query
@@ -82,9 +111,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None
     B, _, Tq, _ = q.shape
     Tk = k.shape[2]
     groups = q.shape[1] // k.shape[1]
-    if groups > 1:  # explicit repeat: enable_gqa is not in every torch the runtime supports
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
+    if groups > 1:
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)
     if Tq == Tk and (window is None or window >= Tk):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, Hq, T, hd)
     else:

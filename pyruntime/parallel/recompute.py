@@ -23,8 +23,10 @@ Modes (`train --recompute`):
   model has no dropout, so no RNG state needs replaying.
 - selective: the block runs with its graph, but the outputs of its cheap, memory-heavy ops
   are not saved: the RMSNorm outputs (saved by the q/k/v and gate/up GEMMs for their
-  weight gradients) and the SwiGLU activation (saved by the down projection) are packed as
-  recipes and recomputed on first unpack in backward (saved-tensor hooks keyed by storage);
+  weight gradients), the SwiGLU activation (saved by the down projection) and, with grouped
+  KV heads, the repeated k and v attention saves (model/llama.repeat_kv offers them: the
+  recipe keeps the unrepeated k and v, 1/groups of the bytes) are packed as recipes and
+  recomputed on first unpack in backward (saved-tensor hooks keyed by storage);
   the GEMM outputs, the attention inputs/outputs and everything else stay saved. Norm
   outputs come from module forward hooks, so a norm whose output the next layer gathers
   first (sequence parallelism: the GEMM saves the gathered copy) is not dropped; the fused
@@ -52,7 +54,7 @@ from pyruntime.ops import wgrad
 from pyruntime.train.saved_bytes import SavedTensorMeter, note_saved
 
 _state = threading.local()  # the selective recipes of the block forward now running
-SELECTIVE_OPS = ("norm", "swiglu")  # what --recompute selective can drop (--recompute-ops)
+SELECTIVE_OPS = ("norm", "swiglu", "kv_repeat")  # what --recompute selective can drop (--recompute-ops)
 
 
 def check_recompute(cfg: Config) -> None:
@@ -148,10 +150,14 @@ class _Selective:
     def __init__(self):
         self.recipes = {}
 
-    def add(self, out: torch.Tensor, fn: Callable[[], torch.Tensor]) -> None:
+    def add(self, out: torch.Tensor, fn: Callable[[], torch.Tensor], keep: tuple[torch.Tensor, ...] = ()) -> None:
+        """`out` is rebuilt by fn() if it is saved; `keep`: what fn reads that nothing else
+        saves (the recipe holds it until backward, so the meter counts it)."""
         # A weak reference: once `out` is gone its storage may be freed and the same
         # StorageImpl address handed to an unrelated tensor, which must not match.
         self.recipes[out.untyped_storage()._cdata] = (_Recipe(fn), weakref.ref(out))
+        for t in keep:
+            note_saved(t)
 
     def pack(self, t: torch.Tensor):
         entry = self.recipes.get(t.untyped_storage()._cdata)
@@ -209,7 +215,10 @@ class _BlockRun:
         return _params(self.block)
 
 
-def _wrap(block: nn.Module, mode: str, first: bool, meter: _BlockMeter) -> None:
+def _wrap(block: nn.Module, mode: str, first: bool, meter: _BlockMeter, kv_repeat: bool = False) -> None:
+    """kv_repeat: in selective mode, also drop attention's repeated k / v (model/llama.repeat_kv)."""
+    from pyruntime.model.llama import DROPPABLE
+
     run = _BlockRun(block, block.forward)
 
     def forward(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -224,11 +233,12 @@ def _wrap(block: nn.Module, mode: str, first: bool, meter: _BlockMeter) -> None:
         if mode == "selective":
             sel = _Selective()
             _state.selective = sel
+            DROPPABLE.offer = sel.add if kv_repeat else None
             try:
                 with meter.meter.counting(), torch.autograd.graph.saved_tensors_hooks(sel.pack, sel.unpack):
                     return run(x, cos, sin)
             finally:
-                _state.selective = None
+                _state.selective = DROPPABLE.offer = None
         with meter.meter:
             return run(x, cos, sin)
 
@@ -256,7 +266,7 @@ def apply_recompute(model: nn.Module, mode: str = "none", layers: int | None = N
         position = index - starts[stage]
         block_mode = mode if layers is None or position < layers else "none"
         # A chunk's forward starts at its stage's first layer (each stage is one chunk).
-        _wrap(block, block_mode, position == 0, meter)
+        _wrap(block, block_mode, position == 0, meter, kv_repeat="kv_repeat" in ops)
         if block_mode == "selective":
             for module in block.modules():
                 if isinstance(module, RMSNorm) and "norm" in ops:

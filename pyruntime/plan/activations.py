@@ -18,9 +18,10 @@ vocabulary mask of b s bytes under tp); on the last: the final norm (2 b s_n h +
 head's input b s h, and the loss: its log-softmax (b s V_padded / t, fp32) plus the targets.
 
 Recomputation (parallel/recompute.py): full keeps each block's input only (b s_n h);
-selective recomputes the norms' outputs and the SwiGLU activation in backward (drops the two
-GEMM inputs, unless sequence parallelism gathers them first, and silu(gate) at tp 1, where it
-is a tensor of its own), keeping the GEMM and attention outputs.
+selective recomputes the norms' outputs, the SwiGLU activation and, with grouped KV heads,
+the repeated k and v in backward (drops the two GEMM inputs, unless sequence parallelism
+gathers them first, silu(gate) at tp 1, where it is a tensor of its own, and keeps k and v
+unrepeated: 2 b s kv / t instead of 2 b s q / t), keeping the GEMM and attention outputs.
 """
 from __future__ import annotations
 
@@ -62,6 +63,8 @@ def block_bytes(x: Shape, recompute: str = "none") -> int:
             gemm_in = 0
         if t == 1:                  # and the fused tp SwiGLU GEMM has no separate activation
             mlp -= b * s * f * e
+        if m.kv_heads < m.n_heads:  # the repeated k and v: the unrepeated ones are kept instead
+            attn -= (2 * b * s * q // t - 2 * b * s * kv // t) * e
     return norms + gemm_in + attn + mlp
 
 

@@ -14,10 +14,12 @@ def test_bench_recompute_rows(capsys):
         if "tiny" in words and words[0] in ("none", "selective", "full"):
             at = words.index("tiny")
             rows[" ".join(words[:at])] = words[at + 3:]  # activation MiB, none/mode, step ms, ...
-    assert set(rows) == {"none", "selective norm", "selective swiglu", "selective norm,swiglu", "full"}, lines
+    each = ["selective norm", "selective swiglu", "selective kv_repeat"]  # tiny: 4 heads, 2 KV heads
+    default = "selective norm,swiglu,kv_repeat (default)"
+    assert set(rows) == {"none", *each, default, "full"}, lines
     mib = {mode: float(row[0]) for mode, row in rows.items()}
-    assert mib["full"] < mib["selective norm,swiglu"] < min(mib["selective norm"], mib["selective swiglu"])
-    assert max(mib["selective norm"], mib["selective swiglu"]) < mib["none"], rows
+    assert mib["full"] < mib[default] < min(mib[m] for m in each)
+    assert max(mib[m] for m in each) < mib["none"], rows
     assert rows["none"][1] == "1.00x"
 
 

@@ -131,10 +131,11 @@ def test_bad_recompute_ops_are_one_line_exit_2(ops, capsys):
 
     assert main(["train", "--recompute", "selective", "--recompute-ops", ops]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"--recompute-ops '{ops}': expected a comma-separated subset of norm, swiglu" in err
+    want = f"--recompute-ops '{ops}': expected a comma-separated subset of norm, swiglu, kv_repeat"
+    assert err.count("\n") == 1 and want in err
 
 
-@pytest.mark.parametrize("ops", ["norm", "swiglu"])
+@pytest.mark.parametrize("ops", ["norm", "swiglu", "kv_repeat"])
 def test_each_selective_set_drops_less_than_both_and_is_exact(tmp_path, ops):
     """One process: each set alone saves fewer bytes than none and more than both; losses and
     gradient norms stay bit-identical to none."""
@@ -145,7 +146,7 @@ def test_each_selective_set_drops_less_than_both_and_is_exact(tmp_path, ops):
         cfg = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, recompute_ops=recompute_ops))
         return single_process(cfg)
 
-    none, one, both = run("none", "norm,swiglu"), run("selective", ops), run("selective", "norm,swiglu")
+    none, one, both = run("none", "norm,swiglu,kv_repeat"), run("selective", ops), run("selective", "norm,swiglu,kv_repeat")
     assert [(r["loss"], r["grad_norm"]) for r in one] == [(r["loss"], r["grad_norm"]) for r in none]
     assert both[0]["activation_bytes"] < one[0]["activation_bytes"] < none[0]["activation_bytes"]
 

@@ -220,8 +220,8 @@ class ParallelConfig:
     recompute: str = "none"
     """Activation recomputation (parallel/recompute.py): none, selective (norm outputs, the
     SwiGLU activation and grouped-KV repeats are recomputed in backward, GEMM and attention
-    outputs kept) or full
-    (each block keeps only its input and reruns its forward in backward)."""
+    outputs kept) or full (each block keeps only its input and reruns its forward in
+    backward)."""
     recompute_layers: int | None = None
     """With recompute: only the first K blocks of each pipeline stage (Megatron's "block"
     method); None: every block. At most the smallest stage's layer count."""

@@ -188,14 +188,25 @@ def run_demo(args: argparse.Namespace) -> int:
     the measured pipeline timeline and the loss curve into --out."""
     import subprocess
 
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "8",
-           "-m", "pyruntime", "train", "--preset", "tiny", "--steps", str(args.steps), "--out", args.out,
-           "--dp", "2", "--pp", "2", "--tp", "2", "--sp", "--zero", "1", "--schedule", "1f1b",
-           "--microbatches", "4", "--eval-every", "50", "--log-every", "10", "--timeline", args.out]
+    train = ["train", "--preset", "tiny", "--steps", str(args.steps), "--out", args.out,
+             "--dp", "2", "--pp", "2", "--tp", "2", "--sp", "--zero", "1", "--schedule", "1f1b",
+             "--microbatches", "4", "--eval-every", "50", "--log-every", "10", "--timeline", args.out]
+    # Checked here, once, as each of the 8 ranks would: a bad --steps or --out is one line,
+    # not eight lines and torchrun's report.
+    from pyruntime.train.preflight import writable_dir
+
+    cfg = config_from_args(build_parser().parse_args(train), 8)
+    writable_dir(Path(cfg.train.out), "output directory (--out)")
+    check_outputs(cfg, quiet=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "8", "-m", "pyruntime", *train]
     # Quoted so the line pastes back into a shell as it is (paths with spaces included).
     print("demo: OMP_NUM_THREADS=1 " + shlex.join(cmd), flush=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.call(cmd, env=env)
+
+
+# pp x microbatches x virtual stages `schedule` simulates: 16 x 16384 took 18 s on the 2-core CI host.
+MAX_SCHEDULE_CELLS = 1 << 18
 
 
 def run_schedule(args: argparse.Namespace) -> int:
@@ -204,6 +215,10 @@ def run_schedule(args: argparse.Namespace) -> int:
 
     if args.png:
         require_matplotlib("schedule --png")
+    cells = args.pp * args.microbatches * args.virtual_stages
+    if min(args.pp, args.microbatches, args.virtual_stages) >= 1 and cells > MAX_SCHEDULE_CELLS:
+        raise ConfigError(f"schedule: pp x microbatches x virtual stages = {cells} exceeds {MAX_SCHEDULE_CELLS} "
+                          "(the simulation would run for minutes; a chart that size cannot be read)")
     try:
         res = plan_and_draw(args.schedule, args.pp, args.microbatches, args.virtual_stages,
                             png=args.png, trace=args.trace)

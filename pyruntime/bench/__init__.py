@@ -46,6 +46,14 @@ def run(argv: list[str]) -> int:
             return module.main(argv[1:])
         except SystemExit as e:  # a suite's --help (0) or bad options (2, one line said)
             return int(e.code or 0)
+        except Exception as e:  # noqa: BLE001 - the user's errors (a model that cannot be built, a missing
+            from pyruntime.cli import user_error  # profile, a --tmp under a file) as one line; a bug as it is
+
+            said = user_error(e)
+            if said is None:
+                raise
+            print(f"pyruntime bench {argv[0]}: error: {said[1]}", file=sys.stderr)
+            return said[0]
     parser = argparse.ArgumentParser(prog="pyruntime bench", formatter_class=argparse.RawDescriptionHelpFormatter,
                                      description=__doc__.split("\n\n")[0], epilog="suites:\n" + suites_help())
     parser.add_argument("suite", help="the suite to run (listed below)")

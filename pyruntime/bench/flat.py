@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from pyruntime.bench.harness import compare, print_table, suite_parser
+from pyruntime.bench.harness import compare, print_table, require, suite_parser
 from pyruntime.config import PRESETS
 from pyruntime.model import Transformer
 from pyruntime.ops.adamw import DecayMask, adamw_step
@@ -81,9 +81,10 @@ def adamw_rows(tensors, layout, repeat):
 
 def main(argv=None) -> int:
     parser = suite_parser("flat", __doc__)
-    parser.add_argument("--preset", default=None, help="default: small on CPU, 1b on CUDA")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS), help="default: small on CPU, 1b on CUDA")
     parser.add_argument("--repeat", type=int, default=30)
     args = parser.parse_args(argv)
+    require(parser, args, positive=("repeat",))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     preset = args.preset or ("1b" if device.type == "cuda" else "small")
     gen = torch.Generator().manual_seed(0)

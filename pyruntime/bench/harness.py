@@ -12,6 +12,7 @@ import argparse
 import datetime
 import sys
 import importlib.util
+import math
 import statistics
 import subprocess
 import time
@@ -177,6 +178,19 @@ class _SuiteParser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse prints usage + message: one line instead, exit 2
         print(f"{self.prog}: error: {message}", file=sys.stderr)
         raise SystemExit(2)
+
+
+def require(parser: argparse.ArgumentParser, args: argparse.Namespace, positive=(), non_negative=()) -> None:
+    """Counts and sizes a suite divides by, takes a median over or builds a model from: each
+    (every item of a list) finite and > 0 / >= 0, else one line through parser.error, exit 2."""
+    for names, strict in ((positive, True), (non_negative, False)):
+        for name in names:
+            value = getattr(args, name)
+            for v in value if isinstance(value, (list, tuple)) else [value]:
+                if v is not None and not (math.isfinite(v) and (v > 0 if strict else v >= 0)):
+                    rule = (f">= {int(strict)}" if isinstance(v, int) else
+                            f"a finite number {'>' if strict else '>='} 0")
+                    parser.error(f"--{name.replace('_', '-')} must be {rule}, got {v}")
 
 
 def suite_parser(suite: str, doc: str) -> argparse.ArgumentParser:

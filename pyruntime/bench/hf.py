@@ -204,7 +204,7 @@ def bench_tokenize(args) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from pyruntime.bench.harness import header, suite_parser
+    from pyruntime.bench.harness import header, require, suite_parser
 
     parser = suite_parser("hf", __doc__)
     parser.add_argument("--part", choices=["load", "tokenize", "both"], default="both")
@@ -220,6 +220,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenize processes (also 1 is run)")
     parser.add_argument("--tmp", default=None, help="where the model directory is written (default: the system's)")
     args = parser.parse_args(argv)
+    require(parser, args, positive=("dim", "layers", "heads", "kv_heads", "ffn", "vocab", "shard_gb", "repeat", "docs",
+                                    "workers"))
     lines = header(["hf", *(argv or [])], "reference", "CPU loading and tokenizing")[:3]
     if args.part in ("load", "both"):
         lines += bench_load(args)

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from pyruntime.bench.harness import suite_parser
+from pyruntime.bench.harness import require, suite_parser
 
 
 def _status_mb() -> dict[str, float]:
@@ -57,8 +57,10 @@ def main(argv=None) -> int:
     parser.add_argument("--ffn", type=int, default=2816)
     parser.add_argument("--vocab", type=int, default=32000)
     args = parser.parse_args(argv)
+    require(parser, args, positive=("dp", "dim", "layers", "ffn", "vocab"))
     model_cfg = ModelConfig(vocab_size=args.vocab, dim=args.dim, n_layers=args.layers, n_heads=16, n_kv_heads=8,
                             ffn_dim=args.ffn)
+    model_cfg.validate()  # --dim must divide into the 16 heads
     n = count_params(model_cfg)["total"]
     print(f"bench_init_memory | ZeRO-3, dp {args.dp}, gloo | model {n / 1e6:.1f}M params ({n * 4 / 2**20:.0f} MB fp32, "
           f"shard {n * 4 / args.dp / 2**20:.0f} MB; master + 2 moments = 3 shards) | per rank, worst rank")

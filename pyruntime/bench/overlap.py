@@ -32,7 +32,7 @@ from typing import Callable
 
 import torch
 
-from pyruntime.bench.harness import header, suite_parser, table_lines
+from pyruntime.bench.harness import header, require, suite_parser, table_lines
 from pyruntime.comm import overlap
 
 
@@ -193,6 +193,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeat", type=int, default=30 if on_cuda else 5)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
+    require(parser, args, positive=("tp", "tokens", "batch", "hidden", "ffn", "chunks", "repeat"),
+            non_negative=("warmup",))
     T = args.tokens // args.batch
     bad = [f"{what} {v} is not divisible by tp {args.tp}" for what, v in
            (("sequence length", T), ("MLP width", args.ffn)) if v % args.tp]

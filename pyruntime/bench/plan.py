@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from pyruntime.bench.harness import header, suite_parser, table_lines
+from pyruntime.bench.harness import header, require, suite_parser, table_lines
 
 # (world size, parallel fields, micro-batch)
 LAYOUTS = [
@@ -60,19 +60,19 @@ def main(argv=None) -> int:
     from pyruntime.plan.layout import Workload
     from pyruntime.plan.measure import measure_step_time
     from pyruntime.plan.timing import Cluster, step_time
+    from pyruntime.config import PRESETS
     from pyruntime.spawn import run_world
 
     parser = suite_parser("plan", __doc__)
-    parser.add_argument("--preset", default="tiny")
+    parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per layout (after 2 warm-up steps)")
     parser.add_argument("--profile", help="a saved `plan --calibrate` profile (default: calibrate now)")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
+    require(parser, args, positive=("seq_len", "global_batch", "steps"))
     print("\n".join(header(["plan", *(argv or [])], "cpu", "CPU / gloo ranks, one thread each")), flush=True)
-    from pyruntime.config import PRESETS
-
     # calibrated with this preset's blocks at tp 1 and 2, as `plan --calibrate --preset P
     # --seq-len S --gpus 2` does
     dev = (load_profile(args.profile) if args.profile

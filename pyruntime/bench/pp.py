@@ -390,10 +390,11 @@ def _header(argv: list[str], args: Args) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     from pyruntime.bench.harness import suite_parser
+    from pyruntime.config import PRESETS
 
     d = Args()
     parser = suite_parser("pp", __doc__)
-    parser.add_argument("--preset", default=d.preset, help="model preset (default small: 8 layers)")
+    parser.add_argument("--preset", default=d.preset, choices=sorted(PRESETS), help="model preset (default small: 8 layers)")
     parser.add_argument("--seq-len", type=int, default=d.seq_len)
     parser.add_argument("--micro-batch", type=int, default=d.micro_batch, help="sequences per micro-batch")
     parser.add_argument("--microbatches", type=int, default=d.microbatches, help="micro-batches per step")

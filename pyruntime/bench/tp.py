@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pyruntime.bench.harness import Row, _device, compare, header, print_table, suite_parser
+from pyruntime.bench.harness import Row, _device, compare, header, print_table, require, suite_parser
 
 
 @dataclass
@@ -176,6 +176,7 @@ def main(argv: list[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # argparse exits on --help or on bad input; return its code
         return int(e.code or 0)
+    require(parser, args, positive=("tokens", "hidden", "ffn", "vocab", "repeat"), non_negative=("warmup",))
     return run_tp(args, argv)
 
 

@@ -227,7 +227,8 @@ def summarise(per_rank: list[dict]) -> dict:
 
 
 def main(argv=None) -> int:
-    from pyruntime.bench.harness import suite_parser, table_lines
+    from pyruntime.bench.harness import require, suite_parser, table_lines
+    from pyruntime.config import PRESETS
 
     parser = suite_parser("tpstep", __doc__)
     parser.add_argument("--tp", type=int, default=2)
@@ -235,7 +236,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tp-overlap", action="store_true",
                         help="ours with chunked all-gather/reduce-scatter overlap (implies --sp; "
                              "PyTorch's side: plain sp)")
-    parser.add_argument("--preset", default="small")
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=10)
@@ -243,6 +244,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args(argv)
+    require(parser, args, positive=("tp", "seq_len", "batch", "steps"), non_negative=("warmup",))
     if torch.cuda.is_available():
         print("bench tpstep runs the ranks on gloo/CPU (one GPU cannot host several NCCL ranks)")
     try:

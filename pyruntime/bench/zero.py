@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from pyruntime.bench.harness import suite_parser
+from pyruntime.bench.harness import require, suite_parser
 import torch.distributed as dist
 
 MEMORY_STEPS = 3  # steps sampled for the peak, after the timed ones
@@ -258,14 +258,17 @@ def paired_summary(per_rank: list[dict], ours: str, theirs: str) -> dict:
 
 
 def main(argv=None) -> int:
+    from pyruntime.config import PRESETS
+
     parser = suite_parser("zero", __doc__)
     parser.add_argument("--worlds", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--preset", default="small")
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--global-batch", type=int, default=8)
     parser.add_argument("--steps", type=int, default=10, help="timed steps of each side")
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args(argv)
+    require(parser, args, positive=("worlds", "seq_len", "global_batch", "steps"), non_negative=("warmup",))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores), gloo"
     print(f"bench_zero | preset {args.preset} | global batch {args.global_batch} x {args.seq_len} | {device} | "
           f"median of {args.steps} steps after {args.warmup} warm-up, ours and torch alternating step by step; "

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 
 from pyruntime.config import PRESETS, ConfigError, ModelConfig, config_from_dict, load_config_file
@@ -57,11 +58,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _positive(args: argparse.Namespace) -> None:
+    """Every size and figure > 0, and the float ones finite (a NaN would print a plan of NaNs)."""
     for name in ("seq_len", "global_batch", "micro_batch", "microbatches", "dp", "tp", "pp", "virtual_stages",
-                 "gpus", "gpus_per_node", "tokens", "top", "bucket_mb"):
+                 "gpus", "gpus_per_node", "tokens", "top", "bucket_mb", "gpu_mem", "tflops", "intra_bw", "inter_bw"):
         value = getattr(args, name)
-        if value is not None and value <= 0:
-            raise PlanError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if value is not None and not 0 < value < math.inf:
+            finite = "a finite number " if isinstance(value, float) else ""
+            raise PlanError(f"--{name.replace('_', '-')} must be {finite}> 0, got {value}")
+    if args.calibrate and args.search:
+        raise PlanError("--calibrate measures this machine and writes a profile, --search plans with one: "
+                        "run them one after the other")
 
 
 def read_hf_config(path: str) -> ModelConfig:
@@ -97,6 +103,8 @@ def workload_and_base(args: argparse.Namespace) -> tuple[Workload, dict, list[st
     model.validate()
     gpus = args.gpus or 1
     seq = args.seq_len or data.get("seq_len") or min(2048, model.max_seq_len)
+    if seq > model.max_seq_len:  # train refuses it too: its rotary table ends there
+        raise PlanError(f"--seq-len {seq} exceeds the model's max_seq_len {model.max_seq_len}")
     batch = args.global_batch or data.get("global_batch") or 8 * gpus
     if "micro_batch" in data and args.micro_batch is None:
         args.micro_batch = data["micro_batch"]
@@ -127,6 +135,11 @@ def cluster_from(args: argparse.Namespace, layout_gpus: int) -> Cluster:
     if args.device:
         dev = custom(device(args.device), **figures)
     elif any(v is not None for v in figures.values()):
+        flags = {"memory_gb": "--gpu-mem", "tflops": "--tflops", "intra_gbs": "--intra-bw", "inter_gbs": "--inter-bw"}
+        missing = [flags[k] for k, v in figures.items() if v is None]
+        if missing:
+            raise PlanError("without --device, give all of --gpu-mem, --tflops, --intra-bw and --inter-bw "
+                            f"(missing: {', '.join(missing)})")
         dev = custom(None, **figures)
     elif args.profile or Path(DEFAULT_PROFILE).is_file():
         dev = load_profile(args.profile or DEFAULT_PROFILE)

@@ -93,6 +93,37 @@ BAD = {
          "--save-tokenizer", "{d}/adir"], "--save-tokenizer {d}/adir is a directory"),
     "tokenize train-bpe beyond 2**32": (["tokenize", "--train-bpe", str(2**70), "--input", "{d}/text.jsonl",
                                          "--output", "{d}/new/t.bin"], "at most 4294967296 tokens"),
+    # plan: NaN / inf figures, partial device figures named by their flags, a context the model lacks
+    "plan bucket-mb nan": (["plan", "--bucket-mb", "nan"], "--bucket-mb must be a finite number > 0, got nan"),
+    "plan tokens inf": (["plan", "--tokens", "inf"], "--tokens must be a finite number > 0, got inf"),
+    "plan gpu-mem negative": (["plan", "--gpu-mem", "-1"], "--gpu-mem must be a finite number > 0, got -1.0"),
+    "plan device figures incomplete": (["plan", "--gpu-mem", "80"], "(missing: --tflops, --intra-bw, --inter-bw)"),
+    "plan seq-len beyond the model": (["plan", "--preset", "tiny", "--seq-len", "100000"],
+                                      "--seq-len 100000 exceeds the model's max_seq_len 2048"),
+    "plan calibrate with search": (["plan", "--calibrate", "--search", "--gpus", "2"],
+                                   "--calibrate measures this machine"),
+    # schedule: a size the simulator would take minutes (or overflow) on
+    "schedule too large": (["schedule", "--pp", "2", "--microbatches", str(10**11)],
+                           "pp x microbatches x virtual stages = 200000000000 exceeds 262144"),
+    "schedule too large to simulate": (["schedule", "--pp", "1000", "--microbatches", "1000"], "exceeds 262144"),
+    # demo: checked once here, not by 8 ranks under torchrun
+    "demo steps zero": (["demo", "--steps", "0", "--out", "{d}/new/demo"], "train.steps must be >= 1, got 0"),
+    "demo out a file": (["demo", "--steps", "1", "--out", "{d}/afile"], "output directory (--out) {d}/afile is a file"),
+}
+
+# `bench SUITE` with a count it divides by or takes a median over, a preset it lacks, a model it cannot build
+BENCH = {
+    "flat repeat zero": (["flat", "--repeat", "0"], "bench flat: error: --repeat must be >= 1, got 0"),
+    "flat preset unknown": (["flat", "--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
+    "overlap tp zero": (["overlap", "--tp", "0"], "bench overlap: error: --tp must be >= 1, got 0"),
+    "tp tokens zero": (["tp", "--tokens", "0"], "bench tp: error: --tokens must be >= 1, got 0"),
+    "initmem dim not divisible by the heads": (["initmem", "--dim", "3"], "model.dim 3 is not divisible by n_heads 16"),
+    "hf heads do not divide dim": (["hf", "--heads", "3", "--part", "load"], "model.dim 2048 is not divisible by n_heads 3"),
+    "hf shard-gb nan": (["hf", "--shard-gb", "nan"], "--shard-gb must be a finite number > 0, got nan"),
+    "plan profile missing": (["plan", "--profile", "{d}/nowhere.json"], "calibration profile not found"),
+    "zero worlds zero": (["zero", "--worlds", "2", "0"], "bench zero: error: --worlds must be >= 1, got 0"),
+    "tpstep warmup negative": (["tpstep", "--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    "tpstep preset unknown": (["tpstep", "--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
 }
 
 MODEL = ModelConfig(vocab_size=300, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, max_seq_len=64)
@@ -151,7 +182,7 @@ def _run(argv, files, capsys) -> str:
     return err
 
 
-@pytest.mark.parametrize("case", list(BAD))
+@pytest.mark.parametrize("case", [c for c in BAD if not c.startswith("demo")])
 def test_bad_input_is_one_line_exit_2(case, files, no_process_group, tmp_path, monkeypatch, capsys):
     argv, expected = BAD[case]
     monkeypatch.chdir(tmp_path)  # train's default --out lands here
@@ -164,3 +195,33 @@ def test_bad_input_is_one_line_exit_2(case, files, no_process_group, tmp_path, m
     assert (files / "afile").read_text() == "not a directory" and not list((files / "adir").iterdir())
     assert (files / "text.jsonl").read_text().startswith('{"text": "line 0"}')
     assert not (files / "new").exists() or not list((files / "new").iterdir())
+
+
+@pytest.fixture
+def no_launch(monkeypatch):
+    """Fails the test if `demo` would start torchrun."""
+    import subprocess
+
+    calls = []
+    monkeypatch.setattr(subprocess, "call", lambda *a, **k: calls.append(a) or 0)
+    return calls
+
+
+@pytest.mark.parametrize("case", [c for c in BAD if c.startswith("demo")])
+def test_demo_checks_before_launching(case, files, no_launch, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    _run(BAD[case][0], files, capsys)
+    assert not no_launch
+
+
+@pytest.mark.parametrize("case", list(BENCH))
+def test_bench_bad_options_are_one_line_exit_2(case, files, no_process_group, tmp_path, monkeypatch, capsys):
+    argv, expected = BENCH[case]
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert main(["bench", *[a.replace("{d}", str(files)) for a in argv]]) == 2
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.startswith(f"pyruntime bench {argv[0]}: error: ") and err.count("\n") == 1, err
+    assert expected.replace("{d}", str(files)) in err and "Traceback" not in err, err
+    assert not no_process_group and "ms" not in captured.out  # nothing was timed

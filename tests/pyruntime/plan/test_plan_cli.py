@@ -58,7 +58,7 @@ def test_search_without_a_fit_names_the_memory_it_needs(capsys):
     (["--tp", "3"], ["tp 3 does not divide"]),
     (["--recompute", "most"], ["unknown recompute mode 'most'"]),
     (["--gpus", "0"], ["--gpus must be > 0"]),
-    (["--tflops", "100"], ["missing: memory, intra_bw, inter_bw"]),
+    (["--tflops", "100"], ["missing: --gpu-mem, --intra-bw, --inter-bw"]),
     (["--search"], ["--search needs --gpus"]),
     (["--profile", "/nonexistent.json"], ["calibration profile not found"]),
 ])

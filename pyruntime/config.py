@@ -116,7 +116,12 @@ PRESETS: dict[str, ModelConfig] = {
 }
 
 
-@section("data", seq_len=POSITIVE, global_batch=POSITIVE, micro_batch=POSITIVE, max_bytes=POSITIVE,
+# Bounds that only catch typos: 2**24 sequences per step is far past any real run (the sampler
+# holds a step's row numbers at once), and an optimizer scalar must fit a float32.
+MAX_GLOBAL_BATCH, FLOAT32_MAX = 2**24, 3.4e38
+
+
+@section("data", seq_len=POSITIVE, global_batch=between(1, MAX_GLOBAL_BATCH), micro_batch=POSITIVE, max_bytes=POSITIVE,
          val_fraction=between(0, 1, low_open=True, high_open=True))
 @dataclass(kw_only=True)
 class DataConfig:
@@ -151,8 +156,9 @@ def default_micro_batch(global_batch: int, dp: int) -> int:
     return max(m for m in range(1, min(8, per_rank) + 1) if per_rank % m == 0)
 
 
-@section("optim", lr=greater_than(0), min_lr_ratio=between(0, 1), warmup_steps=NON_NEGATIVE,
-         weight_decay=at_least(0), betas=each(between(0, 1, high_open=True)), eps=greater_than(0),
+@section("optim", lr=between(0, FLOAT32_MAX, low_open=True), min_lr_ratio=between(0, 1), warmup_steps=NON_NEGATIVE,
+         weight_decay=between(0, FLOAT32_MAX), betas=each(between(0, 1, high_open=True)),
+         eps=between(0, FLOAT32_MAX, low_open=True),
          grad_clip=at_least(0), offload=one_of("none", "optimizer", noun="offload target"))
 @dataclass(kw_only=True)
 class OptimConfig:
@@ -376,7 +382,8 @@ def load_config_file(path: str) -> dict:
         else:
             raw = json.loads(text)
     except ValueError as e:  # JSONDecodeError and TOMLDecodeError both derive from it
-        raise ConfigError(f"cannot parse config file {path} as {kind}: {e}") from None
+        hint = "" if p.suffix in (".json", ".toml") else " (a config file is JSON, or TOML when named *.toml)"
+        raise ConfigError(f"cannot parse config file {path} as {kind}{hint}: {e}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path}: the top level must be a table/object of sections "
                           f"({', '.join(SECTIONS)}), got a {type(raw).__name__}")

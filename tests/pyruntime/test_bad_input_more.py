@@ -93,6 +93,13 @@ BAD = {
          "--save-tokenizer", "{d}/adir"], "--save-tokenizer {d}/adir is a directory"),
     "tokenize train-bpe beyond 2**32": (["tokenize", "--train-bpe", str(2**70), "--input", "{d}/text.jsonl",
                                          "--output", "{d}/new/t.bin"], "at most 4294967296 tokens"),
+    # train: numbers past what the sampler or a float32 optimizer scalar can hold (a MemoryError and an
+    # overflow traceback after the start), a config file named neither .json nor .toml
+    "train global-batch huge": ([*TRAIN[:-4], "--global-batch", str(10**12), "--micro-batch", "1"],
+                                "data.global_batch must be in [1, 16777216], got 1000000000000"),
+    "train lr beyond float32": ([*TRAIN, "--lr", "1e300"], "optim.lr must be in (0, 3.4e+38], got 1e+300"),
+    "train config named .yaml": ([*TRAIN, "--config", "{d}/run.yaml"],
+                                 "as JSON (a config file is JSON, or TOML when named *.toml)"),
     # plan: NaN / inf figures, partial device figures named by their flags, a context the model lacks
     "plan bucket-mb nan": (["plan", "--bucket-mb", "nan"], "--bucket-mb must be a finite number > 0, got nan"),
     "plan tokens inf": (["plan", "--tokens", "inf"], "--tokens must be a finite number > 0, got inf"),
@@ -154,6 +161,7 @@ def files(tmp_path_factory):
     (d / "text.jsonl").write_text("".join(json.dumps({"text": f"line {i}"}) + "\n" for i in range(5)))
     (d / "empty.jsonl").write_text("")
     (d / "blank.jsonl").write_text("\n  \n\n")
+    (d / "run.yaml").write_text("train: {steps: 3}\n")
     _config_variant(d, "cfg_list", lambda raw: [raw])
     _config_variant(d, "cfg_str", lambda raw: {**raw, "hidden_size": "32"})
     _config_variant(d, "cfg_rope3", lambda raw: {**raw, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,

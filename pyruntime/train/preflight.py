@@ -35,7 +35,11 @@ def check_run(cfg: Config, device: torch.device) -> Config:
         from pyruntime.train.checkpoint import check_model, read_meta
 
         ckpt = Path(cfg.train.resume)
-        check_model(read_meta(ckpt).get("model", {}), cfg.model, f"checkpoint {ckpt}:")
+        meta = read_meta(ckpt)
+        check_model(meta.get("model", {}), cfg.model, f"checkpoint {ckpt}:")
+        if cfg.train.steps < meta["step"]:  # equal: a finished run restarted, which has nothing left to do
+            raise ConfigError(f"--steps {cfg.train.steps} is below step {meta['step']} of the checkpoint {ckpt} "
+                              f"it resumes from: nothing would train; give --steps > {meta['step']}")
     return cfg
 
 

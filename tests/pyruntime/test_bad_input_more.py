@@ -9,6 +9,7 @@ fake run directory, config.json variants).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -17,11 +18,12 @@ import torch.distributed as dist
 
 import pyruntime.mesh
 from pyruntime.cli import main
-from pyruntime.config import ModelConfig
+from pyruntime.config import PRESETS, ModelConfig
 from pyruntime.data.tokenize import train_bpe
 from pyruntime.hf.config import hf_config_from_model
 from pyruntime.hf.export import write_hf_dir
 from pyruntime.model.llama import Transformer
+from pyruntime.train.checkpoint import FORMAT, VERSION
 
 TRAIN = ["train", "--steps", "1", "--eval-every", "0", "--quiet", "--global-batch", "2", "--seq-len", "16"]
 # (argv, text the one line must contain)
@@ -100,6 +102,8 @@ BAD = {
     "train lr beyond float32": ([*TRAIN, "--lr", "1e300"], "optim.lr must be in (0, 3.4e+38], got 1e+300"),
     "train config named .yaml": ([*TRAIN, "--config", "{d}/run.yaml"],
                                  "as JSON (a config file is JSON, or TOML when named *.toml)"),
+    "train resume with steps below the checkpoint's": ([*TRAIN, "--resume", "{d}/ckpt/step_7"],
+                                                      "--steps 1 is below step 7 of the checkpoint"),
     # plan: NaN / inf figures, partial device figures named by their flags, a context the model lacks
     "plan bucket-mb nan": (["plan", "--bucket-mb", "nan"], "--bucket-mb must be a finite number > 0, got nan"),
     "plan tokens inf": (["plan", "--tokens", "inf"], "--tokens must be a finite number > 0, got inf"),
@@ -162,6 +166,10 @@ def files(tmp_path_factory):
     (d / "empty.jsonl").write_text("")
     (d / "blank.jsonl").write_text("\n  \n\n")
     (d / "run.yaml").write_text("train: {steps: 3}\n")
+    (d / "ckpt" / "step_7").mkdir(parents=True)  # a checkpoint's meta.json (preflight reads no tensor)
+    meta = {"format": FORMAT, "version": VERSION, "step": 7, "model": dataclasses.asdict(PRESETS["tiny"]),
+            "layout": {}, "checksums": {}}
+    (d / "ckpt" / "step_7" / "meta.json").write_text(json.dumps(meta))
     _config_variant(d, "cfg_list", lambda raw: [raw])
     _config_variant(d, "cfg_str", lambda raw: {**raw, "hidden_size": "32"})
     _config_variant(d, "cfg_rope3", lambda raw: {**raw, "rope_scaling": {"rope_type": "llama3", "factor": 8.0,

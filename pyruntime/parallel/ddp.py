@@ -134,7 +134,7 @@ class BucketedDataParallel(DataParallelEngine):
 
     # -- memory accounting: with offload also the host's masters and bucket copies ----------
     def held_param_bytes(self) -> int:
-        masters = [t for _, m, st in self.optimizer._masters.values() for t in (m, st)] if self.host is not None else []
+        masters = self.optimizer.master_tensors() if self.host is not None else []
         return storage_bytes([*self.params, *masters])
 
     def held_grad_bytes(self) -> int:
@@ -155,10 +155,6 @@ class BucketedDataParallel(DataParallelEngine):
         grads, counts = super().gradient_pieces(replicas)
         if self.host is None:
             return grads, counts
-        tied = tied_copy(self.model)
-        if tied is not None and tied.grad is not None:  # pp: summed over the stages after the sync
-            self.optimizer.transfers.copy(("grad", -1), self.optimizer.host_grads[tied], tied.grad)
-        self.optimizer.transfers.wait_host("grad")
-        return [self.optimizer.host_grads[p] for p in self.params if p.grad is not None], counts
+        return self.optimizer.landed_grads(self.params, tied_copy(self.model)), counts
 
 

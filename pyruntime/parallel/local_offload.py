@@ -55,16 +55,11 @@ class LocalOffloadEngine(DataParallelEngine):
     def gradient_pieces(self, replicas: Replicas | None = None) -> tuple[list[torch.Tensor], list[int]]:
         """The host copies (clipping scales what the step reads), once every copy has landed."""
         _, counts = super().gradient_pieces(replicas)
-        tied = tied_copy(self.model)
-        if tied is not None and tied.grad is not None:  # pp: summed over the stages after the backward
-            self.optimizer.transfers.copy(("grad", -1), self.optimizer.host_grads[tied], tied.grad)
-        self.optimizer.transfers.wait_host("grad")
-        return [self.optimizer.host_grads[p] for p in self.params if p.grad is not None], counts
+        return self.optimizer.landed_grads(self.params, tied_copy(self.model)), counts
 
     # -- memory accounting: the host's masters and gradient copies ------------------------------
     def held_param_bytes(self) -> int:
-        masters = [t for _, m, staging in self.optimizer._masters.values() for t in (m, staging)]
-        return storage_bytes([*self.params, *masters])
+        return storage_bytes([*self.params, *self.optimizer.master_tensors()])
 
     def held_grad_bytes(self) -> int:
         return storage_bytes([*(p.grad for p in self.params), *self.host])

@@ -155,14 +155,26 @@ class HostAdamW:
         for key in [key for key in self.transfers.events if key[0] == "param"]:
             self.transfers.wait_device(key)  # CUDA only: on CPU there are no events
 
+    def landed_grads(self, params: Sequence[torch.Tensor], tied: torch.Tensor | None) -> list[torch.Tensor]:
+        """The host copies of the gradients of `params` that have one (p.grad set), for
+        clipping and the step, once every copy has landed. tied: the pipeline's tied copy,
+        whose gradient is summed over the stages after the backward: copied again first."""
+        if tied is not None and tied.grad is not None:
+            self.transfers.copy(("grad", -1), self.host_grads[tied], tied.grad)
+        self.transfers.wait_host("grad")
+        return [self.host_grads[p] for p in params if p.grad is not None]
+
+    def master_tensors(self) -> list[torch.Tensor | None]:
+        """The fp32 masters and staging buffers of parameters that are not their own master."""
+        return [t for _, master, staging in self._masters.values() for t in (master, staging)]
+
     def host_bytes(self) -> int:
         """Bytes this optimizer keeps in host memory: moments, and masters + staging of
         parameters that are not on the host themselves."""
         from pyruntime.parallel.accounting import storage_bytes
 
         tensors = [t for st in self.state.values() for t in (st.get("exp_avg"), st.get("exp_avg_sq"))]
-        tensors += [t for _, master, staging in self._masters.values() for t in (master, staging)]
-        return storage_bytes(tensors)
+        return storage_bytes(tensors + self.master_tensors())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for group in self.param_groups:

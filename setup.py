@@ -9,10 +9,15 @@ CUDA toolkit is found; the CPU build is complete without them.
 import fcntl
 import glob
 import os
+import sys
 
 from setuptools import find_packages, setup
 
-import torch
+try:
+    import torch
+except ModuleNotFoundError:  # pip's isolated build environment: torch is deliberately not a build requirement
+    sys.exit("pyruntime compiles pyruntime._C against the torch you run it with, and this build environment "
+             "has no torch: install torch first, then `pip install --no-build-isolation .` (or -e .)")
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
 os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 2))

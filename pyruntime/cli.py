@@ -215,6 +215,9 @@ def run_schedule(args: argparse.Namespace) -> int:
 
     if args.png:
         require_matplotlib("schedule --png")
+    for flag, path in (("--png", args.png), ("--trace", args.trace)):
+        if path and Path(path).is_dir():  # matplotlib would write DIR.png beside it instead
+            raise ConfigError(f"schedule {flag} {path} is a directory; give a file name")
     cells = args.pp * args.microbatches * args.virtual_stages
     if min(args.pp, args.microbatches, args.virtual_stages) >= 1 and cells > MAX_SCHEDULE_CELLS:
         raise ConfigError(f"schedule: pp x microbatches x virtual stages = {cells} exceeds {MAX_SCHEDULE_CELLS} "

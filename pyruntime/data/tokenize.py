@@ -88,13 +88,34 @@ def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
         tok = Tokenizer.from_file(str(file))
     except Exception as e:  # noqa: BLE001 - the Rust error, as one line
         raise TokenizeError(f"{file} is not a tokenizers file ({' '.join(str(e).split())[:200]})") from None
-    config = {}
-    if (file.parent / "tokenizer_config.json").is_file():
-        config = json.loads((file.parent / "tokenizer_config.json").read_text())
-    eos = _token_text(config.get("eos_token")) or next((t for t in EOS_CANDIDATES if tok.token_to_id(t) is not None), None)
+    config = _tokenizer_config(file.parent / "tokenizer_config.json")
+    eos = config.get("eos_token") or next((t for t in EOS_CANDIDATES if tok.token_to_id(t) is not None), None)
     if eos is None or tok.token_to_id(eos) is None:
         raise TokenizeError(f"{file}: no EOS token (looked for tokenizer_config.json's eos_token and {', '.join(EOS_CANDIDATES)})")
-    return TextTokenizer(tok, eos, _token_text(config.get("bos_token")), config.get("chat_template"))
+    return TextTokenizer(tok, eos, config.get("bos_token"), config.get("chat_template"))
+
+
+def _tokenizer_config(path: Path) -> dict:
+    """What load_tokenizer uses of tokenizer_config.json: eos_token / bos_token (strings) and
+    chat_template (a string, or transformers' list of named templates: its "default")."""
+    if not path.is_file():
+        return {}
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # UnicodeDecodeError included
+        raise TokenizeError(f"{path} is not valid JSON ({' '.join(str(e).split())[:200]})") from None
+    if not isinstance(raw, dict):
+        raise TokenizeError(f"{path} must hold a JSON object, got {type(raw).__name__}")
+    out = {key: _token_text(raw.get(key)) for key in ("eos_token", "bos_token")}
+    template = raw.get("chat_template")
+    if isinstance(template, list):  # [{"name": "default", "template": "..."}, {"name": "tool_use", ...}]
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
+    out["chat_template"] = template
+    for key, value in out.items():
+        if value is not None and not isinstance(value, str):
+            raise TokenizeError(f"{path}: {key} must be a string, got {value!r}")
+    return out
 
 
 def train_bpe(texts: Iterator[str], vocab_size: int, save_to: str | os.PathLike) -> TextTokenizer:
@@ -155,12 +176,22 @@ def _template(tokenizer: TextTokenizer):
     def raise_exception(message):
         raise TokenizeError(f"chat template: {message}")
 
+    from jinja2 import TemplateError
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.globals["raise_exception"] = raise_exception
-    template = env.from_string(tokenizer.chat_template)
-    return lambda messages, generation_prompt: template.render(
-        messages=messages, add_generation_prompt=generation_prompt, bos_token=tokenizer.bos or "",
-        eos_token=tokenizer.eos)
+    try:
+        template = env.from_string(tokenizer.chat_template)
+    except TemplateError as e:
+        raise TokenizeError(f"the tokenizer's chat template does not parse: {e}") from None
+
+    def render(messages, generation_prompt):
+        try:
+            return template.render(messages=messages, add_generation_prompt=generation_prompt,
+                                   bos_token=tokenizer.bos or "", eos_token=tokenizer.eos)
+        except TemplateError as e:
+            raise TokenizeError(f"the tokenizer's chat template failed: {e}") from None
+    return render
 
 
 def record_segments(record, tokenizer: TextTokenizer, text_field: str, where: str) -> list[Segment]:

@@ -104,6 +104,20 @@ BAD = {
                                  "as JSON (a config file is JSON, or TOML when named *.toml)"),
     "train resume with steps below the checkpoint's": ([*TRAIN, "--resume", "{d}/ckpt/step_7"],
                                                       "--steps 1 is below step 7 of the checkpoint"),
+    # a tokenizer directory whose tokenizer_config.json is broken (tracebacks in tokenize and generate)
+    "tokenize tokenizer_config not JSON": (["tokenize", "--tokenizer", "{d}/tok_cfg_bad", "--input", "{d}/text.jsonl",
+                                            "--output", "{d}/new/t.bin"], "tokenizer_config.json is not valid JSON"),
+    "tokenize tokenizer_config a list": (["tokenize", "--tokenizer", "{d}/tok_cfg_list", "--input", "{d}/text.jsonl",
+                                          "--output", "{d}/new/t.bin"], "tokenizer_config.json must hold a JSON object"),
+    "tokenize eos_token a number": (["tokenize", "--tokenizer", "{d}/tok_eos_int", "--input", "{d}/text.jsonl",
+                                     "--output", "{d}/new/t.bin"], "eos_token must be a string, got 5"),
+    "tokenize chat template does not parse": (
+        ["tokenize", "--tokenizer", "{d}/tok_jinja", "--input", "{d}/chat.jsonl", "--output", "{d}/new/t.bin",
+         "--workers", "1"], "the tokenizer's chat template does not parse"),
+    "generate tokenizer_config not JSON": (["generate", "--from", "{d}/hf", "--prompt", "x", "--tokenizer",
+                                            "{d}/tok_cfg_bad"], "tokenizer_config.json is not valid JSON"),
+    "schedule png a directory": (["schedule", "--pp", "2", "--microbatches", "4", "--png", "{d}/adir"],
+                                 "schedule --png {d}/adir is a directory; give a file name"),
     # plan: NaN / inf figures, partial device figures named by their flags, a context the model lacks
     "plan bucket-mb nan": (["plan", "--bucket-mb", "nan"], "--bucket-mb must be a finite number > 0, got nan"),
     "plan tokens inf": (["plan", "--tokens", "inf"], "--tokens must be a finite number > 0, got inf"),
@@ -166,6 +180,13 @@ def files(tmp_path_factory):
     (d / "empty.jsonl").write_text("")
     (d / "blank.jsonl").write_text("\n  \n\n")
     (d / "run.yaml").write_text("train: {steps: 3}\n")
+    (d / "chat.jsonl").write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                                            {"role": "assistant", "content": "yo"}]}) + "\n")
+    for name, text in (("tok_cfg_bad", "{garbage"), ("tok_cfg_list", "[1]"), ("tok_eos_int", '{"eos_token": 5}'),
+                       ("tok_jinja", json.dumps({"chat_template": "{% for m in messages %}{{ m.content }"}))):
+        (d / name).mkdir()
+        (d / name / "tokenizer.json").write_bytes((d / "tok" / "tokenizer.json").read_bytes())
+        (d / name / "tokenizer_config.json").write_text(text)
     (d / "ckpt" / "step_7").mkdir(parents=True)  # a checkpoint's meta.json (preflight reads no tensor)
     meta = {"format": FORMAT, "version": VERSION, "step": 7, "model": dataclasses.asdict(PRESETS["tiny"]),
             "layout": {}, "checksums": {}}

@@ -11,6 +11,7 @@ import importlib.util
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 from pyruntime.config import SECTIONS, Config, ConfigError, config_from_dict, default_micro_batch, load_config_file
@@ -20,7 +21,7 @@ from pyruntime.generate import add_generate_parser, run_generate
 from pyruntime.hf.cli import add_export_parser, model_from_init_dir, run_export
 from pyruntime.schema import field_help, flag_type
 from pyruntime.train.ckpt_dirs import CheckpointError
-from pyruntime.train.faults import IOFault, describe_os_error
+from pyruntime.train.faults import IOFault, describe_os_error, os_cause
 from pyruntime.mesh import ParallelDims
 from pyruntime.parallel.validate import validate as validate_parallel
 
@@ -222,11 +223,18 @@ def run_schedule(args: argparse.Namespace) -> int:
     if min(args.pp, args.microbatches, args.virtual_stages) >= 1 and cells > MAX_SCHEDULE_CELLS:
         raise ConfigError(f"schedule: pp x microbatches x virtual stages = {cells} exceeds {MAX_SCHEDULE_CELLS} "
                           "(the simulation would run for minutes; a chart that size cannot be read)")
+    started = time.time()
     try:
         res = plan_and_draw(args.schedule, args.pp, args.microbatches, args.virtual_stages,
                             png=args.png, trace=args.trace)
     except ValueError as e:  # the C++ generator/validator names what does not fit
         raise ConfigError(str(e)) from None
+    except OSError as e:  # a full or read-only disk: no half-written picture or trace stays
+        outputs = [Path(p) for p in (args.png, args.trace) if p]
+        for path in outputs:
+            if path.is_file() and path.stat().st_mtime >= started - 1:
+                path.unlink()
+        raise IOFault(f"schedule: cannot write {' / '.join(map(str, outputs))}: {os_cause(e) or e}") from None
     print(f"{args.schedule}: pp {args.pp}, {args.microbatches} micro-batches, v {args.virtual_stages} | "
           f"makespan {res.makespan:g} | bubble per rank "
           + " ".join(f"{b:.3f}" for b in res.bubble_fractions)

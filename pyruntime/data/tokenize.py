@@ -373,7 +373,9 @@ def tokenize_files(inputs: list[str], output: str | os.PathLike, tokenizer: Text
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     counted = 0
-    with TokenWriter(output, tokenizer.vocab_size, with_mask=True) as writer:
+    from pyruntime.train.faults import writing
+
+    with writing("the token file (--output)", output), TokenWriter(output, tokenizer.vocab_size, with_mask=True) as writer:
         for ids, mask in encoded_chunks(chunks, tokenizer, text_field, workers):
             writer.write(ids, mask)
             counted += int(mask.sum())

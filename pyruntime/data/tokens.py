@@ -132,23 +132,36 @@ class TokenWriter:
         ids = np.asarray(ids).reshape(-1)
         if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size):
             raise TokenFileError(f"{self.path}: token id {int(ids.max())} outside the vocabulary of {self.vocab_size}")
-        ids.astype(self.dtype).tofile(self.files["ids"])
+        # file.write, not ndarray.tofile: a full disk is then an OSError with its errno (ENOSPC),
+        # not numpy's "N requested and M written"
+        self.files["ids"].write(np.ascontiguousarray(ids, dtype=self.dtype).data)
         if "mask" in self.files:
-            np.asarray(mask, dtype=np.uint8).reshape(-1).tofile(self.files["mask"])
+            self.files["mask"].write(np.ascontiguousarray(np.asarray(mask, dtype=np.uint8).reshape(-1)).data)
         self.count += ids.size
 
     def __enter__(self) -> "TokenWriter":
         return self
 
     def __exit__(self, kind, *_) -> None:
+        if kind is not None:  # an error while writing: leave no half file behind
+            self._discard()
+            return
+        try:  # the final flush can meet a full disk too: then no file is replaced
+            for key, f in self.files.items():
+                width = 1 if key == "mask" else self.dtype.itemsize
+                f.seek(0)
+                f.write(HEADER.pack(MAGIC, VERSION, width, self.vocab_size, self.count))
+                f.close()
+        except OSError:
+            self._discard()
+            raise
         for key, f in self.files.items():
-            width = 1 if key == "mask" else self.dtype.itemsize
-            f.seek(0)
-            f.write(HEADER.pack(MAGIC, VERSION, width, self.vocab_size, self.count))
-            f.close()
-            final = self.path if key == "ids" else mask_path(self.path)
-            tmp = Path(f.name)
-            if kind is None:
-                os.replace(tmp, final)
-            else:  # an error while writing: leave no half file behind
-                tmp.unlink(missing_ok=True)
+            os.replace(f.name, self.path if key == "ids" else mask_path(self.path))
+
+    def _discard(self) -> None:
+        for f in self.files.values():
+            try:
+                f.close()
+            except OSError:  # its buffer could not be flushed: the file goes anyway
+                pass
+            Path(f.name).unlink(missing_ok=True)

@@ -262,3 +262,37 @@ def test_bench_bad_options_are_one_line_exit_2(case, files, no_process_group, tm
     assert err.startswith(f"pyruntime bench {argv[0]}: error: ") and err.count("\n") == 1, err
     assert expected.replace("{d}", str(files)) in err and "Traceback" not in err, err
     assert not no_process_group and "ms" not in captured.out  # nothing was timed
+
+
+# -- a full disk while writing (ENOSPC raised mid-write): one line naming the file and the cause,
+# and no half-written output left behind ------------------------------------------------------
+def _enospc(*_args, **_kwargs):
+    import errno
+    import os
+
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_tokenize_on_a_full_disk_leaves_no_file(files, tmp_path, monkeypatch, capsys):
+    from pyruntime.data.tokens import TokenWriter
+
+    monkeypatch.setattr(TokenWriter, "write", _enospc)
+    err = _run(["tokenize", "--tokenizer", "{d}/tok", "--input", "{d}/text.jsonl", "--output", str(tmp_path / "t.bin"),
+                "--workers", "1"], files, capsys)
+    assert f"cannot write the token file (--output) {tmp_path / 't.bin'}: no space left on device (ENOSPC)" in err
+    assert not list(tmp_path.iterdir())  # neither the file nor its .tmp
+
+
+def test_schedule_trace_on_a_full_disk_leaves_no_file(files, tmp_path, monkeypatch, capsys):
+    import pyruntime.parallel.pipeline.timeline as timeline
+
+    def half_then_full(events, path, name):
+        with open(path, "w") as f:
+            f.write('{"traceEvents": [')
+        _enospc()
+
+    monkeypatch.setattr(timeline, "write_chrome_trace", half_then_full)
+    trace = tmp_path / "t.json"
+    err = _run(["schedule", "--pp", "2", "--microbatches", "4", "--trace", str(trace)], files, capsys)
+    assert f"schedule: cannot write {trace}: no space left on device (ENOSPC)" in err
+    assert not trace.exists()

@@ -2,8 +2,8 @@
 
 Per micro-batch on one pipeline rank: forward F = its chunks' matmul FLOPs / sustained FLOP/s
 + a fixed per-block overhead (dispatch, launches) + its tp collectives (blocking: on the
-critical path); backward 2F (recomputation adds the blocks' forward again; zb splits it into
-B = F and W = F). The C++ simulator runs the schedule with those F / B / W costs and the p2p
+critical path); backward 2F (full recomputation adds the blocks' forward again, selective
+the memory traffic of the elementwise ops it reruns; zb splits it into B = F and W = F). The C++ simulator runs the schedule with those F / B / W costs and the p2p
 time of one activation as message latency: its makespan holds the bubble. Data parallelism
 adds what its collectives leave exposed: ZeRO-0/1/2 reduce gradients while the last backward
 runs (exposed: the part longer than that backward, at least the last bucket), ZeRO-1/2
@@ -151,7 +151,24 @@ def _rank_costs(work: Workload, layout: Layout, cluster: Cluster, pp_rank: int,
         comm += 2 * tp
         if layout.recompute == "full":
             rec += recompute + tp
+        elif layout.recompute == "selective":
+            rec += c.layers * selective_bytes(work, layout, act) / d.mem_bw
     return fwd, bwd, rec, comm
+
+
+def selective_bytes(work: Workload, layout: Layout, act: int) -> int:
+    """Memory traffic of one block's selective recompute, per micro-batch on one tp rank (the
+    ops plan/activations.py's selective formula drops, each read and written once more in
+    backward; elementwise, so bound by memory bandwidth): the two norms (not under sequence
+    parallelism, where the GEMMs keep the gathered outputs), the SwiGLU activation (tp 1), the
+    repeated k and v (grouped KV heads)."""
+    m, b, s, t = work.model, layout.micro_batch, work.seq_len, layout.tp
+    total = 0 if layout.sp else 2 * 2 * b * s * m.dim * act
+    if t == 1:
+        total += 3 * b * s * m.ffn_dim * act
+    if m.kv_heads < m.n_heads:
+        total += 2 * b * s * (m.kv_heads + m.n_heads) * m.head_dim // t * act
+    return total
 
 
 def _dp_time(work: Workload, layout: Layout, cluster: Cluster, backward: float, forward: float,

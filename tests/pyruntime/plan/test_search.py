@@ -1,5 +1,6 @@
 """Search and step time: every printed command is one `train` accepts at the planned layout;
 the seed's 7B fine-tune fits no single 96 GB GPU and the planner names what does."""
+import dataclasses
 import shlex
 
 import pytest
@@ -84,3 +85,20 @@ def test_offload_costs_the_host_step_and_the_copies_the_backward_does_not_hide()
     elements = plain * cpu.mem_bw / 28
     assert step_time(small, Layout(offload="optimizer"), Cluster(cpu, 1)).optimizer == pytest.approx(
         plain + 4 * elements / (cpu.mem_bw / 2), rel=1e-12)
+
+
+def test_selective_recompute_costs_its_memory_traffic():
+    """Selective recompute reruns elementwise ops (norms, SwiGLU, the k / v repeats): the plan
+    charges their bytes at memory bandwidth, so with memory to spare none ranks first."""
+    from pyruntime.plan.timing import selective_bytes
+
+    cluster = Cluster(device("h100"), 8)
+    layout = Layout(dp=8, zero=3, micro_batch=2)
+    none = step_time(WORK_7B, layout, cluster)
+    sel = step_time(WORK_7B, dataclasses.replace(layout, recompute="selective"), cluster)
+    m = PRESETS["7b"]
+    per_block = selective_bytes(WORK_7B, dataclasses.replace(layout, recompute="selective"), 2)
+    b, s, bf16 = 2, 4096, 2  # norms read + written, gate / up read + silu written; 7b: no grouped KV
+    assert per_block == bf16 * (2 * 2 * b * s * m.dim + 3 * b * s * m.ffn_dim)
+    assert sel.backward - none.backward == pytest.approx(m.n_layers * per_block / device("h100").mem_bw, rel=1e-9)
+    assert sel.step > none.step

@@ -128,7 +128,8 @@ def _gpu(name: str, memory_gb: float, tflops: float, intra_gbs: float, inter: fl
 DEVICES: dict[str, Device] = {d.name: d for d in (
     _gpu("h100", 80, 989, 450, _NDR, 3.35,
          "NVIDIA H100 Tensor Core GPU datasheet (SXM5): 80 GB HBM3 at 3.35 TB/s, BF16 1,979 TFLOPS with "
-         "sparsity (989 dense), NVLink 900 GB/s, PCIe Gen5 128 GB/s both directions; DGX H100: 8x ConnectX-7 400 Gb/s", link_gbs=50),
+         "sparsity (989 dense), NVLink 900 GB/s, PCIe Gen5 128 GB/s both directions; DGX H100: 8x ConnectX-7 "
+         "400 Gb/s", link_gbs=50),
     _gpu("h100-nvl", 94, 835, 300, _NDR, 3.9,
          "NVIDIA H100 datasheet (H100 NVL): 94 GB at 3.9 TB/s, BF16 1,671 TFLOPS with sparsity (835 dense), "
          "NVLink bridge 600 GB/s, PCIe Gen5 128 GB/s both directions", link_gbs=50),
@@ -145,7 +146,8 @@ DEVICES: dict[str, Device] = {d.name: d for d in (
          "NVIDIA A100 Tensor Core GPU datasheet (40GB SXM): 1,555 GB/s, BF16 312 TFLOPS dense, NVLink 600 GB/s"),
     _gpu("v100", 32, 125, 150, _EDR, 0.9,
          "NVIDIA V100 datasheet (SXM2 32GB): 900 GB/s, no bf16: FP16 tensor 125 TFLOPS, NVLink 300 GB/s; "
-         "PCIe Gen3 32 GB/s both directions; DGX-1: 4x 100 Gb/s EDR InfiniBand for 8 GPUs (12.5 GB/s per port)", link_gbs=12),
+         "PCIe Gen3 32 GB/s both directions; DGX-1: 4x 100 Gb/s EDR InfiniBand for 8 GPUs (12.5 GB/s per "
+         "port)", link_gbs=12),
     _gpu("l40s", 48, 362, 32, _NDR, 0.864,
          "NVIDIA L40S datasheet: 48 GB GDDR6 at 864 GB/s, BF16 733 TFLOPS with sparsity (362 dense), no "
          "NVLink: PCIe Gen4 x16 64 GB/s both directions"),

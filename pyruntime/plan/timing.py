@@ -4,8 +4,9 @@ Per micro-batch on one pipeline rank: forward F = its chunks' matmul FLOPs / sus
 + a fixed per-block overhead (dispatch, launches) + its tp collectives (blocking: on the
 critical path); backward 2F (full recomputation adds the blocks' forward again, selective
 the memory traffic of the elementwise ops it reruns; zb splits it into B = F and W = F). The
-C++ simulator runs the schedule with those F / B / W costs and the p2p time of one activation as message latency: its makespan holds the bubble. Data parallelism
-adds what its collectives leave exposed: ZeRO-0/1/2 reduce gradients while the last backward
+C++ simulator runs the schedule with those F / B / W costs and the p2p time of one activation
+as message latency: its makespan holds the bubble. Data parallelism adds what its collectives
+leave exposed: ZeRO-0/1/2 reduce gradients while the last backward
 runs (exposed: the part longer than that backward, at least the last bucket), ZeRO-1/2
 all-gather the updated parameters after the step (exposed), ZeRO-3 gathers each unit ahead of
 its use (exposed: what exceeds the compute, plus the first unit). Then the optimizer, bound by

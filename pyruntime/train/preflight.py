@@ -5,6 +5,7 @@ flag, so nothing fails after training started (or, worse, after the first collec
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -31,6 +32,8 @@ def check_run(cfg: Config, device: torch.device) -> Config:
     if device.type == "cuda" and t.plan_check:
         check_fits(cfg, torch.cuda.get_device_properties(device).total_memory, torch.cuda.get_device_name(device))
     cfg = with_resume_resolved(cfg)
+    if not cfg.train.resume:  # a fresh run truncates the metrics file
+        check_not_overwriting(cfg.metrics_path, "metrics file (--metrics)")
     if cfg.train.resume:
         from pyruntime.train.checkpoint import check_model, read_meta
 
@@ -97,6 +100,22 @@ def writable_dir(path: Path, what: str) -> None:
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"{what} {path} is not writable: {os_cause(e) or e}") from None
+
+
+def check_not_overwriting(path: Path, what: str) -> None:
+    """A fresh run starts the metrics file anew: refuse when what it would replace is not an
+    earlier run's metrics (a first line that is a step's JSON record), e.g. the data file."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb") as f:
+        first = f.readline(1 << 16)
+    try:
+        record = json.loads(first)
+    except ValueError:
+        record = None
+    if not (isinstance(record, dict) and "step" in record):
+        raise ConfigError(f"{what} {path} exists and is not a metrics file (its first line is not a step's record); "
+                          "a new run would overwrite it: give another path")
 
 
 def writable_file(path: Path, what: str) -> None:

@@ -102,6 +102,8 @@ BAD = {
     "train lr beyond float32": ([*TRAIN, "--lr", "1e300"], "optim.lr must be in (0, 3.4e+38], got 1e+300"),
     "train config named .yaml": ([*TRAIN, "--config", "{d}/run.yaml"],
                                  "as JSON (a config file is JSON, or TOML when named *.toml)"),
+    "train metrics over the user's file": ([*TRAIN, "--metrics", "{d}/text.jsonl"],
+                                           "metrics file (--metrics) {d}/text.jsonl exists and is not a metrics file"),
     "train resume with steps below the checkpoint's": ([*TRAIN, "--resume", "{d}/ckpt/step_7"],
                                                       "--steps 1 is below step 7 of the checkpoint"),
     # a tokenizer directory whose tokenizer_config.json is broken (tracebacks in tokenize and generate)

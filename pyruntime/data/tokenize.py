@@ -405,7 +405,7 @@ def add_tokenize_parser(sub) -> None:
 def check_paths(args) -> None:
     """--output (and --save-tokenizer) are files that can be written and that are none of the
     inputs: the token file replaces what is at its path."""
-    from pyruntime.train.preflight import _blocking_file, writable_dir
+    from pyruntime.train.preflight import file_to_write
 
     if args.save_tokenizer is not None and args.train_bpe is None:
         raise TokenizeError("--save-tokenizer goes with --train-bpe (where the trained tokenizer.json goes); "
@@ -415,14 +415,9 @@ def check_paths(args) -> None:
     if args.train_bpe is not None:
         outputs.append(("--save-tokenizer", Path(args.save_tokenizer or Path(args.output).parent / "tokenizer.json")))
     for flag, path in outputs:
-        if path.is_dir():
-            raise TokenizeError(f"{flag} {path} is a directory; give a file name")
-        blocker = _blocking_file(path.parent)
-        if blocker is not None:
-            raise TokenizeError(f"{flag} {path} is under {blocker}, which is a file; give a path in a directory")
+        file_to_write(path, flag)
         if path.resolve() in inputs:
             raise TokenizeError(f"{flag} {path} is also an --input; writing it would replace that input")
-        writable_dir(path.parent, f"directory of {flag}")
     if len(outputs) == 2 and outputs[0][1].resolve() == outputs[1][1].resolve():
         raise TokenizeError(f"--output and --save-tokenizer are the same file {args.output}")
 

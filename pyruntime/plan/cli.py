@@ -152,6 +152,9 @@ def run(args: argparse.Namespace) -> int:
     _positive(args)
     if args.calibrate:
         path = args.profile or DEFAULT_PROFILE
+        from pyruntime.train.preflight import file_to_write
+
+        file_to_write(Path(path), "calibration profile (--profile)")  # before minutes of measuring
         model, seq, tps = None, 0, (1,)
         if args.preset or args.config or args.hf_config:  # also time this model's blocks
             work, _, _ = workload_and_base(args)

@@ -28,6 +28,9 @@ def check_run(cfg: Config, device: torch.device) -> Config:
         from pyruntime.hf.export import check_export_dir
 
         check_export_dir(t.export_hf, "export directory (--export-hf)")  # it is replaced whole at the end
+        if t.init_from and Path(t.export_hf).resolve() == Path(t.init_from).resolve():
+            raise ConfigError(f"--export-hf {t.export_hf} is the --init-from directory: the export would replace the "
+                              "model the run starts from; give another directory")
         writable_dir(Path(t.export_hf), "export directory (--export-hf)")
     if device.type == "cuda" and t.plan_check:
         check_fits(cfg, torch.cuda.get_device_properties(device).total_memory, torch.cuda.get_device_name(device))
@@ -116,6 +119,17 @@ def check_not_overwriting(path: Path, what: str) -> None:
     if not (isinstance(record, dict) and "step" in record):
         raise ConfigError(f"{what} {path} exists and is not a metrics file (its first line is not a step's record); "
                           "a new run would overwrite it: give another path")
+
+
+def file_to_write(path: Path, what: str) -> None:
+    """`path` can be written later (not a directory, not under a file, in a directory that
+    exists or can be made and takes files); unlike writable_file, nothing is created there."""
+    if path.is_dir():
+        raise ConfigError(f"{what} {path} is a directory; give a file name")
+    blocker = _blocking_file(path.parent)
+    if blocker is not None:
+        raise ConfigError(f"{what} {path} is under {blocker}, which is a file; give a path in a directory")
+    writable_dir(path.parent, f"directory of the {what}")
 
 
 def writable_file(path: Path, what: str) -> None:

@@ -18,6 +18,7 @@ alternating single steps (median of each), so the machine's bandwidth drifting d
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 import torch
@@ -49,6 +50,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.repeat < 1 or args.warmup < 0 or args.threads < 0:
         p.error(f"--repeat must be >= 1, --warmup and --threads >= 0; got {args.repeat}, {args.warmup}, {args.threads}")
+    cores = os.cpu_count() or 1
+    if args.threads > 4 * cores:  # torch.set_num_threads(100000) segfaults
+        p.error(f"--threads {args.threads}: at most 4 x the {cores} CPU(s) here ({4 * cores})")
+    # the largest size's buffers at once (master, grad, two moments, a copy, a temporary): 24 bytes each
+    need, have = 24 * max(args.sizes), os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        p.error(f"--sizes {max(args.sizes):.3g} needs about {need / 1e9:.1f} GB (24 bytes per parameter); this "
+                f"machine has {have / 1e9:.1f} GB")
     return args
 
 

@@ -154,6 +154,8 @@ BENCH = {
     "plan profile missing": (["plan", "--profile", "{d}/nowhere.json"], "calibration profile not found"),
     "zero worlds zero": (["zero", "--worlds", "2", "0"], "bench zero: error: --worlds must be >= 1, got 0"),
     "tpstep warmup negative": (["tpstep", "--warmup", "-1"], "--warmup must be >= 0, got -1"),
+    "adam sizes beyond this machine's memory": (["adam", "--sizes", "1e15"], "needs about 24000000.0 GB"),
+    "adam threads beyond 4 per core": (["adam", "--threads", "100000"], "--threads 100000: at most 4 x the"),
     "tpstep preset unknown": (["tpstep", "--preset", "huge"], "argument --preset: invalid choice: 'huge'"),
 }
 

@@ -345,6 +345,10 @@ def config_from_dict(raw: dict) -> Config:
         raise ConfigError(f"a config must be a table of sections ({', '.join(SECTIONS)}), "
                           f"got a {type(raw).__name__}")
     unknown = set(raw) - set(SECTIONS)
+    if {"architectures", "model_type"} & unknown:  # a common mix-up, else two dozen "unknown sections"
+        raise ConfigError("this is a Hugging Face config.json, not a pyruntime config (sections "
+                          f"{', '.join(SECTIONS)}): pass its directory to train --init-from, or the file to "
+                          "plan --hf-config")
     if unknown:
         raise ConfigError(f"unknown config section(s): {', '.join(sorted(unknown))}; "
                           f"allowed: {', '.join(SECTIONS)}")

@@ -75,6 +75,8 @@ def read_hf_config(path: str) -> ModelConfig:
     from pyruntime.hf.config import model_config_from_hf
 
     p = Path(path)
+    if p.is_dir():
+        raise PlanError(f"--hf-config {path} is a directory; give the config.json in it")
     if not p.is_file():
         raise PlanError(f"--hf-config: file not found: {path}")
     try:

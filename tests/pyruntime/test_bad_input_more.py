@@ -63,6 +63,10 @@ BAD = {
                                          "config.json architectures must be a list such as"),
     "init-from index weight_map a list": ([*TRAIN, "--init-from", "{d}/idx_list"],
                                           "weight_map must map tensor names to shard file names"),
+    "plan hf-config a model directory": (["plan", "--hf-config", "{d}/hf"],
+                                         "--hf-config {d}/hf is a directory; give the config.json in it"),
+    "train --config given an HF config.json": ([*TRAIN, "--config", "{d}/hf/config.json"],
+                                               "this is a Hugging Face config.json, not a pyruntime config"),
     "plan hf-config a list": (["plan", "--hf-config", "{d}/cfg_list/config.json"],
                               "config.json must hold a JSON object of model fields"),
     # generate

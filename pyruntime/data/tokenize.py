@@ -411,13 +411,18 @@ def check_paths(args) -> None:
         raise TokenizeError("--save-tokenizer goes with --train-bpe (where the trained tokenizer.json goes); "
                             "with --tokenizer nothing is saved: drop it")
     inputs = {Path(p).resolve() for p in args.input}
+    if args.tokenizer is not None:  # the tokenizer's files are inputs too
+        tok = Path(args.tokenizer)
+        folder = tok if tok.is_dir() else tok.parent
+        inputs |= {(folder / "tokenizer.json").resolve(), (folder / "tokenizer_config.json").resolve(), tok.resolve()}
     outputs = [("--output", Path(args.output))]
     if args.train_bpe is not None:
         outputs.append(("--save-tokenizer", Path(args.save_tokenizer or Path(args.output).parent / "tokenizer.json")))
     for flag, path in outputs:
         file_to_write(path, flag)
         if path.resolve() in inputs:
-            raise TokenizeError(f"{flag} {path} is also an --input; writing it would replace that input")
+            raise TokenizeError(f"{flag} {path} is also an input (--input or the tokenizer's files); writing it "
+                                "would replace that input")
     if len(outputs) == 2 and outputs[0][1].resolve() == outputs[1][1].resolve():
         raise TokenizeError(f"--output and --save-tokenizer are the same file {args.output}")
 

@@ -90,7 +90,9 @@ BAD = {
     "tokenize output under a file": (["tokenize", "--tokenizer", "{d}/tok", "--input", "{d}/text.jsonl",
                                       "--output", "{d}/afile/t.bin"], "is under {d}/afile, which is a file"),
     "tokenize output is the input": (["tokenize", "--tokenizer", "{d}/tok", "--input", "{d}/text.jsonl",
-                                      "--output", "{d}/adir/../text.jsonl"], "is also an --input"),
+                                      "--output", "{d}/adir/../text.jsonl"], "is also an input"),
+    "tokenize output is the tokenizer": (["tokenize", "--tokenizer", "{d}/tok", "--input", "{d}/text.jsonl",
+                                          "--output", "{d}/tok/tokenizer.json"], "is also an input"),
     "tokenize save-tokenizer without train-bpe": (
         ["tokenize", "--tokenizer", "{d}/tok", "--input", "{d}/text.jsonl", "--output", "{d}/new/t.bin",
          "--save-tokenizer", "{d}/new/tok.json"], "--save-tokenizer goes with --train-bpe"),
@@ -243,6 +245,7 @@ def test_bad_input_is_one_line_exit_2(case, files, no_process_group, tmp_path, m
     assert (files / "run" / "checkpoints" / "step_1").is_dir() and (files / "run" / "metrics.jsonl").is_file()
     assert (files / "afile").read_text() == "not a directory" and not list((files / "adir").iterdir())
     assert (files / "text.jsonl").read_text().startswith('{"text": "line 0"}')
+    assert (files / "tok" / "tokenizer.json").read_text().startswith("{")
     assert not (files / "new").exists() or not list((files / "new").iterdir())
 
 

@@ -32,6 +32,7 @@ from typing import Iterator
 
 import numpy as np
 
+from pyruntime.data.tokenize_inputs import TokenizeError, check_paths, tokenizer_config
 from pyruntime.data.tokens import TokenWriter
 
 EOS_CANDIDATES = ("<|endoftext|>", "<|end_of_text|>", "</s>", "<|im_end|>", "<eos>")
@@ -41,10 +42,6 @@ BPE_EOS = "<|endoftext|>"
 CHUNK_BYTES = 1 << 20
 
 Segment = tuple[str, bool]  # (text, counts in the loss)
-
-
-class TokenizeError(ValueError):
-    """Bad tokenize input: one line naming the file (and line) and what is expected."""
 
 
 @dataclass
@@ -71,10 +68,6 @@ class TextTokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
-def _token_text(value) -> str | None:
-    return value.get("content") if isinstance(value, dict) else value
-
-
 def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
     """tokenizer.json, or a model directory holding it (with tokenizer_config.json for the EOS
     and BOS tokens and the chat template)."""
@@ -88,34 +81,11 @@ def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
         tok = Tokenizer.from_file(str(file))
     except Exception as e:  # noqa: BLE001 - the Rust error, as one line
         raise TokenizeError(f"{file} is not a tokenizers file ({' '.join(str(e).split())[:200]})") from None
-    config = _tokenizer_config(file.parent / "tokenizer_config.json")
+    config = tokenizer_config(file.parent / "tokenizer_config.json")
     eos = config.get("eos_token") or next((t for t in EOS_CANDIDATES if tok.token_to_id(t) is not None), None)
     if eos is None or tok.token_to_id(eos) is None:
         raise TokenizeError(f"{file}: no EOS token (looked for tokenizer_config.json's eos_token and {', '.join(EOS_CANDIDATES)})")
     return TextTokenizer(tok, eos, config.get("bos_token"), config.get("chat_template"))
-
-
-def _tokenizer_config(path: Path) -> dict:
-    """What load_tokenizer uses of tokenizer_config.json: eos_token / bos_token (strings) and
-    chat_template (a string, or transformers' list of named templates: its "default")."""
-    if not path.is_file():
-        return {}
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:  # UnicodeDecodeError included
-        raise TokenizeError(f"{path} is not valid JSON ({' '.join(str(e).split())[:200]})") from None
-    if not isinstance(raw, dict):
-        raise TokenizeError(f"{path} must hold a JSON object, got {type(raw).__name__}")
-    out = {key: _token_text(raw.get(key)) for key in ("eos_token", "bos_token")}
-    template = raw.get("chat_template")
-    if isinstance(template, list):  # [{"name": "default", "template": "..."}, {"name": "tool_use", ...}]
-        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
-                        None)
-    out["chat_template"] = template
-    for key, value in out.items():
-        if value is not None and not isinstance(value, str):
-            raise TokenizeError(f"{path}: {key} must be a string, got {value!r}")
-    return out
 
 
 def train_bpe(texts: Iterator[str], vocab_size: int, save_to: str | os.PathLike) -> TextTokenizer:
@@ -400,31 +370,6 @@ def add_tokenize_parser(sub) -> None:
                    help="processes that read and encode the input (default: the CPU count); same output for any N")
     p.add_argument("--save-tokenizer", metavar="PATH",
                    help="with --train-bpe: where tokenizer.json goes (default: next to --output)")
-
-
-def check_paths(args) -> None:
-    """--output (and --save-tokenizer) are files that can be written and that are none of the
-    inputs: the token file replaces what is at its path."""
-    from pyruntime.train.preflight import file_to_write
-
-    if args.save_tokenizer is not None and args.train_bpe is None:
-        raise TokenizeError("--save-tokenizer goes with --train-bpe (where the trained tokenizer.json goes); "
-                            "with --tokenizer nothing is saved: drop it")
-    inputs = {Path(p).resolve() for p in args.input}
-    if args.tokenizer is not None:  # the tokenizer's files are inputs too
-        tok = Path(args.tokenizer)
-        folder = tok if tok.is_dir() else tok.parent
-        inputs |= {(folder / "tokenizer.json").resolve(), (folder / "tokenizer_config.json").resolve(), tok.resolve()}
-    outputs = [("--output", Path(args.output))]
-    if args.train_bpe is not None:
-        outputs.append(("--save-tokenizer", Path(args.save_tokenizer or Path(args.output).parent / "tokenizer.json")))
-    for flag, path in outputs:
-        file_to_write(path, flag)
-        if path.resolve() in inputs:
-            raise TokenizeError(f"{flag} {path} is also an input (--input or the tokenizer's files); writing it "
-                                "would replace that input")
-    if len(outputs) == 2 and outputs[0][1].resolve() == outputs[1][1].resolve():
-        raise TokenizeError(f"--output and --save-tokenizer are the same file {args.output}")
 
 
 def run_tokenize(args) -> int:

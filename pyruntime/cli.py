@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-from pyruntime.config import SECTIONS, Config, ConfigError, config_from_dict, default_micro_batch, load_config_file
+from pyruntime.config import (SECTIONS, Config, ConfigError, TrainConfig, config_from_dict, default_micro_batch,
+                              load_config_file)
 from pyruntime.data import DataError
 from pyruntime.data.tokenize import TokenizeError, add_tokenize_parser, run_tokenize
 from pyruntime.generate import add_generate_parser, run_generate
@@ -77,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
     train = sub.add_parser("train", help="train a model")
     train.add_argument("--config", help="JSON or TOML file with [train]/[model]/[data]/[optim]/[parallel]")
-    train.add_argument("--quiet", action="store_true", help="no progress output")
+    train.add_argument("--quiet", action="store_true", help=field_help(TrainConfig, "quiet"))
     train.add_argument("--no-plan-check", action="store_true",
                        help="on CUDA, run even a layout the planner predicts will not fit the GPU's memory")
     train.add_argument("--sp", action="store_true", help="sequence parallelism (needs --tp > 1)")

@@ -271,7 +271,7 @@ class TrainConfig:
     log_every: int = 1
     """Print one log line every N steps."""
     quiet: bool = False
-    """No progress output (tests)."""
+    """No console output and no loss-curve picture; metrics.jsonl is still written."""
     plan_check: bool = True
     """On CUDA, refuse before any process group a layout the planner (pyruntime/plan) predicts
     will not fit the GPU's memory; False (--no-plan-check) runs it anyway."""

@@ -59,7 +59,8 @@ class Trainer:
         validate_parallel(cfg)
         cfg = with_resume_resolved(cfg)  # --resume auto / a run's --out -> its checkpoint, or None
         self.cfg, self.dims, self.device = cfg, dims, device
-        self.is_logger = rank == 0 and not cfg.train.quiet
+        self.is_logger = rank == 0 and not cfg.train.quiet  # the console and the loss picture
+        self.writes_metrics = rank == 0  # --quiet too: the record of the run is not output to hide
         self.dp_rank = dims.axis_rank("dp")
         torch.manual_seed(cfg.train.seed)
         corpus = corpus or open_corpus(cfg)
@@ -231,7 +232,7 @@ class Trainer:
         if cfg.train.resume:
             start = load_checkpoint(self, cfg.train.resume)
             say(f"resumed from {cfg.train.resume} at step {start}", self.is_logger)
-        writer = MetricsWriter(cfg.metrics_path, enabled=self.is_logger, append=start > 0)
+        writer = MetricsWriter(cfg.metrics_path, enabled=self.writes_metrics, append=start > 0)
         try:
             for step in range(start, cfg.train.steps):
                 rec = self.train_step(step)

@@ -38,6 +38,14 @@ def test_train_command_runs_single_process(tmp_path, capsys):
     assert "step 2/2" in capsys.readouterr().out
 
 
+def test_quiet_prints_nothing_and_still_writes_the_metrics(tmp_path, capsys):
+    assert main(["train", "--preset", "tiny", "--steps", "2", "--global-batch", "2", "--micro-batch", "1",
+                 "--seq-len", "16", "--out", str(tmp_path), "--eval-every", "0", "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    assert not (tmp_path / "loss.png").exists()
+
+
 def test_train_flag_help_is_the_config_docstring():
     """Each setting is explained once, in config.py: the flag's help is the field's docstring
     (an edit there shows up in --help), every flag has one."""

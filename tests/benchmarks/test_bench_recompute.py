@@ -26,3 +26,7 @@ def test_bench_recompute_rows(capsys):
 def test_bench_recompute_bad_input_one_line(capsys):
     assert run(["recompute", "--global-batch", "5", "--micro-batch", "2"]) == 2
     assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    for flag in ("--seq-len", "--micro-batch", "--global-batch"):
+        assert run(["recompute", flag, "0"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and flag in err[0], err

@@ -135,12 +135,7 @@ def file_to_write(path: Path, what: str) -> None:
 def writable_file(path: Path, what: str) -> None:
     """`path` can be opened for writing (created empty if missing; an existing file is left
     as it is) in a directory that exists or can be made."""
-    if path.is_dir():
-        raise ConfigError(f"{what} {path} is a directory; give a file name")
-    blocker = _blocking_file(path.parent)
-    if blocker is not None:
-        raise ConfigError(f"{what} {path} is under {blocker}, which is a file; give a path in a directory")
-    writable_dir(path.parent, f"directory of the {what}")
+    file_to_write(path, what)
     try:
         with open(path, "ab"):
             pass

@@ -14,9 +14,7 @@ import sys
 import time
 
 import pytest
-import torch.distributed as dist
 
-import pyruntime.mesh
 from pyruntime.cli import main
 
 # (argv, text the one line must contain: the key / flag / path it names)
@@ -154,15 +152,6 @@ def files(tmp_path_factory):
     (d / "brokenrun" / "checkpoints").mkdir(parents=True)
     (d / "brokenrun" / "checkpoints" / "latest").write_text("step_7\n")
     return d
-
-
-@pytest.fixture
-def no_process_group(monkeypatch):
-    """Fails the test if anything tries to create a process group."""
-    calls = []
-    monkeypatch.setattr(pyruntime.mesh, "init_distributed", lambda *a, **k: calls.append(a))
-    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: calls.append(a))
-    return calls
 
 
 @pytest.mark.parametrize("case", list(BAD))

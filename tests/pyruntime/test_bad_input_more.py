@@ -14,9 +14,7 @@ import json
 
 import pytest
 import torch
-import torch.distributed as dist
 
-import pyruntime.mesh
 from pyruntime.cli import main
 from pyruntime.config import PRESETS, ModelConfig
 from pyruntime.data.tokenize import train_bpe
@@ -215,14 +213,6 @@ def files(tmp_path_factory):
     _config_variant(d, "idx_list", lambda raw: raw)
     (d / "idx_list" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": ["model.safetensors"]}))
     return d
-
-
-@pytest.fixture
-def no_process_group(monkeypatch):
-    calls = []
-    monkeypatch.setattr(pyruntime.mesh, "init_distributed", lambda *a, **k: calls.append(a))
-    monkeypatch.setattr(dist, "init_process_group", lambda *a, **k: calls.append(a))
-    return calls
 
 
 def _run(argv, files, capsys) -> str:

@@ -13,6 +13,7 @@ transformers 5's rope_parameters.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from pyruntime.config import ConfigError, ModelConfig
@@ -105,6 +106,14 @@ def _sliding_window(raw: dict[str, Any], family: str, n_layers: int) -> int | No
     if set(types) == {"sliding_attention"} and window:
         return window
     raise HFError(f"config.json layer_types {sorted(set(types))}: only all-full or all-sliding attention is supported")
+
+
+def model_config_from_file(raw: Any, file: str | os.PathLike, **overrides: Any) -> ModelConfig:
+    """model_config_from_hf of `raw`, read from `file`: an HFError names that file."""
+    try:
+        return model_config_from_hf(raw, **overrides)
+    except HFError as e:
+        raise HFError(f"{file}{str(e).removeprefix('config.json')}") from None
 
 
 def model_config_from_hf(raw: dict[str, Any], **overrides: Any) -> ModelConfig:

@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from pyruntime.config import ModelConfig
-from pyruntime.hf.config import HFError, model_config_from_hf
+from pyruntime.hf.config import HFError, model_config_from_file
 from pyruntime.model.llama import reference_shapes
 from pyruntime.parallel.deferred_init import DeferredInit
 from pyruntime.parallel.tensor.unshard import TPSpec
@@ -83,7 +83,7 @@ class HFDir:
             raw = json.loads((path / "config.json").read_text())
         except ValueError as e:
             raise HFError(f"{path / 'config.json'} is not valid JSON ({e})") from None
-        hf = cls(path, raw, model_config_from_hf(raw, **overrides))
+        hf = cls(path, raw, model_config_from_file(raw, path / "config.json", **overrides))
         hf._read_headers()
         hf._check_tensors()
         return hf

@@ -72,7 +72,7 @@ def _positive(args: argparse.Namespace) -> None:
 
 def read_hf_config(path: str) -> ModelConfig:
     """config.json -> ModelConfig through pyruntime/hf (which refuses fields it cannot honour)."""
-    from pyruntime.hf.config import model_config_from_hf
+    from pyruntime.hf.config import model_config_from_file
 
     p = Path(path)
     if p.is_dir():
@@ -83,7 +83,7 @@ def read_hf_config(path: str) -> ModelConfig:
         raw = json.loads(p.read_text())
     except ValueError as e:
         raise PlanError(f"--hf-config {path}: not JSON: {e}") from None
-    return model_config_from_hf(raw)
+    return model_config_from_file(raw, p)
 
 
 def workload_and_base(args: argparse.Namespace) -> tuple[Workload, dict, list[str]]:

@@ -7,7 +7,7 @@ it checks fields and their ranges; what a layout needs of the model and the batc
 """
 from __future__ import annotations
 
-from pyruntime.config import Config, ConfigError, ModelConfig
+from pyruntime.config import Config, ConfigError, ModelConfig, ParallelConfig
 from pyruntime.schema import check_value, one_of
 from pyruntime.parallel.pipeline.schedule import schedule_names
 from pyruntime.parallel.pipeline.split import plan_stage_layers
@@ -21,6 +21,22 @@ def validate(cfg: Config) -> None:
     check_tensor_parallel(cfg)
     check_pipeline(cfg)
     check_recompute(cfg)
+    check_nothing_ignored(cfg)
+
+
+def check_nothing_ignored(cfg: Config) -> None:
+    """A setting changed from its default that the layout would not use is refused, not
+    silently dropped: a pipeline schedule or stage split without a pipeline, selective
+    recompute's op set without selective recompute."""
+    par, default = cfg.parallel, ParallelConfig()
+    if par.pp == 1:
+        for flag, name in (("--schedule", "schedule"), ("--pp-layout", "pp_layout")):
+            if getattr(par, name) != getattr(default, name):
+                raise ConfigError(f"{flag} {getattr(par, name)} needs --pp > 1: with pp 1 there is no pipeline "
+                                  f"(leave it at {getattr(default, name)})")
+    if par.recompute != "selective" and par.recompute_ops != default.recompute_ops:
+        raise ConfigError(f"--recompute-ops '{par.recompute_ops}' needs --recompute selective, got --recompute "
+                          f"{par.recompute}")
 
 
 def check_tp_divides(model: ModelConfig, tp: int) -> None:

@@ -19,6 +19,11 @@ from pyruntime.cli import main
 
 # (argv, text the one line must contain: the key / flag / path it names)
 BAD = {
+    # settings the layout would not use
+    "schedule without pp": (["--schedule", "zb"], "--schedule zb needs --pp > 1"),
+    "pp-layout without pp": (["--pp-layout", "1,1"], "--pp-layout 1,1 needs --pp > 1"),
+    "recompute-ops without selective": (["--recompute", "full", "--recompute-ops", "norm"],
+                                        "--recompute-ops 'norm' needs --recompute selective, got --recompute full"),
     # numbers out of range or not finite
     "lr inf": (["--lr", "inf"], "optim.lr must be a finite number"),
     "lr nan": (["--lr", "nan"], "optim.lr must be a finite number"),

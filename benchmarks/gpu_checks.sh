@@ -18,6 +18,8 @@
 #      7B MLP shapes, tp 8 and 2, the peers stood in for by copies on a second stream
 #   7. bench flat: flat pack / unpack (CUDA kernel) and the fused AdamW (Triton) vs torch
 #   8. single-GPU training throughput and MFU (bf16 autocast, 1b preset)
+#   9. the same with --offload optimizer --recompute selective: the CUDA paths of offload (pinned
+#      host state, gradients to the host on a side stream, the C++ host AdamW, parameters back)
 # Output: $OUT/gpu_checks.log (everything) and $OUT/results.md (the tables, for
 # benchmarks/RESULTS.md). Record the figures there with device, date, commit and command.
 set -u -o pipefail
@@ -52,6 +54,7 @@ if [ "$SMALL" = 1 ]; then
     OVERLAP_TPS=(2)
     FLAT_ARGS=(--preset tiny --repeat 2)
     TRAIN_ARGS=(--preset tiny --steps 4 --seq-len 64 --global-batch 4 --micro-batch 2 --log-every 2)
+    OFFLOAD_ARGS=(--preset tiny --steps 3 --seq-len 64 --global-batch 4 --micro-batch 2 --log-every 1)
     CEIL_N=512
     TESTS=(tests/triton_kernels/test_adamw.py)
 else
@@ -60,6 +63,7 @@ else
     OVERLAP_TPS=(8 2)
     FLAT_ARGS=(--preset 1b)
     TRAIN_ARGS=(--preset 1b --steps 12 --seq-len 2048 --global-batch 8 --micro-batch 4 --log-every 2)
+    OFFLOAD_ARGS=(--preset 1b --steps 4 --seq-len 2048 --global-batch 4 --micro-batch 4 --log-every 1)
     CEIL_N=8192
     TESTS=(tests/triton_kernels tests/pyruntime/ops tests/pyruntime/model)
 fi
@@ -71,7 +75,7 @@ step environment 20 bash -c "nvidia-smi --query-gpu=name,driver_version,clocks.s
 
 # The editable install, as the Makefile does it: it builds pyruntime._C in place and maps
 # pyruntime.triton_kernels onto the repository's triton_kernels/ (a bare build_ext would not).
-step build 150 env MAX_JOBS="$(nproc)" "$PY" -m pip install -q --no-build-isolation --no-deps --use-pep517 -e .
+step build 120 env MAX_JOBS="$(nproc)" "$PY" -m pip install -q --no-build-isolation --no-deps --use-pep517 -e .
 
 step ceilings 40 "$PY" - "$CEIL_N" <<'EOF'
 import sys
@@ -116,13 +120,18 @@ for tp in "${OVERLAP_TPS[@]}"; do
 done
 step bench-flat 30 "$PY" -m pyruntime bench flat "${FLAT_ARGS[@]}"
 step train-1gpu 60 "$PY" -m pyruntime train "${TRAIN_ARGS[@]}" --eval-every 0 --out "$OUT/train"
+step train-1gpu-offload 30 "$PY" -m pyruntime train "${OFFLOAD_ARGS[@]}" --offload optimizer --recompute selective \
+    --eval-every 0 --out "$OUT/train-offload"
 
 # The Markdown tables and the lines worth keeping, for benchmarks/RESULTS.md.
 {
     echo "# GPU checks, $(date -u +%F), commit $(git rev-parse --short HEAD 2>/dev/null)"
     grep -E '^(ceiling:|torch |NVIDIA|name,)' "$LOG"
     grep -E '^\|' "$LOG"
-    grep -E 'step +[0-9]+/[0-9]+ \|' "$LOG" | tail -3
+    for run in train-1gpu train-1gpu-offload; do  # each run's last log lines (step time, memory)
+        awk -v run="$run" '$0 ~ "^== " run " \\(" {f = 1} $0 ~ "^== " run ":" {f = 0} f' "$LOG" \
+            | grep -E 'step +[0-9]+/[0-9]+ \|' | tail -2
+    done
     grep -E '^== .*: exit' "$LOG"
 } >> "$MD"
 

@@ -119,6 +119,9 @@ def check(work: Workload, layout: Layout, gpus: int | None = None) -> None:
                         f"({mbs}) divisible by pp {lay.pp}")
     if lay.virtual_stages > 1 and (lay.pp == 1 or lay.schedule != "interleaved"):
         raise PlanError(f"virtual stages {lay.virtual_stages} need pp > 1 and schedule interleaved")
+    for flag, name in (("--schedule", "schedule"), ("--pp-layout", "pp_layout")):  # as train refuses them
+        if lay.pp == 1 and getattr(lay, name) != getattr(Layout(), name):
+            raise PlanError(f"{flag} {getattr(lay, name)} needs --pp > 1: with pp 1 there is no pipeline")
 
 
 @dataclass(frozen=True)

@@ -61,6 +61,7 @@ def test_search_without_a_fit_names_the_memory_it_needs(capsys):
     (["--tflops", "100"], ["missing: --gpu-mem, --intra-bw, --inter-bw"]),
     (["--search"], ["--search needs --gpus"]),
     (["--profile", "/nonexistent.json"], ["calibration profile not found"]),
+    (["--schedule", "zb"], ["--schedule zb needs --pp > 1"]),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, argv, words):
     code, out, err = _run(capsys, "--preset", "tiny", *argv)

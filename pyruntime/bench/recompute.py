@@ -19,7 +19,7 @@ import sys
 
 import torch
 
-from pyruntime.bench.harness import header, suite_parser, table_lines
+from pyruntime.bench.harness import header, require, suite_parser, table_lines
 from pyruntime.config import PRESETS, Config, DataConfig, ParallelConfig, TrainConfig
 from pyruntime.parallel.recompute import SELECTIVE_OPS
 
@@ -36,9 +36,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--markdown", action="store_true")
     args = p.parse_args(argv)
-    if min(args.seq_len, args.global_batch, args.micro_batch) < 1:
-        p.error(f"--seq-len, --global-batch and --micro-batch must be >= 1; got {args.seq_len}, "
-                f"{args.global_batch}, {args.micro_batch}")
+    require(p, args, positive=("seq_len", "global_batch", "micro_batch"))
     if args.steps < 1 or args.warmup < 0 or args.global_batch % args.micro_batch:
         p.error(f"--steps must be >= 1, --warmup >= 0 and --micro-batch must divide --global-batch; got "
                 f"{args.steps}, {args.warmup}, {args.micro_batch} / {args.global_batch}")

@@ -193,12 +193,14 @@ def run_demo(args: argparse.Namespace) -> int:
     train = ["train", "--preset", "tiny", "--steps", str(args.steps), "--out", args.out,
              "--dp", "2", "--pp", "2", "--tp", "2", "--sp", "--zero", "1", "--schedule", "1f1b",
              "--microbatches", "4", "--eval-every", "50", "--log-every", "10", "--timeline", args.out]
-    # Checked here, once, as each of the 8 ranks would: a bad --steps or --out is one line,
-    # not eight lines and torchrun's report.
-    from pyruntime.train.preflight import writable_dir
+    # Checked here, once, with the checks each of the 8 (CPU) ranks runs: a bad --steps or
+    # --out is one line, not eight lines and torchrun's report.
+    import torch
+
+    from pyruntime.train.preflight import check_run
 
     cfg = config_from_args(build_parser().parse_args(train), 8)
-    writable_dir(Path(cfg.train.out), "output directory (--out)")
+    check_run(cfg, torch.device("cpu"))
     check_outputs(cfg, quiet=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "8", "-m", "pyruntime", *train]
     # Quoted so the line pastes back into a shell as it is (paths with spaces included).

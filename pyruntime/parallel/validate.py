@@ -39,11 +39,19 @@ def check_nothing_ignored(cfg: Config) -> None:
                           f"{par.recompute}")
 
 
-def check_tp_divides(model: ModelConfig, tp: int) -> None:
-    """Tensor parallelism splits attention by heads and the MLP by hidden units."""
+def tp_misfit(model: ModelConfig, tp: int) -> str | None:
+    """Why tp cannot shard the model (one line), or None: tensor parallelism splits attention
+    by heads and KV heads and the MLP by hidden units (the planner asks too)."""
     for name, size in (("n_heads", model.n_heads), ("n_kv_heads", model.kv_heads), ("ffn_dim", model.ffn_dim)):
         if size % tp:
-            raise ConfigError(f"tp {tp} does not divide model.{name} {size}")
+            return f"tp {tp} does not divide model.{name} {size}"
+    return None
+
+
+def check_tp_divides(model: ModelConfig, tp: int) -> None:
+    misfit = tp_misfit(model, tp)
+    if misfit:
+        raise ConfigError(misfit)
 
 
 def check_tensor_parallel(cfg: Config) -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pyruntime.config import ConfigError, ModelConfig
 from pyruntime.parallel.pipeline.schedule import schedule_names
 from pyruntime.parallel.pipeline.split import plan_stage_layers, stage_layer_ranges
+from pyruntime.parallel.validate import tp_misfit  # the trainer's tp rule, asked of each layout
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 OFFLOAD_TARGETS = ("none", "optimizer")
@@ -71,14 +72,6 @@ class Workload:
     def microbatches(self, layout: Layout) -> int:
         """Micro-batches per step per dp rank."""
         return self.global_batch // (layout.dp * layout.micro_batch)
-
-
-def tp_misfit(model: ModelConfig, tp: int) -> str | None:
-    """Why tp cannot shard the model's heads, KV heads and MLP (one line), or None."""
-    for name, size in (("n_heads", model.n_heads), ("n_kv_heads", model.kv_heads), ("ffn_dim", model.ffn_dim)):
-        if size % tp:
-            return f"tp {tp} does not divide model.{name} {size}"
-    return None
 
 
 def check(work: Workload, layout: Layout, gpus: int | None = None) -> None:

@@ -12,7 +12,8 @@ import itertools
 import shlex
 from dataclasses import dataclass
 
-from pyruntime.plan.layout import Layout, PlanError, Workload, check, tp_misfit
+from pyruntime.parallel.validate import tp_misfit
+from pyruntime.plan.layout import Layout, PlanError, Workload, check
 from pyruntime.plan.memory import RankMemory, all_rank_memory
 from pyruntime.plan.timing import Cluster, StepTime, step_time
 

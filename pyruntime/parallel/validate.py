@@ -29,14 +29,23 @@ def check_nothing_ignored(cfg: Config) -> None:
     silently dropped: a pipeline schedule or stage split without a pipeline, selective
     recompute's op set without selective recompute."""
     par, default = cfg.parallel, ParallelConfig()
-    if par.pp == 1:
-        for flag, name in (("--schedule", "schedule"), ("--pp-layout", "pp_layout")):
-            if getattr(par, name) != getattr(default, name):
-                raise ConfigError(f"{flag} {getattr(par, name)} needs --pp > 1: with pp 1 there is no pipeline "
-                                  f"(leave it at {getattr(default, name)})")
+    unused = pipeline_setting_unused(par.pp, par.schedule, par.pp_layout)
+    if unused:
+        raise ConfigError(unused)
     if par.recompute != "selective" and par.recompute_ops != default.recompute_ops:
         raise ConfigError(f"--recompute-ops '{par.recompute_ops}' needs --recompute selective, got --recompute "
                           f"{par.recompute}")
+
+
+def pipeline_setting_unused(pp: int, schedule: str, pp_layout: str) -> str | None:
+    """Why a schedule or stage split other than the default is unused (pp 1), or None (the
+    planner asks too)."""
+    default = ParallelConfig()
+    for flag, value, default_value in (("--schedule", schedule, default.schedule),
+                                       ("--pp-layout", pp_layout, default.pp_layout)):
+        if pp == 1 and value != default_value:
+            return f"{flag} {value} needs --pp > 1: with pp 1 there is no pipeline (leave it at {default_value})"
+    return None
 
 
 def tp_misfit(model: ModelConfig, tp: int) -> str | None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pyruntime.config import ConfigError, ModelConfig
 from pyruntime.parallel.pipeline.schedule import schedule_names
 from pyruntime.parallel.pipeline.split import plan_stage_layers, stage_layer_ranges
-from pyruntime.parallel.validate import tp_misfit  # the trainer's tp rule, asked of each layout
+from pyruntime.parallel.validate import pipeline_setting_unused, tp_misfit  # the trainer's rules
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 OFFLOAD_TARGETS = ("none", "optimizer")
@@ -112,9 +112,9 @@ def check(work: Workload, layout: Layout, gpus: int | None = None) -> None:
                         f"({mbs}) divisible by pp {lay.pp}")
     if lay.virtual_stages > 1 and (lay.pp == 1 or lay.schedule != "interleaved"):
         raise PlanError(f"virtual stages {lay.virtual_stages} need pp > 1 and schedule interleaved")
-    for flag, name in (("--schedule", "schedule"), ("--pp-layout", "pp_layout")):  # as train refuses them
-        if lay.pp == 1 and getattr(lay, name) != getattr(Layout(), name):
-            raise PlanError(f"{flag} {getattr(lay, name)} needs --pp > 1: with pp 1 there is no pipeline")
+    unused = pipeline_setting_unused(lay.pp, lay.schedule, lay.pp_layout)  # train refuses these too
+    if unused:
+        raise PlanError(unused)
 
 
 @dataclass(frozen=True)

@@ -218,9 +218,9 @@ def _optimizer_time(layout: Layout, cluster: Cluster, elements: int, backward: f
     """Seconds the optimizer adds to a step, updating `elements` fp32 values. On the device:
     AdamW's 28 bytes per element at device memory bandwidth. --offload optimizer
     (parallel/offload.py): the C++ step at host bandwidth (the node's, shared by the ranks on
-    it); each gradient's copy to the host
-    runs beside the backward that finishes it (exposed: what exceeds one micro-batch's
-    backward; ZeRO-2/3 copy after each micro-batch's reduction, the others once), and the
+    it); each gradient's copy to the host runs beside the backward that finishes it (exposed:
+    what exceeds one micro-batch's backward; ZeRO-2/3 copy after each micro-batch's
+    reduction, the others once), and the
     parameters' copies back start part by part as the host steps them (the longer of the two
     counts). A CPU device is its own host: its copies are memory copies on the same cores, and
     its fp32 parameters are written in place by the step."""

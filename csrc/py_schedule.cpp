@@ -109,6 +109,19 @@ void bind_schedule(py::module_& m) {
       },
       py::arg("actions"), py::arg("pp"), py::arg("microbatches"), py::arg("virtual_stages") = 1,
       py::call_guard<py::gil_scoped_release>(), "Adds deadlock-free SEND/RECV actions to compute-only lists.");
+  m.def(
+      "simulate_named",
+      [](const std::string& name, int pp, int microbatches, int virtual_stages, double forward, double backward,
+         double backward_input, double backward_weight, double comm_latency) {
+        SimResult r = validate(generate_schedule(name, pp, microbatches, virtual_stages), pp, microbatches,
+                               virtual_stages, forward, backward, backward_input, backward_weight, comm_latency);
+        r.events.clear();  // the planner's search asks thousands of these: no per-action objects for Python
+        return r;
+      },
+      py::arg("name"), py::arg("pp"), py::arg("microbatches"), py::arg("virtual_stages") = 1,
+      py::arg("forward") = 1.0, py::arg("backward") = 2.0, py::arg("backward_input") = 1.0,
+      py::arg("backward_weight") = 1.0, py::arg("comm_latency") = 0.0, py::call_guard<py::gil_scoped_release>(),
+      "generate_schedule + validate_schedule in one call, without the timed events (events is empty).");
   m.def("validate_schedule", &validate, py::arg("actions"), py::arg("pp"), py::arg("microbatches"),
         py::arg("virtual_stages") = 1, py::arg("forward") = 1.0, py::arg("backward") = 2.0,
         py::arg("backward_input") = 1.0, py::arg("backward_weight") = 1.0, py::arg("comm_latency") = 0.0,

@@ -15,7 +15,7 @@ import json
 import math
 from pathlib import Path
 
-from pyruntime.config import PRESETS, ConfigError, ModelConfig, config_from_dict, load_config_file
+from pyruntime.config import MAX_GLOBAL_BATCH, PRESETS, ConfigError, ModelConfig, config_from_dict, load_config_file
 from pyruntime.plan.calibrate import DEFAULT_PROFILE, calibrate, load_profile
 from pyruntime.plan.devices import DEVICES, custom, device
 from pyruntime.plan.layout import Layout, PlanError, Workload, check
@@ -57,14 +57,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "also time its blocks at --seq-len for each tp a --search of --gpus tries, which plans of it then use")
 
 
+# Counts of GPUs (and of ranks along one dimension) beyond any cluster built: a million.
+MAX_GPUS = 2**20
+# Upper bounds of the counts; the batch ones are train's own (config.MAX_GLOBAL_BATCH).
+_AT_MOST = {"global_batch": MAX_GLOBAL_BATCH, "micro_batch": MAX_GLOBAL_BATCH, "microbatches": MAX_GLOBAL_BATCH,
+            "dp": MAX_GPUS, "tp": MAX_GPUS, "pp": MAX_GPUS, "virtual_stages": MAX_GPUS, "gpus": MAX_GPUS,
+            "gpus_per_node": MAX_GPUS}
+
+
 def _positive(args: argparse.Namespace) -> None:
-    """Every size and figure > 0, and the float ones finite (a NaN would print a plan of NaNs)."""
+    """Every size and figure > 0, and the float ones finite (a NaN would print a plan of NaNs);
+    counts at most what a real run can have (a plan of 1e23 GPUs is no plan)."""
     for name in ("seq_len", "global_batch", "micro_batch", "microbatches", "dp", "tp", "pp", "virtual_stages",
                  "gpus", "gpus_per_node", "tokens", "top", "bucket_mb", "gpu_mem", "tflops", "intra_bw", "inter_bw"):
         value = getattr(args, name)
+        flag = f"--{name.replace('_', '-')}"
         if value is not None and not 0 < value < math.inf:
             finite = "a finite number " if isinstance(value, float) else ""
-            raise PlanError(f"--{name.replace('_', '-')} must be {finite}> 0, got {value}")
+            raise PlanError(f"{flag} must be {finite}> 0, got {value}")
+        if value is not None and name in _AT_MOST and value > _AT_MOST[name]:
+            raise PlanError(f"{flag} must be at most {_AT_MOST[name]}, got {value}")
     if args.calibrate and args.search:
         raise PlanError("--calibrate measures this machine and writes a profile, --search plans with one: "
                         "run them one after the other")
@@ -188,14 +200,14 @@ def _search(args: argparse.Namespace, work: Workload, model_args: list[str]) -> 
     if not args.gpus:
         raise PlanError("--search needs --gpus N")
     cluster = cluster_from(args, args.gpus)
-    fits, smallest = search(work, cluster, recompute=args.recompute, offload=args.offload)
+    found = search(work, cluster, recompute=args.recompute, offload=args.offload, top=args.top or 5)
     dev = cluster.device
-    if not fits:
+    if not found.fitting:
         print(f"no layout of {cluster.gpus} x {dev.name} ({dev.memory / 1e9:.0f} GB) fits: the smallest needs "
-              f"{smallest / 1e9:.1f} GB per GPU")
+              f"{found.smallest_peak / 1e9:.1f} GB per GPU")
         return 1
-    print(f"{len(fits)} layout(s) of {cluster.gpus} x {dev.name} fit; fastest first:")
-    for i, c in enumerate(fits[:args.top or 5], 1):
+    print(f"{found.fitting} layout(s) of {cluster.gpus} x {dev.name} fit; fastest first:")
+    for i, c in enumerate(found.fastest, 1):
         print(f"{i}. {c.layout.describe()} | step {c.time.step:.3f} s, {c.time.tokens_per_s:,.0f} tokens/s, "
               f"MFU {c.time.mfu:.1%} | peak {c.peak / 1e9:.1f} GB per GPU"
               + (f" | {c.time.days(args.tokens):.1f} days" if args.tokens else ""))

@@ -12,13 +12,12 @@
 """
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
-from pyruntime.parallel.pipeline.schedule import simulate
-from pyruntime.parallel.pipeline.split import plan_stage_layers, stage_layer_ranges
+from pyruntime.parallel.pipeline.split import plan_stage_layers
 from pyruntime.plan.activations import Shape, chunk_bytes, loss_bytes, logits_peak_bytes
 from pyruntime.plan.layout import Layout, Workload
+from pyruntime.plan.pipeline import pipeline_sim
 from pyruntime.plan.states import RankStates, rank_states
 
 CUDA_CONTEXT = 512 * 2**20  # what the CUDA context and NCCL take before any tensor (typical, not measured)
@@ -37,8 +36,8 @@ def rank_chunks(work: Workload, layout: Layout, pp_rank: int) -> list[Chunk]:
     stages = layout.pp * layout.virtual_stages
     if stages == 1:
         return [Chunk(work.model.n_layers, True, True)]
-    ranges = stage_layer_ranges(plan_stage_layers(work.model, stages, layout.pp_layout))
-    return [Chunk(len(ranges[s]), s == 0, s == stages - 1)
+    counts = plan_stage_layers(work.model, stages, layout.pp_layout)
+    return [Chunk(counts[s], s == 0, s == stages - 1)
             for s in (c * layout.pp + pp_rank for c in range(layout.virtual_stages))]
 
 
@@ -57,12 +56,7 @@ def in_flight(work: Workload, layout: Layout) -> list[int]:
     the C++ simulator's peak live activations (1 without a pipeline)."""
     if layout.pp == 1:
         return [1]
-    return list(_peak_live(layout.schedule, layout.pp, work.microbatches(layout), layout.virtual_stages))
-
-
-@functools.lru_cache(maxsize=4096)
-def _peak_live(schedule: str, pp: int, microbatches: int, virtual_stages: int) -> tuple[int, ...]:
-    return simulate(schedule, pp, microbatches, virtual_stages).peak_activations
+    return list(pipeline_sim(layout.schedule, layout.pp, work.microbatches(layout), layout.virtual_stages)[2])
 
 
 @dataclass(frozen=True)

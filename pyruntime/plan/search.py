@@ -8,6 +8,7 @@ modes the trainer offers (read from its flags, so no command is printed that it 
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 import shlex
 from dataclasses import dataclass
@@ -75,20 +76,37 @@ def layouts(work: Workload, cluster: Cluster, max_micro_batch: int = 16, *, reco
             yield lay
 
 
-def search(work: Workload, cluster: Cluster, *, recompute: str | None = None,
-           offload: str | None = None) -> tuple[list[Candidate], int]:
-    """(the layouts that fit, fastest first; the smallest per-GPU peak of any layout, which is
-    what a search with no fit would need). recompute / offload: fixed by the user."""
-    fits, smallest = [], None
+@dataclass(frozen=True)
+class SearchResult:
+    fastest: list[Candidate]
+    """The fastest layouts that fit, fastest first (all of them when the search had no top)."""
+    fitting: int
+    """How many layouts fit."""
+    smallest_peak: int
+    """The smallest per-GPU peak of any layout: what a search with no fit would need."""
+
+
+def search(work: Workload, cluster: Cluster, *, recompute: str | None = None, offload: str | None = None,
+           top: int | None = None) -> SearchResult:
+    """Every layout that fits, by predicted step time; recompute / offload: fixed by the user.
+    With top, only the `top` fastest are timed exactly: layouts are simulated in the order of
+    their step's lower bound (no pipeline bubble), until that bound exceeds the top-th fastest
+    step found, so a search of thousands of GPUs simulates a few schedules, not every one."""
+    fitting, smallest = [], None
     cuda = cluster.device.cuda
     for lay in layouts(work, cluster, recompute=recompute, offload=offload):
         mem = all_rank_memory(work, lay, cuda=cuda)
         peak = max(max(r.steady_peak, r.first_step_peak) for r in mem)
         smallest = peak if smallest is None else min(smallest, peak)
         if peak <= cluster.device.memory:
-            fits.append(Candidate(lay, mem, step_time(work, lay, cluster)))
-    fits.sort(key=lambda c: (c.time.step, c.peak))
-    return fits, smallest or 0
+            fitting.append((step_time(work, lay, cluster, bubble=False).step, lay, mem))
+    fitting.sort(key=lambda f: f[0])
+    timed: list[Candidate] = []
+    for bound, lay, mem in fitting:
+        if top is not None and len(timed) >= top and bound > timed[top - 1].time.step:
+            break  # every later layout's step is at least its bound: none can enter the top
+        bisect.insort(timed, Candidate(lay, mem, step_time(work, lay, cluster)), key=lambda c: (c.time.step, c.peak))
+    return SearchResult(timed if top is None else timed[:top], len(fitting), smallest or 0)
 
 
 def train_command(lay: Layout, work: Workload, cluster: Cluster, model_args: list[str]) -> str:

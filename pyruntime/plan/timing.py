@@ -19,14 +19,17 @@ innermost), else at the inter-node one.
 """
 from __future__ import annotations
 
+import functools
+
 from dataclasses import dataclass
 
 from pyruntime.model.llama import count_params
-from pyruntime.parallel.pipeline.schedule import Costs, simulate
+from pyruntime.parallel.pipeline.schedule import Costs
 from pyruntime.plan.devices import Device, fit_key
 from pyruntime.plan.flops import SECONDS_PER_DAY, model_flops_per_token
 from pyruntime.plan.layout import Layout, Workload
 from pyruntime.plan.memory import rank_chunks
+from pyruntime.plan.pipeline import pipeline_sim
 from pyruntime.plan.states import rank_states
 
 ADAM_BYTES = 28  # fp32 master, gradient, two moments read, three written
@@ -240,28 +243,30 @@ def _optimizer_time(layout: Layout, cluster: Cluster, elements: int, backward: f
     return max(host_step, back) + exposed
 
 
-def step_time(work: Workload, layout: Layout, cluster: Cluster) -> StepTime:
+def step_time(work: Workload, layout: Layout, cluster: Cluster, *, bubble: bool = True) -> StepTime:
+    """bubble=False: the pipeline's makespan taken as the busiest rank's compute, the bubble as
+    0, without simulating the schedule: a lower bound of the step (the search simulates only
+    layouts whose bound can still beat the fastest it has)."""
     micro = work.microbatches(layout)
     fit = cluster.device.block_fit(fit_key(work.model, work.seq_len, layout.tp))  # None: FLOPs / rate
     per_rank = [_rank_costs(work, layout, cluster, r, fit) for r in range(layout.pp)]
     fwd, bwd, rec, comm = (max(c[i] for c in per_rank) for i in range(4))
     bwd += rec
     d = cluster.device
-    if layout.pp == 1:
-        makespan, bubble = micro * (fwd + bwd), 0.0
+    if layout.pp == 1 or not bubble:
+        makespan, waiting = micro * (fwd + bwd), 0.0
     else:
         act = 2 if d.cuda else 4
         sn = work.seq_len // layout.tp if layout.sp else work.seq_len
         msg = layout.micro_batch * sn * work.model.dim * act
         p2p = collective(cluster, "p2p", msg, layout.tp, layout.pp)
         costs = Costs(forward=fwd, backward=bwd, backward_input=bwd / 2, backward_weight=bwd / 2, comm_latency=p2p)
-        sim = simulate(layout.schedule, layout.pp, micro, layout.virtual_stages, costs)
-        makespan = sim.makespan
-        bubble = makespan - max(sim.busy)
+        makespan, busy, _ = pipeline_sim(layout.schedule, layout.pp, micro, layout.virtual_stages, costs)
+        waiting = makespan - busy
     dp_total, dp_exposed = _dp_time(work, layout, cluster, bwd, fwd, micro)
     optimizer = _optimizer_time(layout, cluster, rank_states(work, layout, 0).held.optim // 8, bwd, micro)
     step = makespan + dp_exposed + optimizer + _step_syncs(layout, cluster) + d.step_overhead
     tokens_per_s = work.global_batch * work.seq_len / step
     mfu = tokens_per_s * model_flops_per_token(work.model, work.seq_len) / (layout.world * d.peak_flops)
-    return StepTime(fwd, bwd, micro * comm, makespan, bubble, dp_total, dp_exposed, optimizer, step,
+    return StepTime(fwd, bwd, micro * comm, makespan, waiting, dp_total, dp_exposed, optimizer, step,
                     tokens_per_s, mfu, fit is not None)

@@ -260,27 +260,55 @@ def _check_keys(saved: dict[str, Any], expected: dict[str, tuple[int, ...]], ckp
             raise CheckpointError(f"checkpoint {ckpt}: tensor '{key}' has shape {got}, the run's model needs {shape}")
 
 
+def _check_files(metadata, ckpt: Path) -> None:
+    """Every byte range DCP's metadata points at exists: a missing or truncated data file is
+    found here, from the file sizes alone, not when the tensors are read."""
+    sizes: dict[str, int] = {}
+    for index, info in metadata.storage_data.items():
+        name = info.relative_path
+        if name not in sizes:
+            try:
+                sizes[name] = (ckpt / name).stat().st_size
+            except OSError as e:
+                raise CheckpointError(f"checkpoint {ckpt}: data file {name} of tensor '{index.fqn}' is unreadable "
+                                      f"({os_cause(e)})") from None
+        if sizes[name] < info.offset + info.length:
+            raise CheckpointError(f"checkpoint {ckpt} is truncated: {name} holds {sizes[name]} bytes, tensor "
+                                  f"'{index.fqn}' needs bytes {info.offset}-{info.offset + info.length}")
+
+
+def check_checkpoint(ckpt: Path, model: ModelConfig):
+    """Everything about checkpoint `ckpt` that can be checked without reading its tensors,
+    against the run's model: meta.json, the model config, DCP's metadata, the tensor names and
+    shapes, the data files' sizes. Returns (meta, DCP reader, DCP's tensor metadata); raises
+    one CheckpointError line. train's preflight runs it before any process group, and every
+    rank again at load time."""
+    meta = read_meta(ckpt)
+    check_model(meta.get("model", {}), model, f"checkpoint {ckpt}:")
+    reader = dcp.FileSystemReader(ckpt)
+    try:
+        metadata = reader.read_metadata()
+    except DCP_ERRORS as e:  # noqa: BLE001 - any failure here is a broken checkpoint
+        raise CheckpointError(f"checkpoint {ckpt}: unreadable DCP metadata ({_one_line(e)})") from None
+    expected = {prefix + name: shape for name, shape in reference_shapes(model).items()
+                for prefix in PREFIXES.values()}
+    expected.update(dict.fromkeys(SCALARS, ()))
+    _check_keys(metadata.state_dict_metadata, expected, ckpt)
+    _check_files(metadata, ckpt)
+    return meta, reader, metadata.state_dict_metadata
+
+
 def load_checkpoint(trainer, path: str | os.PathLike) -> int:
     """Restore the state saved by save_checkpoint (at any layout) into `trainer` (at its own
     layout); returns the step to continue from (the next train_step's argument). A collective
     over the whole world; bad input raises CheckpointError, on every rank."""
     ckpt = resolve_checkpoint(path)
-    meta = read_meta(ckpt)
-    check_model(meta.get("model", {}), trainer.cfg.model, f"checkpoint {ckpt}:")
-    reader = dcp.FileSystemReader(ckpt)
-    try:
-        saved = reader.read_metadata().state_dict_metadata
-    except DCP_ERRORS as e:  # noqa: BLE001 - any failure here is a broken checkpoint
-        raise CheckpointError(f"checkpoint {ckpt}: unreadable DCP metadata ({_one_line(e)})") from None
-    expected = {prefix + name: shape for name, shape in reference_shapes(trainer.cfg.model).items()
-                for prefix in PREFIXES.values()}
-    expected.update(dict.fromkeys(SCALARS, ()))
-    _check_keys(saved, expected, ckpt)
+    meta, reader, saved = check_checkpoint(ckpt, trainer.cfg.model)  # shapes checked: saved's are the model's
 
     rank = dist.get_rank()
     rng_rank = rank if rank < meta["layout"].get("world_size", 1) else 0  # a larger world: rank 0's state
     names = _needed_names(trainer)
-    request: dict[str, torch.Tensor] = {prefix + n: torch.empty(expected[prefix + n], dtype=torch.float32)
+    request: dict[str, torch.Tensor] = {prefix + n: torch.empty(tuple(saved[prefix + n].size), dtype=torch.float32)
                                         for n in names for prefix in PREFIXES.values()}
     request.update({k: torch.zeros((), dtype=torch.int64) for k in SCALARS})
     rng_keys = {"cpu": f"rng.cpu.{rng_rank}"}

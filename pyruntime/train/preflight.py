@@ -38,14 +38,14 @@ def check_run(cfg: Config, device: torch.device) -> Config:
     if not cfg.train.resume:  # a fresh run truncates the metrics file
         check_not_overwriting(cfg.metrics_path, "metrics file (--metrics)")
     if cfg.train.resume:
-        from pyruntime.train.checkpoint import check_model, read_meta
+        from pyruntime.train.checkpoint import check_checkpoint, read_meta
 
         ckpt = Path(cfg.train.resume)
-        meta = read_meta(ckpt)
-        check_model(meta.get("model", {}), cfg.model, f"checkpoint {ckpt}:")
-        if cfg.train.steps < meta["step"]:  # equal: a finished run restarted, which has nothing left to do
-            raise ConfigError(f"--steps {cfg.train.steps} is below step {meta['step']} of the checkpoint {ckpt} "
-                              f"it resumes from: nothing would train; give --steps > {meta['step']}")
+        step = read_meta(ckpt)["step"]
+        if cfg.train.steps < step:  # equal: a finished run restarted, which has nothing left to do
+            raise ConfigError(f"--steps {cfg.train.steps} is below step {step} of the checkpoint {ckpt} "
+                              f"it resumes from: nothing would train; give --steps > {step}")
+        check_checkpoint(ckpt, cfg.model)  # all but the tensors' bytes, which each rank checks as it reads
     return cfg
 
 

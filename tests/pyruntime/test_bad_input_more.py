@@ -131,6 +131,11 @@ BAD = {
     # plan: NaN / inf figures, partial device figures named by their flags, a context the model lacks
     "plan bucket-mb nan": (["plan", "--bucket-mb", "nan"], "--bucket-mb must be a finite number > 0, got nan"),
     "plan tokens inf": (["plan", "--tokens", "inf"], "--tokens must be a finite number > 0, got inf"),
+    # a search over 1e23 GPUs ran for ever; a plan of them printed absurd figures
+    "plan gpus beyond a million": (["plan", "--search", "--gpus", str(10**23)],
+                                   f"--gpus must be at most 1048576, got {10**23}"),
+    "plan global batch beyond train's": (["plan", "--global-batch", str(2**24 + 1)],
+                                         "--global-batch must be at most 16777216, got 16777217"),
     "plan gpu-mem negative": (["plan", "--gpu-mem", "-1"], "--gpu-mem must be a finite number > 0, got -1.0"),
     "plan device figures incomplete": (["plan", "--gpu-mem", "80"], "(missing: --tflops, --intra-bw, --inter-bw)"),
     "plan seq-len beyond the model": (["plan", "--preset", "tiny", "--seq-len", "100000"],

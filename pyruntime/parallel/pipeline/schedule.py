@@ -149,22 +149,27 @@ def insert_communication(actions: Schedule, pp: int, microbatches: int,
 
 
 def simulate(schedule: Union[str, Schedule], pp: int, microbatches: int, virtual_stages: int = 1,
-             costs: Costs | None = None) -> SimResult:
+             costs: Costs | None = None, *, events: bool = True) -> SimResult:
     """Validates and simulates a named schedule or per-rank action lists.
 
     Raises ValueError naming the rank, the action's position and the action when the lists
     are not executable: unmatched or out-of-order messages, an action before the data it
-    needs, duplicates, a missing F/B/W, or a deadlock.
+    needs, duplicates, a missing F/B/W, or a deadlock. events=False (named schedules): the
+    result's events are empty and no action crosses into Python, which is what makes the
+    planner's search of thousands of layouts fast.
     """
     C = _core()
-    if isinstance(schedule, str):
-        name, core_actions = schedule, C.generate_schedule(schedule, pp, microbatches, virtual_stages)
-    else:
-        name, core_actions = "custom", _to_core(C, schedule)
     c = costs or Costs()
-    r = C.validate_schedule(core_actions, pp, microbatches, virtual_stages, forward=c.forward, backward=c.backward,
-                            backward_input=c.backward_input, backward_weight=c.backward_weight,
-                            comm_latency=c.comm_latency)
+    timing = dict(forward=c.forward, backward=c.backward, backward_input=c.backward_input,
+                  backward_weight=c.backward_weight, comm_latency=c.comm_latency)
+    if isinstance(schedule, str) and not events:
+        name, r = schedule, C.simulate_named(schedule, pp, microbatches, virtual_stages, **timing)
+    else:
+        if isinstance(schedule, str):
+            name, core_actions = schedule, C.generate_schedule(schedule, pp, microbatches, virtual_stages)
+        else:
+            name, core_actions = "custom", _to_core(C, schedule)
+        r = C.validate_schedule(core_actions, pp, microbatches, virtual_stages, **timing)
     events = tuple(TimedEvent(e.rank, e.kind, e.microbatch, e.chunk, e.start, e.end, e.peer) for e in r.events)
     return SimResult(name, pp, microbatches, virtual_stages, r.makespan, tuple(r.busy), tuple(r.bubble_fraction),
                      tuple(r.peak_activations), tuple(r.peak_pending_weight_grads), events)

@@ -14,6 +14,8 @@ pipeline knowledge. StageChunk is the forward of one chunk over that model.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn as nn
 
@@ -38,6 +40,11 @@ def _parse_explicit(spec: str, stages: int, n_layers: int) -> list[int]:
 
 
 def _even(n_layers: int, stages: int) -> list[int]:
+    return list(_even_counts(n_layers, stages))
+
+
+@functools.lru_cache(maxsize=1024)  # the planner's search asks the same split for thousands of layouts
+def _even_counts(n_layers: int, stages: int) -> tuple[int, ...]:
     # The remainder goes to the middle stages: the first and last also carry the embedding
     # and the head + loss.
     base, extra = divmod(n_layers, stages)
@@ -45,7 +52,7 @@ def _even(n_layers: int, stages: int) -> list[int]:
     counts = [base] * stages
     for s in order[:extra]:
         counts[s] += 1
-    return counts
+    return tuple(counts)
 
 
 def _balanced(cfg: ModelConfig, stages: int) -> list[int]:

@@ -1,6 +1,7 @@
 """Pipeline schedules through pyruntime._C: generation, validation, simulation, CSV files and
 pictures. The exhaustive checks live in csrc/tests/test_schedule.cpp; these cover the
 bindings and the Python layer."""
+import dataclasses
 import json
 import pickle
 
@@ -161,3 +162,14 @@ def test_png_and_trace(tmp_path):
     assert {e["pid"] for e in complete} == {0, 1}
     first = min((e for e in complete if e["cat"] == "compute" and e["pid"] == 0), key=lambda e: e["ts"])
     assert (first["name"], first["ts"], first["dur"]) == ("F0", 0.0, 1000.0)
+
+
+@pytest.mark.parametrize("name,pp,mb,v", [("1f1b", 4, 7, 1), ("zb", 3, 5, 1), ("interleaved", 2, 4, 2),
+                                          ("gpipe", 3, 4, 1)])
+def test_simulate_without_events_is_the_same_run(name, pp, mb, v):
+    """events=False (the planner's search) runs generate + simulate in one C++ call and returns
+    no events; every other figure is the full simulation's."""
+    costs = Costs(forward=1.3, backward=2.9, backward_input=1.2, backward_weight=1.7, comm_latency=0.4)
+    full, lean = simulate(name, pp, mb, v, costs), simulate(name, pp, mb, v, costs, events=False)
+    assert full.events and not lean.events
+    assert dataclasses.replace(full, events=()) == lean

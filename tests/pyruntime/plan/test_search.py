@@ -17,7 +17,7 @@ WORK_7B = Workload(model=PRESETS["7b"], seq_len=4096, global_batch=16)
 
 def test_every_command_is_the_layout_train_runs():
     cluster = Cluster(device("h100"), 8)
-    fits, _ = search(WORK_7B, cluster)
+    fits = search(WORK_7B, cluster).fastest
     assert fits and [c.time.step for c in fits] == sorted(c.time.step for c in fits)
     for cand in fits[:20]:
         words = shlex.split(train_command(cand.layout, WORK_7B, cluster, ["--preset", "7b"]))
@@ -28,12 +28,25 @@ def test_every_command_is_the_layout_train_runs():
 
 
 def test_seed_7b_full_finetune_needs_more_than_one_96gb_gpu():
-    one, _ = search(WORK_7B, Cluster(device("gh200"), 1))
+    one = search(WORK_7B, Cluster(device("gh200"), 1)).fastest
     # 16 B/parameter of model states alone is 107.8 GB (optimizer offload, once train has it, is another matter)
     assert not [c for c in one if c.layout.offload == "none"]
-    two, _ = search(WORK_7B, Cluster(device("gh200"), 2))
+    two = search(WORK_7B, Cluster(device("gh200"), 2)).fastest
     assert two and all(c.peak <= 96e9 for c in two)
     assert {c.layout.zero for c in two if c.layout.dp == 2} >= {3}  # sharding the states is what makes it fit
+
+
+def test_search_top_times_only_what_can_win_and_gets_the_full_search_head():
+    """With top, layouts are simulated in the order of their bubble-free lower bound and the
+    search stops once that bound passes the top-th step: the same head as timing every one."""
+    cluster = Cluster(device("h100"), 16)
+    work = Workload(model=PRESETS["7b"], seq_len=4096, global_batch=64)
+    full, head = search(work, cluster), search(work, cluster, top=7)
+    assert full.fitting == head.fitting == len(full.fastest) > 7 and full.smallest_peak == head.smallest_peak
+    assert [(c.layout, c.time) for c in head.fastest] == [(c.layout, c.time) for c in full.fastest[:7]]
+    assert any(c.layout.pp > 1 for c in full.fastest[:7])  # the bubble is what the bound leaves out
+    for c in full.fastest:
+        assert step_time(work, c.layout, cluster, bubble=False).step <= c.time.step
 
 
 def test_step_time_parts_add_up_and_pipeline_bubble_shrinks_with_microbatches():

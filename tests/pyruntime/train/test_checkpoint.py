@@ -20,6 +20,7 @@ from pyruntime.train import checkpoint as ckpt_mod
 from pyruntime.train.checkpoint import (CheckpointError, export_safetensors, import_safetensors, load_checkpoint,
                                         save_checkpoint)
 from pyruntime.train.ckpt_dirs import resolve_checkpoint, resolve_resume
+from pyruntime.train.preflight import check_run
 from pyruntime.train.trainer import Trainer
 
 from support.ckpt_world import MODEL, RESUMERS, SAVE_AT, SECOND_SAVE, STEPS, config, losses, world_run
@@ -270,9 +271,28 @@ def test_corrupt_tensor_file(out, dims, single_ckpt, damage):
         for i in range(len(raw) // 2, len(raw) // 2 + 64):  # inside some tensor's bytes
             raw[i] ^= 0xFF
         data.write_bytes(bytes(raw))
+        raises_one_line("is corrupt: tensor '.*' does not match its checksum", load_checkpoint, single(out, dims),
+                        broken)
     else:
         data.write_bytes(bytes(raw[:len(raw) // 3]))
-    raises_one_line("is corrupt", load_checkpoint, single(out, dims), broken)
+        raises_one_line(f"is truncated: {data.name} holds {len(raw) // 3} bytes", load_checkpoint,
+                        single(out, dims), broken)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "missing"])
+def test_preflight_finds_damaged_data_files(out, single_ckpt, damage):
+    """train's start-up check reads no tensor, yet finds a truncated or missing data file from
+    DCP's metadata and the file sizes: one line before any process group exists."""
+    broken = copy_of(single_ckpt[0], out / "bad_pre" / damage / "step_3")
+    data = next(broken.glob("*.distcp"))
+    if damage == "missing":
+        data.unlink()
+    else:
+        data.write_bytes(data.read_bytes()[:100])
+    cfg = config(out / "pre")
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, resume=str(broken)))
+    match = f"data file {data.name} of tensor '.*' is unreadable" if damage == "missing" else "is truncated"
+    raises_one_line(match, check_run, cfg, torch.device("cpu"))
 
 
 def test_missing_and_extra_tensor_keys(out, dims, single_ckpt):

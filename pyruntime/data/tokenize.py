@@ -375,19 +375,28 @@ def add_tokenize_parser(sub) -> None:
 def run_tokenize(args) -> int:
     from pyruntime.data.corpus import DataError
 
+    save = partial = None
     try:
         check_workers(args.workers)
         check_paths(args)
         if args.train_bpe is not None:
+            # written as .partial and renamed once the token file is complete: input the
+            # tokenize pass refuses (a record without text) leaves no tokenizer.json behind
             save = Path(args.save_tokenizer or Path(args.output).parent / "tokenizer.json")
+            partial = save.with_name(save.name + ".partial")
             texts = (text for doc in documents(args.input, None, args.text_field) for text, _ in doc)
-            tokenizer = train_bpe(texts, args.train_bpe, save)
-            print(f"trained a byte-level BPE of {tokenizer.vocab_size} tokens: {save}")
+            tokenizer = train_bpe(texts, args.train_bpe, partial)
         else:
             tokenizer = load_tokenizer(args.tokenizer)
         total, counted = tokenize_files(args.input, args.output, tokenizer, args.text_field, args.workers)
+        if partial is not None:
+            os.replace(partial, save)
+            print(f"trained a byte-level BPE of {tokenizer.vocab_size} tokens: {save}")
     except TokenizeError as e:
         raise DataError(str(e)) from None
+    finally:
+        if partial is not None:
+            partial.unlink(missing_ok=True)
     mask = f", {counted} of them in the loss (mask: {args.output}.mask)" if counted < total else ""
     print(f"wrote {args.output}: {total} tokens, vocabulary {tokenizer.vocab_size}{mask}")
     return 0

@@ -110,6 +110,12 @@ def test_tokenize_command_and_its_errors(tmp_path, capsys):
     assert err.count("\n") == 1 and "bad.jsonl:2: instruction records need string 'prompt' and 'response'" in err
     assert main(["tokenize", "--train-bpe", "100", "--input", str(tmp_path / "doc.txt"),
                  "--output", str(tmp_path / "x.bin")]) == 2
+    # --train-bpe on input the tokenize pass refuses: neither a tokenizer.json nor a token file is left
+    out = tmp_path / "fresh"
+    assert main(["tokenize", "--train-bpe", "300", "--input", str(tmp_path / "bad.jsonl"),
+                 "--output", str(out / "bad.bin")]) == 2
+    assert "bad.jsonl:2: instruction records" in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_workers_write_the_same_files_as_one_process(bpe, tmp_path, capsys):

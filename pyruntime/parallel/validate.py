@@ -48,6 +48,23 @@ def pipeline_setting_unused(pp: int, schedule: str, pp_layout: str) -> str | Non
     return None
 
 
+# pp x micro-batches per step x virtual stages above which a schedule is refused: its action
+# lists (built at start-up) and its simulation (the planner's memory and time) grow with it;
+# 2^18 (16 x 16384) took 18 s to simulate on the 2-core CI host, 2^20 37 s and 1.4 GB, 2^24
+# (16M micro-batches) minutes and 9 GB.
+MAX_PIPELINE_CELLS = 1 << 18
+
+
+def pipeline_too_long(pp: int, microbatches: int, virtual_stages: int) -> str | None:
+    """Why a pipeline step of this many micro-batches is refused, or None (train, plan and
+    the schedule command ask)."""
+    cells = pp * microbatches * virtual_stages
+    if pp > 1 and cells > MAX_PIPELINE_CELLS:
+        return (f"pp x microbatches x virtual stages = {pp} x {microbatches} x {virtual_stages} = {cells} exceeds "
+                f"{MAX_PIPELINE_CELLS}: simulating that schedule takes minutes and gigabytes")
+    return None
+
+
 def tp_misfit(model: ModelConfig, tp: int) -> str | None:
     """Why tp cannot shard the model (one line), or None: tensor parallelism splits attention
     by heads and KV heads and the MLP by hidden units (the planner asks too)."""
@@ -83,3 +100,6 @@ def check_pipeline(cfg: Config) -> None:
                           f"(global batch {data.global_batch} / (dp {par.dp} x micro-batch {data.micro_batch}))")
     if par.schedule == "interleaved" and m % par.pp:
         raise ConfigError(f"schedule interleaved needs micro-batches ({m}) divisible by pp {par.pp}")
+    too_long = pipeline_too_long(par.pp, m, par.virtual_stages)
+    if too_long:
+        raise ConfigError(f"{too_long}; give fewer, larger micro-batches (--micro-batch) or more dp ranks")

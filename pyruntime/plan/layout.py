@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pyruntime.config import ConfigError, ModelConfig
 from pyruntime.parallel.pipeline.schedule import schedule_names
 from pyruntime.parallel.pipeline.split import plan_stage_layers, stage_layer_ranges
-from pyruntime.parallel.validate import pipeline_setting_unused, tp_misfit  # the trainer's rules
+from pyruntime.parallel.validate import pipeline_setting_unused, pipeline_too_long, tp_misfit  # the trainer's rules
 
 RECOMPUTE_MODES = ("none", "selective", "full")
 OFFLOAD_TARGETS = ("none", "optimizer")
@@ -112,9 +112,10 @@ def check(work: Workload, layout: Layout, gpus: int | None = None) -> None:
                         f"({mbs}) divisible by pp {lay.pp}")
     if lay.virtual_stages > 1 and (lay.pp == 1 or lay.schedule != "interleaved"):
         raise PlanError(f"virtual stages {lay.virtual_stages} need pp > 1 and schedule interleaved")
-    unused = pipeline_setting_unused(lay.pp, lay.schedule, lay.pp_layout)  # train refuses these too
-    if unused:
-        raise PlanError(unused)
+    refused = (pipeline_setting_unused(lay.pp, lay.schedule, lay.pp_layout)  # train refuses these too
+               or pipeline_too_long(lay.pp, mbs, lay.virtual_stages))
+    if refused:
+        raise PlanError(refused)
 
 
 @dataclass(frozen=True)

@@ -134,6 +134,12 @@ BAD = {
     # a search over 1e23 GPUs ran for ever; a plan of them printed absurd figures
     "plan gpus beyond a million": (["plan", "--search", "--gpus", str(10**23)],
                                    f"--gpus must be at most 1048576, got {10**23}"),
+    # a pipeline of 16M micro-batches: its schedule took minutes and 9 GB before the first step or plan line
+    "train pipeline of millions of micro-batches": (["train", "--preset", "tiny", "--pp", "2", "--global-batch",
+                                                     str(2**24), "--micro-batch", "1"],
+                                                    "2 x 16777216 x 1 = 33554432 exceeds 262144"),
+    "plan pipeline of millions of micro-batches": (["plan", "--pp", "2", "--gpus", "2", "--global-batch", str(2**24)],
+                                                   "2 x 16777216 x 1 = 33554432 exceeds 262144"),
     "plan global batch beyond train's": (["plan", "--global-batch", str(2**24 + 1)],
                                          "--global-batch must be at most 16777216, got 16777217"),
     "plan gpu-mem negative": (["plan", "--gpu-mem", "-1"], "--gpu-mem must be a finite number > 0, got -1.0"),
@@ -144,7 +150,7 @@ BAD = {
                                    "--calibrate measures this machine"),
     # schedule: a size the simulator would take minutes (or overflow) on
     "schedule too large": (["schedule", "--pp", "2", "--microbatches", str(10**11)],
-                           "pp x microbatches x virtual stages = 200000000000 exceeds 262144"),
+                           "pp x microbatches x virtual stages = 2 x 100000000000 x 1 = 200000000000 exceeds 262144"),
     "schedule too large to simulate": (["schedule", "--pp", "1000", "--microbatches", "1000"], "exceeds 262144"),
     # demo: checked once here, not by 8 ranks under torchrun
     "demo steps zero": (["demo", "--steps", "0", "--out", "{d}/new/demo"], "train.steps must be >= 1, got 0"),

@@ -65,7 +65,7 @@ _AT_MOST = {"global_batch": MAX_GLOBAL_BATCH, "micro_batch": MAX_GLOBAL_BATCH, "
             "gpus_per_node": MAX_GPUS}
 
 
-def _positive(args: argparse.Namespace) -> None:
+def _check_numbers(args: argparse.Namespace) -> None:
     """Every size and figure > 0, and the float ones finite (a NaN would print a plan of NaNs);
     counts at most what a real run can have (a plan of 1e23 GPUs is no plan)."""
     for name in ("seq_len", "global_batch", "micro_batch", "microbatches", "dp", "tp", "pp", "virtual_stages",
@@ -163,7 +163,7 @@ def cluster_from(args: argparse.Namespace, layout_gpus: int) -> Cluster:
 
 
 def run(args: argparse.Namespace) -> int:
-    _positive(args)
+    _check_numbers(args)
     if args.calibrate:
         path = args.profile or DEFAULT_PROFILE
         from pyruntime.train.preflight import file_to_write

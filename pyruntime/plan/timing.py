@@ -19,8 +19,6 @@ innermost), else at the inter-node one.
 """
 from __future__ import annotations
 
-import functools
-
 from dataclasses import dataclass
 
 from pyruntime.model.llama import count_params

@@ -277,13 +277,12 @@ def _check_files(metadata, ckpt: Path) -> None:
                                   f"'{index.fqn}' needs bytes {info.offset}-{info.offset + info.length}")
 
 
-def check_checkpoint(ckpt: Path, model: ModelConfig):
-    """Everything about checkpoint `ckpt` that can be checked without reading its tensors,
-    against the run's model: meta.json, the model config, DCP's metadata, the tensor names and
-    shapes, the data files' sizes. Returns (meta, DCP reader, DCP's tensor metadata); raises
-    one CheckpointError line. train's preflight runs it before any process group, and every
-    rank again at load time."""
-    meta = read_meta(ckpt)
+def check_checkpoint(ckpt: Path, meta: dict[str, Any], model: ModelConfig):
+    """Everything about checkpoint `ckpt` (its meta.json read: read_meta) that can be checked
+    without reading its tensors, against the run's model: the model config, DCP's metadata,
+    the tensor names and shapes, the data files' sizes. Returns (DCP reader, DCP's tensor
+    metadata); raises one CheckpointError line. train's preflight runs it before any process
+    group, and every rank again at load time."""
     check_model(meta.get("model", {}), model, f"checkpoint {ckpt}:")
     reader = dcp.FileSystemReader(ckpt)
     try:
@@ -295,7 +294,7 @@ def check_checkpoint(ckpt: Path, model: ModelConfig):
     expected.update(dict.fromkeys(SCALARS, ()))
     _check_keys(metadata.state_dict_metadata, expected, ckpt)
     _check_files(metadata, ckpt)
-    return meta, reader, metadata.state_dict_metadata
+    return reader, metadata.state_dict_metadata
 
 
 def load_checkpoint(trainer, path: str | os.PathLike) -> int:
@@ -303,7 +302,8 @@ def load_checkpoint(trainer, path: str | os.PathLike) -> int:
     layout); returns the step to continue from (the next train_step's argument). A collective
     over the whole world; bad input raises CheckpointError, on every rank."""
     ckpt = resolve_checkpoint(path)
-    meta, reader, saved = check_checkpoint(ckpt, trainer.cfg.model)  # shapes checked: saved's are the model's
+    meta = read_meta(ckpt)
+    reader, saved = check_checkpoint(ckpt, meta, trainer.cfg.model)  # shapes checked: saved's are the model's
 
     rank = dist.get_rank()
     rng_rank = rank if rank < meta["layout"].get("world_size", 1) else 0  # a larger world: rank 0's state

@@ -41,11 +41,11 @@ def check_run(cfg: Config, device: torch.device) -> Config:
         from pyruntime.train.checkpoint import check_checkpoint, read_meta
 
         ckpt = Path(cfg.train.resume)
-        step = read_meta(ckpt)["step"]
-        if cfg.train.steps < step:  # equal: a finished run restarted, which has nothing left to do
-            raise ConfigError(f"--steps {cfg.train.steps} is below step {step} of the checkpoint {ckpt} "
-                              f"it resumes from: nothing would train; give --steps > {step}")
-        check_checkpoint(ckpt, cfg.model)  # all but the tensors' bytes, which each rank checks as it reads
+        meta = read_meta(ckpt)
+        if cfg.train.steps < meta["step"]:  # equal: a finished run restarted, which has nothing left to do
+            raise ConfigError(f"--steps {cfg.train.steps} is below step {meta['step']} of the checkpoint {ckpt} "
+                              f"it resumes from: nothing would train; give --steps > {meta['step']}")
+        check_checkpoint(ckpt, meta, cfg.model)  # all but the tensors' bytes, which each rank checks as it reads
     return cfg
 
 

@@ -170,9 +170,9 @@ def simulate(schedule: Union[str, Schedule], pp: int, microbatches: int, virtual
         else:
             name, core_actions = "custom", _to_core(C, schedule)
         r = C.validate_schedule(core_actions, pp, microbatches, virtual_stages, **timing)
-    events = tuple(TimedEvent(e.rank, e.kind, e.microbatch, e.chunk, e.start, e.end, e.peer) for e in r.events)
+    timed = tuple(TimedEvent(e.rank, e.kind, e.microbatch, e.chunk, e.start, e.end, e.peer) for e in r.events)
     return SimResult(name, pp, microbatches, virtual_stages, r.makespan, tuple(r.busy), tuple(r.bubble_fraction),
-                     tuple(r.peak_activations), tuple(r.peak_pending_weight_grads), events)
+                     tuple(r.peak_activations), tuple(r.peak_pending_weight_grads), timed)
 
 
 # ---- user-written schedules --------------------------------------------------------------

@@ -8,7 +8,8 @@
             then peak resident memory per rank at tp 2 (2 gloo ranks, each reading its
             blocks) against the full fp32 model's bytes.
   tokenize  `tokenize_files` (our tokenize command, --workers 1 and --workers N) vs reading
-            the same records and calling tokenizers' encode_batch directly, tokens per second.
+            the same records and calling tokenizers' encode_batch directly, tokens per second
+            (median of --repeat interleaved runs).
 
     python -m pyruntime bench hf                 # both, 1B shape (needs ~12 GB of RAM)
     python -m pyruntime bench hf --layers 4      # a smaller model
@@ -20,6 +21,7 @@ import gc
 import json
 import math
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -63,21 +65,24 @@ def write_model_dir(path: Path, args) -> dict:
     return {"params": sum(math.prod(s) for s in shapes.values())}
 
 
-def _timed(load):
-    """(wall s, CPU s of every thread of this process) of one load: on a shared machine the
-    CPU time says what a load costs when wall time also counts other people's jobs. The model
-    is kept until the clocks are read: freeing it (unmapping ~5 GB, 0.3 s here) is not part of
-    loading, and would otherwise fall inside one loader's time and not the other's (a model
-    with reference cycles lives until the next garbage collection)."""
-    t0, c0 = time.perf_counter(), time.process_time()
+def _timed(load) -> tuple[float, float, float, int]:
+    """(wall s, user-space CPU s, kernel CPU s, minor page faults) of one load, every thread of
+    this process. On this kind of machine nearly all of a load is the kernel faulting in fresh
+    pages for the fp32 parameters, which both loaders need alike and whose cost per fault swings
+    several-fold with the host (how much of the memory it has just reclaimed); the user-space
+    time and the fault count are what a loader itself decides. The model is kept until the
+    clocks are read: freeing it (unmapping ~5 GB, 0.3 s here) is not part of loading, and would
+    otherwise fall inside one loader's time and not the other's (a model with reference cycles
+    lives until the next garbage collection)."""
+    r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     model = load()
-    took = time.perf_counter() - t0, time.process_time() - c0
+    wall, r1 = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF)
     del model
     gc.collect()
-    return took
+    return wall, r1.ru_utime - r0.ru_utime, r1.ru_stime - r0.ru_stime, r1.ru_minflt - r0.ru_minflt
 
 
-def load_ours(path: str) -> tuple[float, float]:
+def load_ours(path: str) -> tuple:
     from pyruntime.hf.load import HFDir, HFInit
     from pyruntime.model import Transformer
 
@@ -90,7 +95,7 @@ def load_ours(path: str) -> tuple[float, float]:
     return _timed(load)
 
 
-def load_transformers(path: str) -> tuple[float, float]:
+def load_transformers(path: str) -> tuple:
     import transformers
 
     return _timed(lambda: transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32))
@@ -114,21 +119,23 @@ def _tp_rank(rank: int, world: int, path: str) -> dict:
     return {"peak_mb": after["VmHWM"] - before["VmHWM"], "read_mb": init.reader.bytes_read / 2**20}
 
 
-def _fresh_process_load(which: str, path: str, warm: str) -> tuple[float, float]:
-    """(wall s, CPU s) of one load in a new Python process, after one untimed load of the tiny
-    directory `warm` there: a user loads a model once per process, and loads in one process
-    one after another inherit each other's freed memory and heap (measured: in one process the
-    ratio swung from 0.56x to 1.2x between runs; in fresh processes each side varied by ~3%)."""
-    code = ("import sys, warnings; warnings.filterwarnings('ignore')\n"
+def _fresh_process_load(which: str, path: str, warm: str) -> dict[str, float]:
+    """One load in a new Python process, after one untimed load of the tiny directory `warm`
+    there: its wall time, user-space and kernel CPU time, page faults (see _timed) and the
+    process's peak resident memory. A user loads a model once per process, and loads in one
+    process one after another inherit each other's freed memory and heap (measured: in one
+    process the ratio swung from 0.56x to 1.2x between runs)."""
+    code = ("import resource, sys, warnings; warnings.filterwarnings('ignore')\n"
             "import transformers; transformers.utils.logging.disable_progress_bar();"
             " transformers.utils.logging.set_verbosity_error()\n"
             "from pyruntime.bench import hf\n"
-            f"load = hf.load_{which}\nload({warm!r})\nprint(*load({path!r}))")
+            f"load = hf.load_{which}\nload({warm!r})\n"
+            f"print(*load({path!r}), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise RuntimeError(f"bench hf: the {which} load failed: {done.stderr.strip()[-2000:]}")
-    wall, cpu = done.stdout.split()[-2:]
-    return float(wall), float(cpu)
+    wall, user, kernel, faults, peak_kb = map(float, done.stdout.split()[-5:])
+    return {"wall": wall, "user": user, "kernel": kernel, "faults": faults, "peak": peak_kb / 2**20}
 
 
 def _warm_up(tmp: Path, args) -> None:
@@ -162,15 +169,20 @@ def bench_load(args) -> list[str]:
             runs.append((a, b) if i % 2 == 0 else (b, a))
         ranks = run_world(2, _tp_rank, str(Path(tmp) / "model"), timeout=1800)
     lines = [f"load: {info['params'] / 1e9:.2f} B params, bf16 shards -> fp32; {args.repeat} runs, interleaved, "
-             "each load in a new process",
+             "each load in a new process; wall time (user-space CPU, kernel CPU, minor page faults)",
              "| what | ours | transformers.from_pretrained | transformers / ours |", "|---|---|---|---|"]
-    for i, ((ours, ours_cpu), (theirs, theirs_cpu)) in enumerate(runs):
-        lines.append(f"| dp 1 load, run {i + 1} ({'ours' if i % 2 == 0 else 'transformers'} first): wall (CPU) "
-                     f"| {ours:.2f} s ({ours_cpu:.2f} s) | {theirs:.2f} s ({theirs_cpu:.2f} s) "
-                     f"| {theirs / ours:.2f}x ({theirs_cpu / ours_cpu:.2f}x) |")
-    med = [statistics.median(r[side][k] for r in runs) for side in (0, 1) for k in (0, 1)]
-    lines.append(f"| dp 1 load, median: wall (CPU) | {med[0]:.2f} s ({med[1]:.2f} s) | {med[2]:.2f} s ({med[3]:.2f} s) "
-                 f"| {med[2] / med[0]:.2f}x ({med[3] / med[1]:.2f}x) |")
+
+    def cell(r: dict) -> str:
+        return f"{r['wall']:.2f} s ({r['user']:.2f} s, {r['kernel']:.2f} s, {r['faults'] / 1e6:.2f} M)"
+    for i, (ours, theirs) in enumerate(runs):
+        lines.append(f"| dp 1 load, run {i + 1} ({'ours' if i % 2 == 0 else 'transformers'} first) "
+                     f"| {cell(ours)} | {cell(theirs)} | {theirs['wall'] / ours['wall']:.2f}x |")
+    for key, what, unit in (("wall", "wall time", "s"), ("user", "user-space CPU", "s"),
+                            ("kernel", "kernel CPU", "s"), ("faults", "minor page faults", ""),
+                            ("peak", "process peak RSS", "GiB")):
+        ours, theirs = (statistics.median(r[side][key] for r in runs) for side in (0, 1))
+        show = (lambda v: f"{v / 1e6:.3f} M") if key == "faults" else (lambda v: f"{v:.2f} {unit}")
+        lines.append(f"| dp 1 load, median {what} | {show(ours)} | {show(theirs)} | {f'{theirs / ours:.2f}x' if ours else '-'} |")
     for r, res in enumerate(ranks):
         lines.append(f"| tp 2 rank {r} peak RSS | {res['peak_mb']:.0f} MiB = {res['peak_mb'] / full_mb:.2f}x the full "
                      f"fp32 model ({full_mb:.0f} MiB); read {res['read_mb']:.0f} MiB of bf16 | | |")
@@ -185,21 +197,25 @@ def bench_tokenize(args) -> list[str]:
         src = Path(tmp) / "corpus.jsonl"
         src.write_text("".join(json.dumps({"text": f"{i}: " + line * 8}) + "\n" for i in range(args.docs)))
         tok = train_bpe(iter([line * 50]), 1000, Path(tmp) / "tokenizer.json")
-        ours = {}
-        for workers in sorted({1, args.workers}):
-            t0 = time.perf_counter()
-            total, _ = tokenize_files([str(src)], Path(tmp) / f"out{workers}.bin", tok, workers=workers)
-            ours[workers] = time.perf_counter() - t0
-        t0 = time.perf_counter()  # the same reading and parsing, then one encode_batch (its threads)
-        texts = [t for doc in documents([str(src)], tok, "text") for t, _ in doc]
-        direct = sum(len(e.ids) for e in tok.tok.encode_batch(texts, add_special_tokens=False))
-        theirs = time.perf_counter() - t0
-    lines = [f"tokenize: {args.docs} JSON lines, {total} tokens (ours, EOS included) / {direct} (direct)",
+        ours: dict[int, list[float]] = {w: [] for w in sorted({1, args.workers})}
+        theirs: list[float] = []
+        for _ in range(args.repeat):  # interleaved: a busy moment of a shared host hits both sides
+            for workers in ours:
+                t0 = time.perf_counter()
+                total, _ = tokenize_files([str(src)], Path(tmp) / f"out{workers}.bin", tok, workers=workers)
+                ours[workers].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()  # the same reading and parsing, then one encode_batch (its threads)
+            texts = [t for doc in documents([str(src)], tok, "text") for t, _ in doc]
+            direct = sum(len(e.ids) for e in tok.tok.encode_batch(texts, add_special_tokens=False))
+            theirs.append(time.perf_counter() - t0)
+    lines = [f"tokenize: {args.docs} JSON lines, {total} tokens (ours, EOS included) / {direct} (direct); "
+             f"median of {args.repeat} interleaved runs",
              "| what | ours (tokenize_files) | tokenizers encode_batch | ours / direct throughput |",
              "|---|---|---|---|"]
+    peer = direct / statistics.median(theirs)
     for workers, took in ours.items():
-        lines.append(f"| tokens/s, --workers {workers} | {total / took:,.0f} | {direct / theirs:,.0f} "
-                     f"| {(total / took) / (direct / theirs):.2f}x |")
+        mine = total / statistics.median(took)
+        lines.append(f"| tokens/s, --workers {workers} | {mine:,.0f} | {peer:,.0f} | {mine / peer:.2f}x |")
     return lines
 
 
@@ -215,7 +231,7 @@ def main(argv=None) -> int:
     parser.add_argument("--ffn", type=int, default=8192)
     parser.add_argument("--vocab", type=int, default=128256)
     parser.add_argument("--shard-gb", type=float, default=1.0)
-    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each side (load: interleaved, each first in turn; tokenize: interleaved)")
     parser.add_argument("--docs", type=int, default=20000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenize processes (also 1 is run)")
     parser.add_argument("--tmp", default=None, help="where the model directory is written (default: the system's)")

@@ -103,6 +103,16 @@ void bind_schedule(py::module_& m) {
       py::arg("name"), py::arg("pp"), py::arg("microbatches"), py::arg("virtual_stages") = 1,
       py::call_guard<py::gil_scoped_release>(), "Per-rank F/B/W order, without messages.");
   m.def(
+      "live_peaks",
+      [](const std::string& name, int pp, int microbatches, int virtual_stages) {
+        const LivePeaks p = live_peaks(generate_compute_order(name, PipelineShape{pp, microbatches, virtual_stages}));
+        return std::make_pair(p.activations, p.pending_weight_grads);
+      },
+      py::arg("name"), py::arg("pp"), py::arg("microbatches"), py::arg("virtual_stages") = 1,
+      py::call_guard<py::gil_scoped_release>(),
+      "Per-rank peaks of live activations and of pending weight gradients of a named schedule, from its "
+      "compute order alone (what simulate reports, without messages or timing).");
+  m.def(
       "insert_communication",
       [](const Schedule& compute_only, int pp, int microbatches, int virtual_stages) {
         return insert_communication(compute_only, PipelineShape{pp, microbatches, virtual_stages});

@@ -67,6 +67,26 @@ void check_shape(const PipelineShape& shape) {
   }
 }
 
+LivePeaks live_peaks(const Schedule& schedule) {
+  bool split_backward = false;
+  for (const RankActions& actions : schedule) {
+    for (const Action& a : actions) split_backward |= a.kind == ActionKind::W;
+  }
+  LivePeaks out;
+  for (const RankActions& actions : schedule) {
+    int live = 0, pending_w = 0, peak_live = 0, peak_w = 0;
+    for (const Action& a : actions) {
+      live += a.kind == ActionKind::F ? 1 : a.kind == ActionKind::B ? -1 : 0;
+      if (split_backward) pending_w += a.kind == ActionKind::B ? 1 : a.kind == ActionKind::W ? -1 : 0;
+      peak_live = std::max(peak_live, live);
+      peak_w = std::max(peak_w, pending_w);
+    }
+    out.activations.push_back(peak_live);
+    out.pending_weight_grads.push_back(peak_w);
+  }
+  return out;
+}
+
 double SimResult::mean_bubble_fraction() const {
   if (bubble_fraction.empty()) return 0.0;
   double sum = 0.0;

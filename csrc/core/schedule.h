@@ -88,6 +88,17 @@ const std::vector<std::string>& schedule_names();
 // microbatches % pp != 0, virtual_stages != 1 for the others, and unknown names.
 Schedule generate_compute_order(const std::string& name, const PipelineShape& shape);
 
+// Per rank, walking its list in order: the most (chunk, micro-batch) pairs whose F has run
+// and whose B has not (the activations it holds), and, when the schedule has W actions, the
+// most whose B has run and W not (stashed weight gradients; 0 without W). They depend on the
+// order alone, never on timing or messages: the simulator reports these, and the planner
+// reads them from a compute order without inserting messages or simulating (schedule.cpp).
+struct LivePeaks {
+  std::vector<int> activations;
+  std::vector<int> pending_weight_grads;
+};
+LivePeaks live_peaks(const Schedule& schedule);
+
 // generate_compute_order followed by insert_communication: ready to execute.
 Schedule generate_schedule(const std::string& name, int pp, int microbatches, int virtual_stages = 1);
 

@@ -10,6 +10,7 @@
 #include <sstream>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/schedule.h"
@@ -45,19 +46,20 @@ class Simulator {
         st.segments.back().end = i + 1;
         st.segment_of[i] = static_cast<int>(st.segments.size()) - 1;
       }
+      // The batch holding each compute's receive: the latest RECV_F / RECV_B of its (chunk,
+      // micro-batch) before it (the structure check put it there and bounded both indices),
+      // found in one forward pass (a backward search per action was quadratic in the
+      // micro-batches: seconds per schedule in the planner's search at large global batches).
       st.consumes.assign(actions.size(), -1);
+      const size_t cells = static_cast<size_t>(shape.virtual_stages) * shape.microbatches;
+      std::vector<int> latest_recv_f(cells, -1), latest_recv_b(cells, -1);
       for (int i = 0; i < static_cast<int>(actions.size()); ++i) {
-        const ActionKind need = actions[i].kind == ActionKind::F   ? ActionKind::RECV_F
-                                : actions[i].kind == ActionKind::B ? ActionKind::RECV_B
-                                                                   : ActionKind::W;  // W: none
-        if (need == ActionKind::W) continue;
-        for (int j = i - 1; j >= 0; --j) {  // the structure check put the receive before its use
-          const Action& a = actions[j];
-          if (a.kind == need && a.microbatch == actions[i].microbatch && a.chunk == actions[i].chunk) {
-            st.consumes[i] = st.segment_of[j];
-            break;
-          }
-        }
+        const Action& a = actions[i];
+        const size_t cell = static_cast<size_t>(a.chunk) * shape.microbatches + a.microbatch;
+        if (a.kind == ActionKind::RECV_F) latest_recv_f[cell] = st.segment_of[i];
+        if (a.kind == ActionKind::RECV_B) latest_recv_b[cell] = st.segment_of[i];
+        if (a.kind == ActionKind::F) st.consumes[i] = latest_recv_f[cell];
+        if (a.kind == ActionKind::B) st.consumes[i] = latest_recv_b[cell];
       }
       st.enqueued.assign(st.segments.size(), -1.0);
       st.posted.assign(st.segments.size(), -1.0);
@@ -213,21 +215,16 @@ class Simulator {
     for (const RankState& st : ranks_) out.makespan = std::max({out.makespan, st.cpu, st.stream});
     for (int r = 0; r < shape_.pp; ++r) {
       double busy = 0.0;
-      int live = 0, pending_w = 0, peak_live = 0, peak_w = 0;
       for (const TimedAction& t : timed_[r]) {
-        const ActionKind k = t.action.kind;
-        if (!is_comm(k)) busy += t.end - t.start;
-        live += k == ActionKind::F ? 1 : k == ActionKind::B ? -1 : 0;
-        if (s_.split_backward) pending_w += k == ActionKind::B ? 1 : k == ActionKind::W ? -1 : 0;
-        peak_live = std::max(peak_live, live);
-        peak_w = std::max(peak_w, pending_w);
+        if (!is_comm(t.action.kind)) busy += t.end - t.start;
         out.events.push_back(t);
       }
       out.busy.push_back(busy);
       out.bubble_fraction.push_back(out.makespan > 0 ? (out.makespan - busy) / out.makespan : 0.0);
-      out.peak_activations.push_back(peak_live);
-      out.peak_pending_weight_grads.push_back(peak_w);
     }
+    LivePeaks peaks = live_peaks(s_.actions);
+    out.peak_activations = std::move(peaks.activations);
+    out.peak_pending_weight_grads = std::move(peaks.pending_weight_grads);
     return out;
   }
 

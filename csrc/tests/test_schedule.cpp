@@ -156,6 +156,16 @@ TEST(activation_peaks) {
     const SimResult naive = simulate("naive", pp, 5);
     CHECK_EQ(naive.peak_activations[0], 1);
   }
+  // The same peaks from the compute order alone (what the planner reads), for every schedule.
+  for (const std::string& name : pyruntime::schedule_names()) {
+    for (int pp : kRanks) {
+      const int v = name == "interleaved" ? 2 : 1, m = name == "naive" ? 3 : 2 * pp;
+      const SimResult r = simulate(name, pp, m, v, Costs{1.3, 2.9, 1.2, 1.7, 0.4});
+      const pyruntime::LivePeaks peaks = pyruntime::live_peaks(pyruntime::generate_compute_order(name, {pp, m, v}));
+      CHECK(peaks.activations == r.peak_activations);
+      CHECK(peaks.pending_weight_grads == r.peak_pending_weight_grads);
+    }
+  }
 }
 
 TEST(comm_latency_delays_the_pipeline) {

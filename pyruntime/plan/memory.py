@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pyruntime.parallel.pipeline.split import plan_stage_layers
 from pyruntime.plan.activations import Shape, chunk_bytes, loss_bytes, logits_peak_bytes
 from pyruntime.plan.layout import Layout, Workload
-from pyruntime.plan.pipeline import pipeline_sim
+from pyruntime.plan.pipeline import activation_peaks
 from pyruntime.plan.states import RankStates, rank_states
 
 CUDA_CONTEXT = 512 * 2**20  # what the CUDA context and NCCL take before any tensor (typical, not measured)
@@ -53,10 +53,11 @@ def chunk_activation_bytes(work: Workload, layout: Layout, pp_rank: int, act: in
 
 def in_flight(work: Workload, layout: Layout) -> list[int]:
     """Most (chunk, micro-batch) pairs whose activations a rank holds at once, per pp rank:
-    the C++ simulator's peak live activations (1 without a pipeline)."""
+    the schedule's peak live activations, as the C++ simulator reports them (1 without a
+    pipeline)."""
     if layout.pp == 1:
         return [1]
-    return list(pipeline_sim(layout.schedule, layout.pp, work.microbatches(layout), layout.virtual_stages)[2])
+    return list(activation_peaks(layout.schedule, layout.pp, work.microbatches(layout), layout.virtual_stages))
 
 
 @dataclass(frozen=True)

@@ -259,7 +259,7 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster, *, bubble: bool 
         msg = layout.micro_batch * sn * work.model.dim * act
         p2p = collective(cluster, "p2p", msg, layout.tp, layout.pp)
         costs = Costs(forward=fwd, backward=bwd, backward_input=bwd / 2, backward_weight=bwd / 2, comm_latency=p2p)
-        makespan, busy, _ = pipeline_sim(layout.schedule, layout.pp, micro, layout.virtual_stages, costs)
+        makespan, busy = pipeline_sim(layout.schedule, layout.pp, micro, layout.virtual_stages, costs)
         waiting = makespan - busy
     dp_total, dp_exposed = _dp_time(work, layout, cluster, bwd, fwd, micro)
     optimizer = _optimizer_time(layout, cluster, rank_states(work, layout, 0).held.optim // 8, bwd, micro)

@@ -175,6 +175,15 @@ def simulate(schedule: Union[str, Schedule], pp: int, microbatches: int, virtual
                      tuple(r.peak_activations), tuple(r.peak_pending_weight_grads), timed)
 
 
+def live_peaks(schedule: str, pp: int, microbatches: int, virtual_stages: int = 1) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Per rank, the most live activations ((chunk, micro-batch) pairs with F done and B not)
+    and pending weight gradients (B done, W not) of a named schedule: simulate's
+    peak_activations / peak_pending_weight_grads, read from the compute order alone (they do
+    not depend on timing), so without inserting messages or simulating."""
+    activations, pending = _core().live_peaks(schedule, pp, microbatches, virtual_stages)
+    return tuple(activations), tuple(pending)
+
+
 # ---- user-written schedules --------------------------------------------------------------
 
 _CSV_HEADER = "rank,kind,microbatch,chunk,peer"

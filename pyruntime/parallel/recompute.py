@@ -62,19 +62,26 @@ def check_recompute(cfg: Config) -> None:
     from pyruntime.parallel.pipeline.split import plan_stage_layers
 
     par = cfg.parallel
-    k = par.recompute_layers
-    ops = par.recompute_ops.split(",")
-    if not ops or not set(ops) <= set(SELECTIVE_OPS) or len(set(ops)) != len(ops):
-        raise ConfigError(f"--recompute-ops '{par.recompute_ops}': expected a comma-separated subset of "
-                          f"{', '.join(SELECTIVE_OPS)}")
-    if k is None:
-        return
-    if par.recompute == "none":
-        raise ConfigError(f"--recompute-layers {k} needs --recompute selective or full")
     counts = plan_stage_layers(cfg.model, par.pp * par.virtual_stages, par.pp_layout)
-    if k > min(counts):
-        raise ConfigError(f"--recompute-layers {k} is more than stage {counts.index(min(counts))}'s "
-                          f"{min(counts)} layer(s) (layers per stage: {counts})")
+    refused = recompute_misfit(par.recompute, par.recompute_layers, par.recompute_ops, counts)
+    if refused:
+        raise ConfigError(refused)
+
+
+def recompute_misfit(mode: str, layers: int | None, ops: str, stage_layers: list[int]) -> str | None:
+    """Why train refuses these recompute settings (one line), or None; the planner asks too.
+    stage_layers: the layers of each pipeline stage."""
+    names = ops.split(",")
+    if not set(names) <= set(SELECTIVE_OPS) or len(set(names)) != len(names):
+        return f"--recompute-ops '{ops}': expected a comma-separated subset of {', '.join(SELECTIVE_OPS)}"
+    if layers is None:
+        return None
+    if mode == "none":
+        return f"--recompute-layers {layers} needs --recompute selective or full"
+    if layers > min(stage_layers):
+        return (f"--recompute-layers {layers} is more than stage {stage_layers.index(min(stage_layers))}'s "
+                f"{min(stage_layers)} layer(s) (layers per stage: {stage_layers})")
+    return None
 
 
 class _BlockMeter:

@@ -21,13 +21,18 @@ Recomputation (parallel/recompute.py): full keeps each block's input only (b s_n
 selective recomputes the norms' outputs, the SwiGLU activation and, with grouped KV heads,
 the repeated k and v in backward (drops the two GEMM inputs, unless sequence parallelism
 gathers them first, silu(gate) at tp 1, where it is a tensor of its own, and keeps k and v
-unrepeated: 2 b s kv / t instead of 2 b s q / t), keeping the GEMM and attention outputs.
+unrepeated: 2 b s kv / t instead of 2 b s q / t), keeping the GEMM and attention outputs;
+--recompute-ops names a subset of those three (norm, swiglu, kv_repeat) and only it is
+dropped. --recompute-layers K: the first K blocks of each chunk recompute, the rest save all.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from pyruntime.config import ModelConfig
+from pyruntime.parallel.recompute import SELECTIVE_OPS
+
+ALL_OPS = ",".join(SELECTIVE_OPS)
 
 FP32 = 4
 
@@ -45,8 +50,8 @@ class Shape:
     act: int = FP32
 
 
-def block_bytes(x: Shape, recompute: str = "none") -> int:
-    """Bytes one transformer block saves for one micro-batch."""
+def block_bytes(x: Shape, recompute: str = "none", ops: str = ALL_OPS) -> int:
+    """Bytes one transformer block saves for one micro-batch; ops: what selective drops."""
     m, b, s, t, e = x.model, x.batch, x.seq, x.tp, x.act
     sn = s // t if x.sp else s
     if recompute == "full":
@@ -59,11 +64,12 @@ def block_bytes(x: Shape, recompute: str = "none") -> int:
         attn += 2 * b * s * kv // t * e
     mlp = 4 * b * s * f // t * e
     if recompute == "selective":  # the norms' outputs and silu(gate) are recomputed in backward,
-        if not x.sp:                # except a norm output the GEMM gathers first (it saves the copy)
+        dropped = ops.split(",")
+        if "norm" in dropped and not x.sp:  # except a norm output the GEMM gathers first (it saves the copy)
             gemm_in = 0
-        if t == 1:                  # and the fused tp SwiGLU GEMM has no separate activation
+        if "swiglu" in dropped and t == 1:  # and the fused tp SwiGLU GEMM has no separate activation
             mlp -= b * s * f * e
-        if m.kv_heads < m.n_heads:  # the repeated k and v: the unrepeated ones are kept instead
+        if "kv_repeat" in dropped and m.kv_heads < m.n_heads:  # the unrepeated k and v are kept instead
             attn -= (2 * b * s * q // t - 2 * b * s * kv // t) * e
     return norms + gemm_in + attn + mlp
 
@@ -95,8 +101,11 @@ def logits_peak_bytes(x: Shape) -> int:
     return 2 * x.batch * x.seq * vocab * FP32
 
 
-def chunk_bytes(x: Shape, layers: int, embedding: bool, head: bool, recompute: str = "none") -> int:
-    """One micro-batch through one pipeline chunk (or a whole rank's model): blocks, the
-    per-chunk extras and, on the last stage, the loss."""
-    total = layers * block_bytes(x, recompute) + stage_extra_bytes(x, embedding, head)
+def chunk_bytes(x: Shape, layers: int, embedding: bool, head: bool, recompute: str = "none",
+                recompute_layers: int | None = None, ops: str = ALL_OPS) -> int:
+    """One micro-batch through one pipeline chunk (or a whole rank's model): blocks (the first
+    recompute_layers of them recomputed, all when None), the per-chunk extras and, on the last
+    stage, the loss."""
+    k = layers if recompute_layers is None else min(recompute_layers, layers)
+    total = k * block_bytes(x, recompute, ops) + (layers - k) * block_bytes(x) + stage_extra_bytes(x, embedding, head)
     return total + (loss_bytes(x) if head else 0)

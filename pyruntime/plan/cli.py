@@ -15,6 +15,7 @@ import json
 import math
 from pathlib import Path
 
+from pyruntime.plan.activations import ALL_OPS
 from pyruntime.config import MAX_GLOBAL_BATCH, PRESETS, ConfigError, ModelConfig, config_from_dict, load_config_file
 from pyruntime.plan.calibrate import DEFAULT_PROFILE, calibrate, load_profile
 from pyruntime.plan.devices import DEVICES, custom, device
@@ -28,7 +29,9 @@ from pyruntime.plan.timing import Cluster, step_time
 def add_arguments(p: argparse.ArgumentParser) -> None:
     model = p.add_mutually_exclusive_group()
     model.add_argument("--preset", help=f"model preset: {', '.join(PRESETS)}")
-    model.add_argument("--config", help="a train config file (JSON/TOML): its model, data and parallel sections")
+    model.add_argument("--config", help="a train config file (JSON/TOML): its model, data, parallel sections and "
+                                        "optim.offload (flags override them; --search explores the layout but "
+                                        "keeps its recompute and offload)")
     model.add_argument("--hf-config", help="a Hugging Face config.json")
     for flag, typ, text in (("--seq-len", int, "tokens per sequence (default 2048)"),
                             ("--global-batch", int, "sequences per step over all dp ranks (default 8 per GPU)"),
@@ -39,7 +42,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             ("--zero", int, "ZeRO stage 0-3"), ("--schedule", str, "naive, gpipe, 1f1b, interleaved, zb"),
                             ("--virtual-stages", int, "chunks per pipeline rank (interleaved)"),
                             ("--pp-layout", str, "even, balanced or counts like 4,4,3,5"),
-                            ("--recompute", str, "none, selective, full"), ("--offload", str, "none, optimizer"),
+                            ("--recompute", str, "none, selective, full"),
+                            ("--recompute-layers", int, "with --recompute: only the first K blocks of each stage"),
+                            ("--recompute-ops", str, "what --recompute selective drops: a comma-separated subset of "
+                                                     f"{ALL_OPS}"),
+                            ("--offload", str, "none, optimizer"),
                             ("--bucket-mb", float, "gradient bucket size in MB"),
                             ("--gpus", int, "GPUs in all"), ("--gpus-per-node", int, "GPUs per node (default 8)"),
                             ("--device", str, f"one of {', '.join(DEVICES)}"),
@@ -60,7 +67,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # Counts of GPUs (and of ranks along one dimension) beyond any cluster built: a million.
 MAX_GPUS = 2**20
 # Upper bounds of the counts; the batch ones are train's own (config.MAX_GLOBAL_BATCH).
-_AT_MOST = {"global_batch": MAX_GLOBAL_BATCH, "micro_batch": MAX_GLOBAL_BATCH, "microbatches": MAX_GLOBAL_BATCH,
+_AT_MOST = {"recompute_layers": MAX_GPUS, "global_batch": MAX_GLOBAL_BATCH, "micro_batch": MAX_GLOBAL_BATCH, "microbatches": MAX_GLOBAL_BATCH,
             "dp": MAX_GPUS, "tp": MAX_GPUS, "pp": MAX_GPUS, "virtual_stages": MAX_GPUS, "gpus": MAX_GPUS,
             "gpus_per_node": MAX_GPUS}
 
@@ -68,7 +75,7 @@ _AT_MOST = {"global_batch": MAX_GLOBAL_BATCH, "micro_batch": MAX_GLOBAL_BATCH, "
 def _check_numbers(args: argparse.Namespace) -> None:
     """Every size and figure > 0, and the float ones finite (a NaN would print a plan of NaNs);
     counts at most what a real run can have (a plan of 1e23 GPUs is no plan)."""
-    for name in ("seq_len", "global_batch", "micro_batch", "microbatches", "dp", "tp", "pp", "virtual_stages",
+    for name in ("seq_len", "recompute_layers", "global_batch", "micro_batch", "microbatches", "dp", "tp", "pp", "virtual_stages",
                  "gpus", "gpus_per_node", "tokens", "top", "bucket_mb", "gpu_mem", "tflops", "intra_bw", "inter_bw"):
         value = getattr(args, name)
         flag = f"--{name.replace('_', '-')}"
@@ -108,7 +115,9 @@ def workload_and_base(args: argparse.Namespace) -> tuple[Workload, dict, list[st
         raw = load_config_file(args.config)
         cfg = config_from_dict(raw)
         model, model_args = cfg.model, ["--config", args.config]
-        par, data = raw.get("parallel", {}), raw.get("data", {})
+        par, data = dict(raw.get("parallel", {})), raw.get("data", {})
+        if "offload" in raw.get("optim", {}):  # the one optim setting that changes memory and time
+            par["offload"] = raw["optim"]["offload"]
     else:
         name = args.preset or "tiny"
         if name not in PRESETS:
@@ -137,11 +146,24 @@ def layout_from(args: argparse.Namespace, base: dict, work: Workload) -> Layout:
             raise PlanError(f"--microbatches {args.microbatches}: global batch {work.global_batch} does not divide "
                             f"into dp {dp} x {args.microbatches} micro-batches")
         micro = work.global_batch // (dp * args.microbatches)
+    lv = levers(args, base)
     return Layout(dp=dp, tp=tp, pp=pp, zero=get("zero", "zero", 0), sp=args.sp or base.get("sequence_parallel", False),
                   schedule=get("schedule", "schedule", "1f1b"), virtual_stages=get("virtual_stages", "virtual_stages", 1),
                   pp_layout=get("pp_layout", "pp_layout", "even"), micro_batch=micro or 1,
-                  recompute=args.recompute or "none", offload=args.offload or "none",
-                  bucket_mb=get("bucket_mb", "bucket_mb", 25.0))
+                  bucket_mb=get("bucket_mb", "bucket_mb", 25.0), recompute=lv["recompute"] or "none",
+                  recompute_layers=lv["recompute_layers"], recompute_ops=lv["recompute_ops"],
+                  offload=lv["offload"] or "none")
+
+
+def levers(args: argparse.Namespace, base: dict) -> dict:
+    """Recompute and offload as train would run them: the flags, else the --config file's;
+    None where neither gives one (--search then tries each)."""
+    get = lambda name: getattr(args, name) if getattr(args, name) is not None else base.get(name)  # noqa: E731
+    lv = dict(recompute=get("recompute"), recompute_layers=get("recompute_layers"),
+              recompute_ops=get("recompute_ops") or ALL_OPS, offload=get("offload"))
+    if lv["recompute_layers"] is not None and lv["recompute"] in (None, "none"):  # train's words
+        raise PlanError(f"--recompute-layers {lv['recompute_layers']} needs --recompute selective or full")
+    return lv
 
 
 def cluster_from(args: argparse.Namespace, layout_gpus: int) -> Cluster:
@@ -185,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     work, base, model_args = workload_and_base(args)
     if args.search:
-        return _search(args, work, model_args)
+        return _search(args, work, model_args, levers(args, base))
     layout = layout_from(args, base, work)
     cluster = cluster_from(args, layout.world)
     check(work, layout, cluster.gpus)
@@ -196,11 +218,15 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _search(args: argparse.Namespace, work: Workload, model_args: list[str]) -> int:
+def _search(args: argparse.Namespace, work: Workload, model_args: list[str], lv: dict) -> int:
+    """lv: the recompute / offload settings given (flags or --config); the layout is searched."""
     if not args.gpus:
         raise PlanError("--search needs --gpus N")
+    # what check() would refuse in every layout, refused once here (else: "no layout fits")
+    check(work, Layout(recompute=lv["recompute"] or "none", offload=lv["offload"] or "none",
+                       recompute_ops=lv["recompute_ops"], recompute_layers=lv["recompute_layers"]))
     cluster = cluster_from(args, args.gpus)
-    found = search(work, cluster, recompute=args.recompute, offload=args.offload, top=args.top or 5)
+    found = search(work, cluster, **lv, top=args.top or 5)
     dev = cluster.device
     if not found.fitting:
         print(f"no layout of {cluster.gpus} x {dev.name} ({dev.memory / 1e9:.0f} GB) fits: the smallest needs "

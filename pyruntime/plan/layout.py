@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pyruntime.config import ConfigError, ModelConfig
 from pyruntime.parallel.pipeline.schedule import schedule_names
 from pyruntime.parallel.pipeline.split import plan_stage_layers, stage_layer_ranges
+from pyruntime.parallel.recompute import SELECTIVE_OPS, recompute_misfit
 from pyruntime.parallel.validate import pipeline_setting_unused, pipeline_too_long, tp_misfit  # the trainer's rules
 
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -40,6 +41,10 @@ class Layout:
     micro_batch: int = 1
     """Sequences per forward/backward on one rank."""
     recompute: str = "none"
+    recompute_layers: int | None = None
+    """With recompute: only the first K blocks of each pipeline stage (None: all)."""
+    recompute_ops: str = ",".join(SELECTIVE_OPS)
+    """What selective recompute drops: a comma-separated subset of SELECTIVE_OPS."""
     offload: str = "none"
     bucket_mb: float = 25.0
 
@@ -53,7 +58,10 @@ class Layout:
             parts.append(self.schedule + (f" v{self.virtual_stages}" if self.virtual_stages > 1 else ""))
         parts += [f"zero {self.zero}", f"mb {self.micro_batch}"]
         if self.recompute != "none":
-            parts.append(f"recompute {self.recompute}")
+            parts.append(f"recompute {self.recompute}"
+                         + (f" ({self.recompute_ops})" if self.recompute == "selective"
+                            and self.recompute_ops != ",".join(SELECTIVE_OPS) else "")
+                         + (f" first {self.recompute_layers} blocks" if self.recompute_layers is not None else ""))
         if self.offload != "none":
             parts.append(f"offload {self.offload}")
         return ", ".join(parts)
@@ -99,11 +107,15 @@ def check(work: Workload, layout: Layout, gpus: int | None = None) -> None:
         raise PlanError(f"global batch {work.global_batch} does not divide into dp {lay.dp} x micro-batch "
                         f"{lay.micro_batch}")
     stages = lay.pp * lay.virtual_stages
+    counts = [m.n_layers]
     if stages > 1:
         try:
-            plan_stage_layers(m, stages, lay.pp_layout)
+            counts = plan_stage_layers(m, stages, lay.pp_layout)
         except ConfigError as e:
             raise PlanError(f"cannot split the model as asked: {e}") from None
+    refused = recompute_misfit(lay.recompute, lay.recompute_layers, lay.recompute_ops, counts)
+    if refused:
+        raise PlanError(refused)
     mbs = work.microbatches(lay)
     if lay.pp > 1 and lay.schedule in ("1f1b", "zb", "interleaved") and mbs < lay.pp:
         raise PlanError(f"schedule {lay.schedule} needs >= pp {lay.pp} micro-batches per step, got {mbs}")

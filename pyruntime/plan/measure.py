@@ -84,10 +84,12 @@ def measure_activations(rank: int, world_size: int, configs: list[Config]) -> li
 
 
 def measure_chunk(model_cfg, counts: list[int], pp: int, pp_rank: int, batch: int, seq: int,
-                  recompute: str = "none", seed: int = 0) -> list[tuple[int, int]]:
+                  recompute: str = "none", seed: int = 0, recompute_layers: int | None = None,
+                  recompute_ops: str = "norm,swiglu,kv_repeat") -> list[tuple[int, int]]:
     """saved_bytes of one micro-batch through each chunk of pipeline rank pp_rank (a model of
-    counts[s] layers per stage, split as the trainer splits it, recomputing as asked), in one
-    process: a stage only changes which layers run and what its input is."""
+    counts[s] layers per stage, split as the trainer splits it, recomputing as asked: train's
+    --recompute, --recompute-layers, --recompute-ops), in one process: a stage only changes
+    which layers run and what its input is."""
     import torch.nn.functional as F
 
     from pyruntime.model.llama import Transformer
@@ -97,7 +99,8 @@ def measure_chunk(model_cfg, counts: list[int], pp: int, pp_rank: int, batch: in
     torch.manual_seed(seed)
     model = Transformer(model_cfg)
     chunks = keep_local_stages(model, counts, pp, pp_rank, len(counts) // pp)
-    apply_recompute(model, recompute, stage_layers=counts)
+    apply_recompute(model, recompute, layers=recompute_layers, stage_layers=counts,
+                    ops=tuple(recompute_ops.split(",")))
     out = []
     for chunk in chunks:
         if chunk.is_first:

@@ -14,6 +14,7 @@ import shlex
 from dataclasses import dataclass
 
 from pyruntime.parallel.validate import tp_misfit
+from pyruntime.plan.activations import ALL_OPS
 from pyruntime.plan.layout import Layout, PlanError, Workload, check
 from pyruntime.plan.memory import RankMemory, all_rank_memory
 from pyruntime.plan.timing import Cluster, StepTime, step_time
@@ -49,9 +50,10 @@ def trainer_modes() -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def layouts(work: Workload, cluster: Cluster, max_micro_batch: int = 16, *, recompute: str | None = None,
-            offload: str | None = None):
+            offload: str | None = None, recompute_layers: int | None = None, recompute_ops: str = ALL_OPS):
     """Every layout the trainer would accept on cluster.gpus GPUs (not yet checked for memory);
-    recompute / offload given: only layouts with that mode."""
+    recompute / offload given: only layouts with that mode (recompute_layers / recompute_ops:
+    train's flags of those names, applied to every recomputing layout)."""
     recomputes, offloads = trainer_modes()
     recomputes = (recompute,) if recompute else recomputes
     offloads = (offload,) if offload else offloads
@@ -68,7 +70,8 @@ def layouts(work: Workload, cluster: Cluster, max_micro_batch: int = 16, *, reco
                 range(4) if dp > 1 else (0,), (False, True) if tp > 1 else (False,), schedules, micro_sizes,
                 recomputes, offloads):
             lay = Layout(dp=dp, tp=tp, pp=pp, zero=zero, sp=sp, schedule=sched, virtual_stages=v, micro_batch=mb,
-                         recompute=rec, offload=off)
+                         recompute=rec, offload=off, recompute_ops=recompute_ops,
+                         recompute_layers=None if rec == "none" else recompute_layers)
             try:
                 check(work, lay, n)
             except PlanError:
@@ -87,14 +90,16 @@ class SearchResult:
 
 
 def search(work: Workload, cluster: Cluster, *, recompute: str | None = None, offload: str | None = None,
-           top: int | None = None) -> SearchResult:
-    """Every layout that fits, by predicted step time; recompute / offload: fixed by the user.
+           recompute_layers: int | None = None, recompute_ops: str = ALL_OPS, top: int | None = None) -> SearchResult:
+    """Every layout that fits, by predicted step time; recompute / offload (and how recompute
+    runs): fixed by the user.
     With top, only the `top` fastest are timed exactly: layouts are simulated in the order of
     their step's lower bound (no pipeline bubble), until that bound exceeds the top-th fastest
     step found, so a search of thousands of GPUs simulates a few schedules, not every one."""
     fitting, smallest = [], None
     cuda = cluster.device.cuda
-    for lay in layouts(work, cluster, recompute=recompute, offload=offload):
+    for lay in layouts(work, cluster, recompute=recompute, offload=offload, recompute_layers=recompute_layers,
+                       recompute_ops=recompute_ops):
         mem = all_rank_memory(work, lay, cuda=cuda)
         peak = max(max(r.steady_peak, r.first_step_peak) for r in mem)
         smallest = peak if smallest is None else min(smallest, peak)
@@ -128,6 +133,10 @@ def train_command(lay: Layout, work: Workload, cluster: Cluster, model_args: lis
             args += ["--pp-layout", lay.pp_layout]
     if lay.recompute != "none":
         args += ["--recompute", lay.recompute]
+        if lay.recompute_layers is not None:
+            args += ["--recompute-layers", str(lay.recompute_layers)]
+        if lay.recompute == "selective" and lay.recompute_ops != ALL_OPS:
+            args += ["--recompute-ops", lay.recompute_ops]
     if lay.offload != "none":
         args += ["--offload", lay.offload]
     return shlex.join(args)

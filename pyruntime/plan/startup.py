@@ -14,9 +14,8 @@ def workload_layout(cfg: Config) -> tuple[Workload, Layout]:
     work = Workload(model=cfg.model, seq_len=cfg.data.seq_len, global_batch=cfg.data.global_batch)
     layout = Layout(dp=p.dp, tp=p.tp, pp=p.pp, zero=p.zero, sp=p.sequence_parallel, schedule=p.schedule,
                     virtual_stages=p.virtual_stages, pp_layout=p.pp_layout, micro_batch=cfg.data.micro_batch,
-                    bucket_mb=p.bucket_mb, recompute=p.recompute,
-                    # optim.offload arrives with issue 16's host AdamW; until then nothing is offloaded
-                    offload=getattr(cfg.optim, "offload", None) or "none")
+                    bucket_mb=p.bucket_mb, recompute=p.recompute, recompute_layers=p.recompute_layers,
+                    recompute_ops=p.recompute_ops, offload=cfg.optim.offload)
     return work, layout
 
 

@@ -136,25 +136,26 @@ def _rank_costs(work: Workload, layout: Layout, cluster: Cluster, pp_rank: int,
     act = 2 if d.cuda else 4
     fwd = bwd = rec = comm = 0.0
     for c in rank_chunks(work, layout, pp_rank):
+        k = c.layers if layout.recompute_layers is None else min(layout.recompute_layers, c.layers)  # blocks recomputed
         if fit is not None:  # measured on this machine for this model (calibrate.model_fits)
             mb = layout.micro_batch
             block = fit[0] + fit[1] * mb
             compute = c.layers * block + (fit[2] + fit[3] * mb if c.head else d.micro_overhead)
-            recompute = c.layers * block / 3
+            recompute = k * block / 3
         else:
             flops = chunk_forward_flops(work, layout, c.layers, c.head)
             # dispatch: the blocks', the head's (about one block) and the chunk's own (rotary, loss)
             fixed = (c.layers + (1 if c.head else 0)) * d.block_overhead + d.micro_overhead
             compute = 3 * flops / rate + fixed
-            recompute = chunk_forward_flops(work, layout, c.layers, False) / rate + c.layers * d.block_overhead / 3
+            recompute = chunk_forward_flops(work, layout, k, False) / rate + k * d.block_overhead / 3
         tp = _tp_time(work, layout, cluster, c.layers, act, c.embedding, c.head)
         fwd += compute / 3 + tp  # backward = 2 x forward: a matmul's two gradients
         bwd += 2 * compute / 3 + tp
         comm += 2 * tp
         if layout.recompute == "full":
-            rec += recompute + tp
+            rec += recompute + _tp_time(work, layout, cluster, k, act, False, False)  # the blocks rerun their collectives
         elif layout.recompute == "selective":
-            rec += c.layers * selective_bytes(work, layout, act) / d.mem_bw
+            rec += k * selective_bytes(work, layout, act) / d.mem_bw
     return fwd, bwd, rec, comm
 
 
@@ -163,12 +164,13 @@ def selective_bytes(work: Workload, layout: Layout, act: int) -> int:
     ops plan/activations.py's selective formula drops, each read and written once more in
     backward; elementwise, so bound by memory bandwidth): the two norms (not under sequence
     parallelism, where the GEMMs keep the gathered outputs), the SwiGLU activation (tp 1), the
-    repeated k and v (grouped KV heads)."""
+    repeated k and v (grouped KV heads); of those, the ones --recompute-ops names."""
     m, b, s, t = work.model, layout.micro_batch, work.seq_len, layout.tp
-    total = 0 if layout.sp else 2 * 2 * b * s * m.dim * act
-    if t == 1:
+    ops = layout.recompute_ops.split(",")
+    total = 2 * 2 * b * s * m.dim * act if "norm" in ops and not layout.sp else 0
+    if "swiglu" in ops and t == 1:
         total += 3 * b * s * m.ffn_dim * act
-    if m.kv_heads < m.n_heads:
+    if "kv_repeat" in ops and m.kv_heads < m.n_heads:
         total += 2 * b * s * (m.kv_heads + m.n_heads) * m.head_dim // t * act
     return total
 

@@ -100,3 +100,38 @@ def test_trainer_refuses_a_layout_predicted_not_to_fit_on_cuda(tmp_path, monkeyp
     except SystemExit as e:
         assert e.code == 7  # past the plan check, stopped before any real work
     assert started and started[0].train.plan_check is False
+
+
+def test_config_file_recompute_and_offload_are_planned(tmp_path, capsys):
+    """plan --config FILE plans what train --config FILE runs: the file's recompute settings and
+    optimizer offload count (they were once ignored: the plan held the optimizer on the GPU and
+    every activation), as the same flags would, and as train's start-up plan sees them."""
+    from pyruntime.config import config_from_dict, load_config_file
+    from pyruntime.plan.startup import workload_layout
+
+    path = tmp_path / "run.toml"
+    path.write_text('[train]\npreset = "small"\n[data]\nseq_len = 512\nglobal_batch = 8\nmicro_batch = 2\n'
+                    '[parallel]\npp = 2\nrecompute = "selective"\nrecompute_layers = 2\nrecompute_ops = "norm,swiglu"\n'
+                    '[optim]\noffload = "optimizer"\n')
+    levers = ["--recompute", "selective", "--recompute-layers", "2", "--recompute-ops", "norm,swiglu",
+              "--offload", "optimizer"]
+    common = ["--device", "h100", "--gpus", "2"]
+    _, from_file, _ = _run(capsys, "--config", str(path), *common)
+    _, from_flags, _ = _run(capsys, "--preset", "small", "--seq-len", "512", "--global-batch", "8",
+                            "--micro-batch", "2", "--pp", "2", *levers, *common)
+    _, without, _ = _run(capsys, "--config", str(path), *common, "--recompute", "none", "--offload", "none")
+    assert from_file.split("command:")[0] == from_flags.split("command:")[0]
+    assert "recompute selective (norm,swiglu) first 2 blocks" in from_file
+    assert from_file.split("command:")[0] != without.split("command:")[0]
+    assert " ".join(levers) in from_file.split("command:")[1]
+    _, layout = workload_layout(config_from_dict(load_config_file(str(path))))
+    assert (layout.recompute, layout.recompute_layers, layout.recompute_ops, layout.offload) == \
+        ("selective", 2, "norm,swiglu", "optimizer")
+
+
+def test_search_keeps_the_given_recompute_settings(capsys):
+    code, out, _ = _run(capsys, "--preset", "small", "--gpus", "4", "--device", "h100", "--search", "--top", "3",
+                        "--recompute", "full", "--recompute-layers", "2")
+    commands = [line for line in out.splitlines() if "-m pyruntime train" in line]
+    assert code == 0 and len(commands) == 3
+    assert all("--recompute full --recompute-layers 2" in c for c in commands), out

@@ -145,8 +145,10 @@ class BucketedDataParallel(DataParallelEngine):
 
     def step_metrics(self) -> dict:
         rec = super().step_metrics()
-        if self.host is not None:
+        if self.host is not None:  # the offload metrics of every engine (local_offload, zero/sharded)
+            counts = self.optimizer.transfers.take_counts()
             rec["host_state_bytes"] = self.held_host_bytes()
+            rec["offload_grad_copies"], rec["offload_param_copies"] = counts.get("grad", 0), counts.get("param", 0)
         return rec
 
     def gradient_pieces(self, replicas: Replicas | None = None) -> tuple[list[torch.Tensor], list[int]]:

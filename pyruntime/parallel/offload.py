@@ -169,11 +169,11 @@ class HostAdamW:
         return [t for _, master, staging in self._masters.values() for t in (master, staging)]
 
     def host_bytes(self) -> int:
-        """Bytes this optimizer keeps in host memory: moments, and masters + staging of
-        parameters that are not on the host themselves."""
+        """Bytes this optimizer keeps in host memory: moments and step counts, and masters +
+        staging of parameters that are not on the host themselves."""
         from pyruntime.parallel.accounting import storage_bytes
 
-        tensors = [t for st in self.state.values() for t in (st.get("exp_avg"), st.get("exp_avg_sq"))]
+        tensors = [st.get(key) for st in self.state.values() for key in ("step", "exp_avg", "exp_avg_sq")]
         return storage_bytes(tensors + self.master_tensors())
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -139,11 +139,12 @@ def _offloaded(planned: ModelStateBytes, held: ModelStateBytes, n: int, dp: int,
     shard in the compute dtype (bf16: written through a pinned staging copy of that size);
     ZeRO-1/2's copy back is transient. A CPU run with fp32 parameters has no separate
     device copy or staging (host and device are one memory; the master is the copy)."""
+    one_memory = compute_bytes == FP32  # the planner's CPU run: fp32 parameters in the host's memory
     if dp == 1 or zero == 0:
-        master, grads = FP32 * n, (sum(buckets) if dp > 1 else FP32 * n)
+        master, grads = 0 if one_memory else FP32 * n, (sum(buckets) if dp > 1 else FP32 * n)
         held = replace(held, param=held.param + master, grad=held.grad + grads)
         return planned, held, held.optim + master + grads
-    copy = compute_bytes * shard // FP32 if zero == 3 else 0
+    copy = compute_bytes * shard // FP32 if zero == 3 and not one_memory else 0
     staging = copy if zero == 3 and compute_bytes != FP32 else 0
     held = replace(held, param=held.param + copy + staging, grad=held.grad + shard)
     return held, held, held.optim + shard + shard + staging

@@ -33,6 +33,20 @@ def test_single_process_matches_the_device_optimizer(tmp_path):
     _assert_close(single_process(_config(tmp_path / "off", "optimizer")), single_process(_config(tmp_path / "on", "none")))
 
 
+def test_planner_offload_bytes_equal_one_process(tmp_path):
+    """dp 1 (LocalOffloadEngine): the planner's held and host bytes are the engine's (on CPU the
+    fp32 parameter is its own master; the plan once counted a master copy besides it)."""
+    from pyruntime.plan.startup import workload_layout
+    from pyruntime.plan.states import rank_states
+
+    cfg = dataclasses.replace(_config(tmp_path, "optimizer"), train=dataclasses.replace(
+        tiny_config(tmp_path).train, steps=1))
+    rec = single_process(cfg)[-1]
+    states = rank_states(*workload_layout(cfg), 0)
+    assert (rec["param_bytes"], rec["grad_bytes"], rec["optim_bytes"], rec["host_state_bytes"]) == (
+        states.held.param, states.held.grad, states.held.optim, states.host)
+
+
 def test_host_state_and_cpp_step(tmp_path):
     trainer = build_trainer(_config(tmp_path, "optimizer"), 0, 1)
     assert isinstance(trainer.optimizer, HostAdamW)
@@ -57,11 +71,11 @@ def test_layouts_match_the_device_optimizer(world, layout):
     _assert_close(world[(layout, "optimizer")], world[(layout, "none")])
 
 
-@pytest.mark.parametrize("zero", [1, 2])
+@pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_planner_offload_bytes_equal_the_engines(world, tmp_path, zero):
     """plan/states.py's offload figures (held, and of it on the host: master, gradient and
-    moment shards) are what ZeRO-1/2 report (these have no CPU-only aliasing: the device's
-    copy of the parameters is transient on CUDA and absent on CPU)."""
+    moment shards) are what the engines report at every ZeRO stage (on CPU in fp32 the
+    parameters are their own master: no separate master, nor ZeRO-3 device copy)."""
     from pyruntime.plan.layout import Layout, Workload
     from pyruntime.plan.states import rank_states
 

@@ -144,6 +144,9 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> Config:
         mb = default_micro_batch(cfg.data.global_batch, par.dp)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, micro_batch=mb))
     if args.microbatches is not None:  # micro-batches per step per dp rank -> micro-batch size
+        if args.micro_batch is not None:
+            raise ConfigError(f"--microbatches {args.microbatches} and --micro-batch {args.micro_batch} both set "
+                              "the micro-batch size; give one of them")
         per_rank, m = cfg.data.global_batch // max(par.dp, 1), args.microbatches
         if m < 1 or cfg.data.global_batch % par.dp or per_rank % m:
             raise ConfigError(f"--microbatches {m}: global batch {cfg.data.global_batch} does not divide into "

@@ -62,7 +62,9 @@ def check_recompute(cfg: Config) -> None:
     from pyruntime.parallel.pipeline.split import plan_stage_layers
 
     par = cfg.parallel
-    counts = plan_stage_layers(cfg.model, par.pp * par.virtual_stages, par.pp_layout)
+    # the split is only asked for with --recompute-layers (its own checks name a bad split)
+    counts = [] if par.recompute_layers is None else plan_stage_layers(cfg.model, par.pp * par.virtual_stages,
+                                                                       par.pp_layout)
     refused = recompute_misfit(par.recompute, par.recompute_layers, par.recompute_ops, counts)
     if refused:
         raise ConfigError(refused)
@@ -70,7 +72,7 @@ def check_recompute(cfg: Config) -> None:
 
 def recompute_misfit(mode: str, layers: int | None, ops: str, stage_layers: list[int]) -> str | None:
     """Why train refuses these recompute settings (one line), or None; the planner asks too.
-    stage_layers: the layers of each pipeline stage."""
+    stage_layers: the layers of each pipeline stage (read only when layers is given)."""
     names = ops.split(",")
     if not set(names) <= set(SELECTIVE_OPS) or len(set(names)) != len(names):
         return f"--recompute-ops '{ops}': expected a comma-separated subset of {', '.join(SELECTIVE_OPS)}"

@@ -67,16 +67,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 # Counts of GPUs (and of ranks along one dimension) beyond any cluster built: a million.
 MAX_GPUS = 2**20
 # Upper bounds of the counts; the batch ones are train's own (config.MAX_GLOBAL_BATCH).
-_AT_MOST = {"recompute_layers": MAX_GPUS, "global_batch": MAX_GLOBAL_BATCH, "micro_batch": MAX_GLOBAL_BATCH, "microbatches": MAX_GLOBAL_BATCH,
-            "dp": MAX_GPUS, "tp": MAX_GPUS, "pp": MAX_GPUS, "virtual_stages": MAX_GPUS, "gpus": MAX_GPUS,
+_AT_MOST = {"global_batch": MAX_GLOBAL_BATCH, "micro_batch": MAX_GLOBAL_BATCH, "microbatches": MAX_GLOBAL_BATCH,
+            "recompute_layers": MAX_GPUS, "dp": MAX_GPUS, "tp": MAX_GPUS, "pp": MAX_GPUS, "virtual_stages": MAX_GPUS, "gpus": MAX_GPUS,
             "gpus_per_node": MAX_GPUS}
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
     """Every size and figure > 0, and the float ones finite (a NaN would print a plan of NaNs);
     counts at most what a real run can have (a plan of 1e23 GPUs is no plan)."""
-    for name in ("seq_len", "recompute_layers", "global_batch", "micro_batch", "microbatches", "dp", "tp", "pp", "virtual_stages",
-                 "gpus", "gpus_per_node", "tokens", "top", "bucket_mb", "gpu_mem", "tflops", "intra_bw", "inter_bw"):
+    for name in ("seq_len", "recompute_layers", "global_batch", "micro_batch", "microbatches", "dp", "tp", "pp",
+                 "virtual_stages", "gpus", "gpus_per_node", "tokens", "top", "bucket_mb", "gpu_mem", "tflops", "intra_bw", "inter_bw"):
         value = getattr(args, name)
         flag = f"--{name.replace('_', '-')}"
         if value is not None and not 0 < value < math.inf:
@@ -129,8 +129,8 @@ def workload_and_base(args: argparse.Namespace) -> tuple[Workload, dict, list[st
     if seq > model.max_seq_len:  # train refuses it too: its rotary table ends there
         raise PlanError(f"--seq-len {seq} exceeds the model's max_seq_len {model.max_seq_len}")
     batch = args.global_batch or data.get("global_batch") or 8 * gpus
-    if "micro_batch" in data and args.micro_batch is None:
-        args.micro_batch = data["micro_batch"]
+    if "micro_batch" in data:
+        par["micro_batch"] = data["micro_batch"]
     return Workload(model=model, seq_len=seq, global_batch=batch), par, model_args
 
 
@@ -141,6 +141,11 @@ def layout_from(args: argparse.Namespace, base: dict, work: Workload) -> Layout:
     if dp is None:
         dp = max(1, (args.gpus or tp * pp) // (tp * pp))
     micro = args.micro_batch
+    if args.microbatches is not None and micro is not None:
+        raise PlanError(f"--microbatches {args.microbatches} and --micro-batch {micro} both set the micro-batch "
+                        "size; give one of them")
+    if micro is None and args.microbatches is None:  # a flag overrides the file's
+        micro = base.get("micro_batch")
     if args.microbatches is not None:
         if work.global_batch % (dp * args.microbatches):
             raise PlanError(f"--microbatches {args.microbatches}: global batch {work.global_batch} does not divide "

@@ -58,6 +58,8 @@ BAD = {
     "microbatches zero": (["--microbatches", "0"], "--microbatches 0"),
     "microbatches do not divide": (["--microbatches", "3"], "--microbatches 3"),
     "dp zero with microbatches": (["--dp", "0", "--microbatches", "2"], "parallel.dp must be >= 1, got 0"),
+    "microbatches and micro-batch": (["--microbatches", "4", "--micro-batch", "8"],
+                                     "--microbatches 4 and --micro-batch 8 both set the micro-batch size"),
     "dp negative": (["--dp", "-1"], "parallel.dp must be >= 1"),
     "zero stage 4": (["--zero", "4"], "parallel.zero must be 0, 1, 2 or 3, got 4"),
     "bucket-mb zero": (["--bucket-mb", "0"], "parallel.bucket_mb must be > 0"),

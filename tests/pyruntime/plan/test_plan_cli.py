@@ -62,6 +62,11 @@ def test_search_without_a_fit_names_the_memory_it_needs(capsys):
     (["--search"], ["--search needs --gpus"]),
     (["--profile", "/nonexistent.json"], ["calibration profile not found"]),
     (["--schedule", "zb"], ["--schedule zb needs --pp > 1"]),
+    (["--microbatches", "2", "--micro-batch", "4"], ["--microbatches 2 and --micro-batch 4 both set"]),
+    (["--recompute-layers", "1"], ["--recompute-layers 1 needs --recompute selective or full"]),
+    (["--recompute", "selective", "--recompute-ops", "norm,gelu"], ["--recompute-ops 'norm,gelu'"]),
+    (["--recompute", "full", "--recompute-layers", "3", "--pp", "2", "--microbatches", "2"],
+     ["--recompute-layers 3 is more than stage 0's 2 layer(s)"]),
 ])
 def test_bad_input_is_one_line_exit_2(capsys, argv, words):
     code, out, err = _run(capsys, "--preset", "tiny", *argv)

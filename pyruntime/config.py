@@ -144,8 +144,11 @@ class DataConfig:
     """Cap on the embedded corpus size (keeps start-up fast)."""
 
     def validate(self) -> None:
-        if self.path is not None and not Path(self.path).is_file():
-            raise ConfigError(f"data file not found: {self.path}")
+        from pyruntime.data.corpus import unreadable_data
+
+        refused = None if self.path is None else unreadable_data(Path(self.path))
+        if refused:
+            raise ConfigError(refused)
 
 
 def default_micro_batch(global_batch: int, dp: int) -> int:

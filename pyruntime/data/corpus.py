@@ -27,7 +27,8 @@ Three sources, chosen by `load_corpus(spec)`:
   uint32 ids, the vocabulary it was made for, and a loss mask alongside for instruction data)
   or the old headerless little-endian uint16 format (`write_token_file`).
 * any other path -- a UTF-8 text file, read whole and encoded with the byte tokenizer (for
-  large data, pre-tokenize to `.bin` instead).
+  large data, pre-tokenize to `.bin` instead). Refused: a directory, a `.mask` file, and
+  structured data (`.jsonl`, `.json`, ...: `unreadable_data`), which `tokenize` reads.
 
 For the two file sources the validation split is the last `val_fraction` of the tokens, so
 both splits (and their masks) stay zero-copy views of the memmap.
@@ -97,8 +98,9 @@ def load_corpus(spec: str | os.PathLike | None = None, *,
         corpus = _load_stdlib(max_bytes, val_fraction)
     else:
         path = Path(spec)
-        if not path.is_file():
-            raise DataFileNotFoundError(f"data file not found: {path}")
+        refused = unreadable_data(path)
+        if refused:
+            raise DataFileNotFoundError(refused) if not path.exists() else DataError(refused)
         if path.suffix.lower() in TOKEN_FILE_SUFFIXES:
             corpus = _open_token_file(path, val_fraction)
         else:
@@ -110,6 +112,26 @@ def load_corpus(spec: str | os.PathLike | None = None, *,
     if vocab_size is not None:
         check_vocab(corpus, vocab_size)
     return corpus
+
+
+# Files train could read as text but never should: their bytes are markup, not the text to learn.
+STRUCTURED_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv", ".safetensors")
+
+
+def unreadable_data(path: Path) -> str | None:
+    """Why `path` cannot be training data (one line naming what to give instead), or None."""
+    if path.is_dir():
+        return f"data path {path} is a directory; give a token file (.bin from `python -m pyruntime tokenize`) " \
+               "or a text file"
+    if not path.is_file():
+        return f"data file not found: {path}"
+    if path.suffix == ".mask":
+        return f"{path} is the loss mask of {path.with_suffix('')}; give --data {path.with_suffix('')}"
+    if path.suffix.lower() in STRUCTURED_SUFFIXES:
+        return (f"{path}: a {path.suffix} file is not read as training data (its bytes are not text to learn); "
+                f"tokenize it first: python -m pyruntime tokenize --tokenizer TOKENIZER --input {path} "
+                f"--output {path.with_suffix('.bin')}")
+    return None
 
 
 def max_token_id(tokens: np.ndarray) -> int:

@@ -352,9 +352,7 @@ def tokenize_files(inputs: list[str], output: str | os.PathLike, tokenizer: Text
         total = writer.count
         if total == 0:  # raised inside the writer: it leaves no file
             raise TokenizeError(f"{', '.join(inputs)}: no documents (only blank lines); nothing to write")
-    if counted == total:  # every token counts: no mask file
-        (Path(str(output) + ".mask")).unlink(missing_ok=True)
-    return total, counted
+    return total, counted  # every token counted: the writer kept no mask file
 
 
 # -- command line ------------------------------------------------------------------------------

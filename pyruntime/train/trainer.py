@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from pyruntime.config import Config
-from pyruntime.data import BatchSampler, Corpus, DataError, load_corpus, validation_batches
+from pyruntime.data import TOKEN_FILE_SUFFIXES, BatchSampler, Corpus, DataError, load_corpus, validation_batches
 from pyruntime.data.sampler import validation_counted
 from pyruntime.mesh import ParallelDims
 from pyruntime.model import count_params, flops_per_token
@@ -41,7 +41,14 @@ from pyruntime.train.plot import plot_loss_curve
 
 def open_corpus(cfg: Config) -> Corpus:
     """The run's corpus, checked against the model's vocabulary, the sequence length and the
-    validation batches it must supply (so a small --data file fails at start-up, not later)."""
+    validation batches it must supply (so a small --data file fails at start-up, not later).
+    A text file with a model from --init-from is refused: it would be read with the byte
+    tokenizer, not the model's own."""
+    path, init = cfg.data.path, cfg.train.init_from
+    if init and path and Path(path).suffix.lower() not in TOKEN_FILE_SUFFIXES:
+        raise DataError(f"--data {path} is text, which train reads as bytes (ids 0-255), not with the tokenizer of "
+                        f"--init-from {init}: tokenize it first: python -m pyruntime tokenize --tokenizer {init} "
+                        f"--input {path} --output {Path(path).with_suffix('.bin')}")
     corpus = load_corpus(cfg.data.path, max_bytes=cfg.data.max_bytes, val_fraction=cfg.data.val_fraction,
                          seq_len=cfg.data.seq_len, vocab_size=cfg.model.vocab_size)
     need = cfg.train.eval_batches * cfg.data.global_batch if cfg.train.eval_every else 0

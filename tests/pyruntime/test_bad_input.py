@@ -13,9 +13,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from pyruntime.cli import main
+from pyruntime.data.tokens import write_tokens
 
 # (argv, text the one line must contain: the key / flag / path it names)
 BAD = {
@@ -83,7 +85,13 @@ BAD = {
                                            "schedule interleaved needs virtual_stages >= 2"),
     # paths
     "data missing": (["--data", "/nonexistent/corpus.txt"], "data file not found: /nonexistent/corpus.txt"),
-    "data is a directory": (["--data", "{d}/adir"], "data file not found: {d}/adir"),
+    "data is a directory": (["--data", "{d}/adir"], "data path {d}/adir is a directory"),
+    "data is instruction jsonl": (["--data", "{d}/sft.jsonl"], "{d}/sft.jsonl: a .jsonl file is not read as "
+                                  "training data"),
+    "data is a loss mask": (["--data", "{d}/masked.bin.mask"], "{d}/masked.bin.mask is the loss mask of "
+                            "{d}/masked.bin; give --data {d}/masked.bin"),
+    "data without its loss mask": (["--data", "{d}/unmasked.bin"], "{d}/unmasked.bin was written with a loss mask "
+                                   "and {d}/unmasked.bin.mask is missing"),
     "out is a file": (["--out", "{d}/afile"], "output directory (--out) {d}/afile is a file"),
     "out under a file": (["--out", "{d}/afile/run"], "is under {d}/afile, which is a file"),
     "out in a read-only place": (["--out", "/sys/pyruntime-run"], "cannot create output directory (--out) /sys/"),
@@ -154,6 +162,9 @@ def files(tmp_path_factory):
     (d / "utf16.json").write_text(json.dumps({"train": {"steps": 3}}), encoding="utf-16")
     (d / "afile").write_text("not a directory")
     (d / "adir").mkdir()
+    (d / "sft.jsonl").write_text(json.dumps({"prompt": "2 + 2?", "response": "4"}) + "\n")
+    write_tokens(d / "masked.bin", np.arange(4096) % 256, 256, mask=np.arange(4096) % 2)
+    (d / "unmasked.bin").write_bytes((d / "masked.bin").read_bytes())  # copied without its mask
     (d / "ckfile").mkdir()
     (d / "ckfile" / "checkpoints").write_text("not a directory")
     (d / "brokenrun" / "checkpoints").mkdir(parents=True)

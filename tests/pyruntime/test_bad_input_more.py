@@ -106,6 +106,8 @@ BAD = {
     "train lr beyond float32": ([*TRAIN, "--lr", "1e300"], "optim.lr must be in (0, 3.4e+38], got 1e+300"),
     "train config named .yaml": ([*TRAIN, "--config", "{d}/run.yaml"],
                                  "as JSON (a config file is JSON, or TOML when named *.toml)"),
+    "train text data with an init-from model": ([*TRAIN, "--init-from", "{d}/hf", "--data", "{d}/precious/notes.txt"],
+                                                "not with the tokenizer of --init-from {d}/hf: tokenize it first"),
     "train export-hf over the init-from model": ([*TRAIN, "--init-from", "{d}/hf", "--export-hf", "{d}/hf"],
                                                  "--export-hf {d}/hf is the --init-from directory"),
     "plan calibrate profile a directory": (["plan", "--calibrate", "--profile", "{d}/adir"],

@@ -50,6 +50,33 @@ def test_old_headerless_uint16_files_still_read(tmp_path):
     assert np.array_equal(np.concatenate([corpus.train, corpus.val]), ids) and corpus.train_mask is None
 
 
+def test_a_lost_mask_is_an_error_and_version_1_files_still_read(tmp_path):
+    """Ids written with a mask are flagged in their header: without the mask file (copied alone)
+    they are refused, not trained on unmasked. A version-1 file (a uint32 width, no flags)
+    reads as before, with or without its mask."""
+    import struct
+
+    from pyruntime.data.tokens import HEADER_BYTES, TokenWriter
+
+    ids, mask = np.arange(40) % 300, np.arange(40) % 2
+    path = write_tokens(tmp_path / "m.bin", ids, 300, mask=mask)
+    (tmp_path / "alone.bin").write_bytes(path.read_bytes())
+    with pytest.raises(DataError, match="alone.bin was written with a loss mask and .*alone.bin.mask is missing"):
+        load_corpus(tmp_path / "alone.bin")
+    with TokenWriter(tmp_path / "w.bin", 300, with_mask=True) as w:  # every id counts: no mask, no flag
+        w.write(ids, np.ones_like(ids))
+    assert not mask_path(tmp_path / "w.bin").exists() and read_tokens(tmp_path / "w.bin")[1] is None
+    for name in ("m.bin", "m.bin.mask"):  # rewrite as version 1: b"PYRTOKS1", 1, uint32 width, vocab, count
+        raw = (tmp_path / name).read_bytes()
+        _, _, width, _, vocab, count = struct.unpack("<8sIHHQQ", raw[:HEADER_BYTES])
+        (tmp_path / f"v1_{name}").write_bytes(struct.pack("<8sIIQQ", b"PYRTOKS1", 1, width, vocab, count)
+                                              + raw[HEADER_BYTES:])
+    got, got_mask, vocab = read_tokens(tmp_path / "v1_m.bin")
+    assert vocab == 300 and np.array_equal(got, ids) and np.array_equal(got_mask, mask)
+    mask_path(tmp_path / "v1_m.bin").unlink()
+    assert read_tokens(tmp_path / "v1_m.bin")[1] is None  # version 1 cannot say it had one
+
+
 def test_bad_token_files_fail_in_one_line(tmp_path):
     with pytest.raises(TokenFileError, match="outside the vocabulary of 10"):
         write_tokens(tmp_path / "a.bin", [3, 10], 10)

@@ -107,8 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_arguments(sub.add_parser("plan", help="predict memory and step time of a layout, or --search "
                                       "the fastest that fits (pyruntime/plan/)"))
     demo = sub.add_parser("demo", help="train the tiny preset on the embedded corpus")
-    demo.add_argument("--steps", type=int, default=200)
-    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--steps", type=int, default=200, help="optimizer steps (default 200)")
+    demo.add_argument("--out", default="runs/demo", help="run directory: metrics, loss curve, checkpoints "
+                      "(default runs/demo)")
     return parser
 
 

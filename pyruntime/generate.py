@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 from pathlib import Path
 
 import torch
@@ -143,12 +144,14 @@ def pick_tokenizer(explicit: str | None, hf_dir: Path | None, vocab_size: int):
 
 def add_generate_parser(sub) -> None:
     p = sub.add_parser("generate", help="sample text from a checkpoint or a Hugging Face directory (KV cache)")
-    p.add_argument("--from", dest="source", required=True, metavar="CHECKPOINT_OR_HF_DIR")
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--from", dest="source", required=True, metavar="CHECKPOINT_OR_HF_DIR",
+                   help="a checkpoint (step_N or a run's checkpoints/, its latest) or a Hugging Face model directory")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=64,
+                   help="tokens to add at most (default 64; fewer at EOS or the model's context length)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass, in (0, 1]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (with --temperature > 0)")
     p.add_argument("--tokenizer", help="tokenizer.json or a directory holding it")
     p.add_argument("--chat", action="store_true",
                    help="send --prompt as a user turn through the tokenizer's chat template, as `tokenize` "
@@ -181,7 +184,11 @@ def run_generate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--prompt is {len(prompt)} tokens; the model's context is {model.cfg.max_seq_len}")
     new = generate(model, prompt, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                    eos_id=tok.eos_id, seed=args.seed)
-    if new and new[-1] == tok.eos_id:  # the model's end of the reply, not text
+    ended = bool(new) and new[-1] == tok.eos_id
+    if ended:  # the model's end of the reply, not text
         new = new[:-1]
+    elif len(new) < args.max_new_tokens:  # on stderr: stdout stays the text alone
+        print(f"generate: stopped after {len(new)} new token(s) at the model's context of {model.cfg.max_seq_len} "
+              f"(prompt {len(prompt)})", file=sys.stderr, flush=True)
     print((tok.decode(new) if args.chat else args.prompt + tok.decode(new)), flush=True)
     return 0

@@ -238,7 +238,9 @@ class Trainer:
         start = 0
         if cfg.train.resume:
             start = load_checkpoint(self, cfg.train.resume)
-            say(f"resumed from {cfg.train.resume} at step {start}", self.is_logger)
+            say(f"resumed from {cfg.train.resume} at step {start}"
+                + (f": all {cfg.train.steps} steps already done, nothing to train (give --steps > {start} to "
+                   "continue)" if start == cfg.train.steps else ""), self.is_logger)
         writer = MetricsWriter(cfg.metrics_path, enabled=self.writes_metrics, append=start > 0)
         try:
             for step in range(start, cfg.train.steps):

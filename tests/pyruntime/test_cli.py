@@ -38,6 +38,18 @@ def test_train_command_runs_single_process(tmp_path, capsys):
     assert "step 2/2" in capsys.readouterr().out
 
 
+def test_resume_of_a_finished_run_says_nothing_is_left(tmp_path, capsys):
+    """A run relaunched as it was (a requeued job) after its last step: exit 0, no step trained,
+    and one line saying so (it was silent), naming how to train on."""
+    argv = ["train", "--preset", "tiny", "--steps", "2", "--global-batch", "2", "--micro-batch", "1",
+            "--seq-len", "16", "--out", str(tmp_path), "--eval-every", "0", "--save-every", "2"]
+    assert main(argv) == 0
+    assert main([*argv, "--resume", "auto"]) == 0
+    out = capsys.readouterr().out
+    assert "at step 2: all 2 steps already done, nothing to train (give --steps > 2 to continue)" in out
+    assert [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_quiet_prints_nothing_and_still_writes_the_metrics(tmp_path, capsys):
     assert main(["train", "--preset", "tiny", "--steps", "2", "--global-batch", "2", "--micro-batch", "1",
                  "--seq-len", "16", "--out", str(tmp_path), "--eval-every", "0", "--quiet"]) == 0

@@ -48,6 +48,16 @@ def test_generate_command_on_an_hf_directory(tmp_path, capsys):
     assert main(["generate", "--from", str(tmp_path), "--prompt", "x", "--top-p", "0"]) == 2
 
 
+def test_generation_cut_by_the_context_says_so(tmp_path, capsys):
+    """More new tokens than the context holds: the text stops there and stderr says why (it was
+    silent); stdout stays the text alone."""
+    save_hf("qwen2_bias_tied", tmp_path, vocab_size=300, max_position_embeddings=12)
+    train_bpe(iter(["hello world " * 50]), 300, tmp_path / "tokenizer.json")
+    assert main(["generate", "--from", str(tmp_path), "--prompt", "hello", "--max-new-tokens", "50"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("hello") and "stopped after" in err and "at the model's context of 12" in err, err
+
+
 def test_chat_prompt_is_rendered_as_instruction_data_is_for_training(tmp_path, capsys, monkeypatch):
     """--chat: the prompt the model gets is token for token the uncounted part of the
     {"prompt", "response"} record `tokenize` writes for training (the chat template's user turn

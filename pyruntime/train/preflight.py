@@ -133,11 +133,15 @@ def file_to_write(path: Path, what: str) -> None:
 
 
 def writable_file(path: Path, what: str) -> None:
-    """`path` can be opened for writing (created empty if missing; an existing file is left
-    as it is) in a directory that exists or can be made."""
+    """`path` can be opened for writing (an existing file is left as it is; a new one is made
+    to try and removed again, so a run refused later leaves no empty file behind) in a
+    directory that exists or can be made."""
     file_to_write(path, what)
+    existed = path.exists()
     try:
         with open(path, "ab"):
             pass
     except OSError as e:
         raise ConfigError(f"{what} {path} is not writable: {os_cause(e) or e}") from None
+    if not existed:
+        path.unlink(missing_ok=True)

@@ -182,6 +182,7 @@ def test_bad_input_is_one_line_exit_2(case, files, no_process_group, tmp_path, m
     assert err.startswith("pyruntime: error: ") and err.count("\n") == 1, err
     assert expected.replace("{d}", str(files)) in err, err
     assert "Traceback" not in err and not no_process_group
+    assert not list(tmp_path.rglob("metrics.jsonl"))  # a refused run leaves no empty record behind
 
 
 def test_the_table_is_large_enough():

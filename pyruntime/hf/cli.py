@@ -46,8 +46,9 @@ def add_export_parser(sub) -> None:
     export.add_argument("--hf", required=True, metavar="OUT_DIR", help="the Hugging Face directory to write")
     export.add_argument("--dtype", default="float32", help=f"weights dtype: {', '.join(DTYPES)}")
     export.add_argument("--shard-mb", type=float, default=5000.0, help="largest shard in MB (default 5000)")
-    export.add_argument("--tokenizer-from", metavar="DIR",
-                        help="copy tokenizer / generation files (and token ids) from this model directory")
+    export.add_argument("--tokenizer-from", metavar="DIR_OR_FILE",
+                        help="copy tokenizer / generation files (and token ids) from this model directory, or "
+                             "this tokenizer.json (e.g. the one tokenize --train-bpe wrote)")
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -58,10 +59,13 @@ def run_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"--shard-mb must be a finite number of MB >= 0.000001 (one byte), got {args.shard_mb}")
     if args.tokenizer_from is not None:
         src = Path(args.tokenizer_from)
-        if not src.is_dir():
-            raise ConfigError(f"--tokenizer-from {src} is not a directory; give the model directory holding "
-                              "tokenizer.json")
-        if not any((src / name).is_file() for name in COMPANIONS):
+        if src.is_file() and src.suffix != ".json":
+            raise ConfigError(f"--tokenizer-from {src} is not a tokenizer.json; give that file or the model "
+                              "directory holding it")
+        if not src.exists():
+            raise ConfigError(f"--tokenizer-from {src}: no such file or directory; give the model directory "
+                              "holding tokenizer.json, or the file")
+        if src.is_dir() and not any((src / name).is_file() for name in COMPANIONS):
             raise ConfigError(f"--tokenizer-from {src} holds none of {', '.join(COMPANIONS)}")
     check_export_dir(args.hf, "export directory (--hf)")
     out = export_checkpoint(args.checkpoint, args.hf, max_shard_bytes=int(args.shard_mb * 1e6), dtype=args.dtype,

@@ -74,7 +74,8 @@ def write_hf_dir(tensors: dict[str, torch.Tensor], cfg: ModelConfig, out: str | 
                  max_shard_bytes: int = DEFAULT_SHARD_BYTES, dtype: str = "float32",
                  companions_from: str | os.PathLike | None = None) -> Path:
     """Write `tensors` ({reference name: full tensor}) as a Hugging Face directory `out`.
-    companions_from: a directory whose tokenizer / generation files are copied along."""
+    companions_from: a directory whose tokenizer / generation files are copied along, or a
+    tokenizer.json file (copied as tokenizer.json)."""
     if dtype not in DTYPES:
         raise HFError(f"export dtype '{dtype}' is not supported; use one of {', '.join(DTYPES)}")
     if max_shard_bytes < 1:
@@ -117,7 +118,9 @@ def _write_files(tmp: Path, data: dict[str, torch.Tensor], sizes: dict[str, int]
         index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
         (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
     extra = {}
-    if companions_from is not None:
+    if companions_from is not None and Path(companions_from).is_file():  # a lone tokenizer.json
+        shutil.copyfile(companions_from, tmp / "tokenizer.json")
+    elif companions_from is not None:
         src = Path(companions_from)
         for name in COMPANIONS:
             if (src / name).is_file():

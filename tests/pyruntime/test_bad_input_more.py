@@ -37,7 +37,9 @@ BAD = {
     "export shard-mb below a byte": (["export", "{d}/adir", "--hf", "{d}/new", "--shard-mb", "1e-9"],
                                      "--shard-mb must be a finite number of MB >= 0.000001"),
     "export tokenizer-from missing": (["export", "{d}/adir", "--hf", "{d}/new", "--tokenizer-from", "{d}/nowhere"],
-                                      "--tokenizer-from {d}/nowhere is not a directory"),
+                                      "--tokenizer-from {d}/nowhere: no such file or directory"),
+    "export tokenizer-from a non-JSON file": (["export", "{d}/adir", "--hf", "{d}/new", "--tokenizer-from",
+                                               "{d}/afile"], "--tokenizer-from {d}/afile is not a tokenizer.json"),
     "export tokenizer-from without tokenizer files": (
         ["export", "{d}/adir", "--hf", "{d}/new", "--tokenizer-from", "{d}/adir"],
         "--tokenizer-from {d}/adir holds none of tokenizer.json"),

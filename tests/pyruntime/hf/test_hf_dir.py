@@ -75,6 +75,21 @@ def test_import_then_export_is_bit_exact(tmp_path):
     assert (out / "generation_config.json").is_file()  # companions travel with the weights
 
 
+def test_export_takes_a_lone_tokenizer_json(tmp_path):
+    """--tokenizer-from a tokenizer.json file (tokenize --train-bpe writes one, not a model
+    directory): it goes into the export as tokenizer.json, which transformers then loads."""
+    from pyruntime.data.tokenize import train_bpe
+
+    save_hf("llama_gqa", tmp_path / "in")
+    ours, _ = load_ours(tmp_path / "in")
+    train_bpe(iter(["the quick brown fox " * 40]), 270, tmp_path / "tok" / "my_bpe.json")
+    out = write_hf_dir(dict(ours.named_parameters()), ours.cfg, tmp_path / "out",
+                       companions_from=tmp_path / "tok" / "my_bpe.json")
+    assert (out / "tokenizer.json").read_bytes() == (tmp_path / "tok" / "my_bpe.json").read_bytes()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"))
+    assert tok.decode(tok("the quick fox")["input_ids"]) == "the quick fox"
+
+
 def test_export_on_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, monkeypatch):
     """safetensors reports a full disk as its own error ('... (os error 28)'), not an OSError:
     still one line naming the export and ENOSPC, and no partial directory stays behind; an

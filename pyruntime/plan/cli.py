@@ -15,8 +15,8 @@ import json
 import math
 from pathlib import Path
 
-from pyruntime.plan.activations import ALL_OPS
 from pyruntime.config import MAX_GLOBAL_BATCH, PRESETS, ConfigError, ModelConfig, config_from_dict, load_config_file
+from pyruntime.plan.activations import ALL_OPS
 from pyruntime.plan.calibrate import DEFAULT_PROFILE, calibrate, load_profile
 from pyruntime.plan.devices import DEVICES, custom, device
 from pyruntime.plan.layout import Layout, PlanError, Workload, check
@@ -68,15 +68,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 MAX_GPUS = 2**20
 # Upper bounds of the counts; the batch ones are train's own (config.MAX_GLOBAL_BATCH).
 _AT_MOST = {"global_batch": MAX_GLOBAL_BATCH, "micro_batch": MAX_GLOBAL_BATCH, "microbatches": MAX_GLOBAL_BATCH,
-            "recompute_layers": MAX_GPUS, "dp": MAX_GPUS, "tp": MAX_GPUS, "pp": MAX_GPUS, "virtual_stages": MAX_GPUS, "gpus": MAX_GPUS,
-            "gpus_per_node": MAX_GPUS}
+            "recompute_layers": MAX_GPUS, "dp": MAX_GPUS, "tp": MAX_GPUS, "pp": MAX_GPUS, "virtual_stages": MAX_GPUS,
+            "gpus": MAX_GPUS, "gpus_per_node": MAX_GPUS}
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
     """Every size and figure > 0, and the float ones finite (a NaN would print a plan of NaNs);
     counts at most what a real run can have (a plan of 1e23 GPUs is no plan)."""
     for name in ("seq_len", "recompute_layers", "global_batch", "micro_batch", "microbatches", "dp", "tp", "pp",
-                 "virtual_stages", "gpus", "gpus_per_node", "tokens", "top", "bucket_mb", "gpu_mem", "tflops", "intra_bw", "inter_bw"):
+                 "virtual_stages", "gpus", "gpus_per_node", "tokens", "top", "bucket_mb", "gpu_mem", "tflops",
+                 "intra_bw", "inter_bw"):
         value = getattr(args, name)
         flag = f"--{name.replace('_', '-')}"
         if value is not None and not 0 < value < math.inf:

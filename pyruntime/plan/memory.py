@@ -48,7 +48,8 @@ def micro_shape(work: Workload, layout: Layout, act: int) -> Shape:
 def chunk_activation_bytes(work: Workload, layout: Layout, pp_rank: int, act: int = 4) -> list[int]:
     """Bytes one micro-batch saves in each chunk of pipeline rank pp_rank."""
     x = micro_shape(work, layout, act)
-    return [chunk_bytes(x, c.layers, c.embedding, c.head, layout.recompute, layout.recompute_layers, layout.recompute_ops)
+    return [chunk_bytes(x, c.layers, c.embedding, c.head, layout.recompute, layout.recompute_layers,
+                        layout.recompute_ops)
             for c in rank_chunks(work, layout, pp_rank)]
 
 

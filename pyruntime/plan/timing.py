@@ -153,7 +153,7 @@ def _rank_costs(work: Workload, layout: Layout, cluster: Cluster, pp_rank: int,
         bwd += 2 * compute / 3 + tp
         comm += 2 * tp
         if layout.recompute == "full":
-            rec += recompute + _tp_time(work, layout, cluster, k, act, False, False)  # the blocks rerun their collectives
+            rec += recompute + _tp_time(work, layout, cluster, k, act, False, False)  # the blocks' collectives again
         elif layout.recompute == "selective":
             rec += k * selective_bytes(work, layout, act) / d.mem_bw
     return fwd, bwd, rec, comm

@@ -47,6 +47,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                             ("--recompute-ops", str, "what --recompute selective drops: a comma-separated subset of "
                                                      f"{ALL_OPS}"),
                             ("--offload", str, "none, optimizer"),
+                            ("--mesh-order", str, "the rank grid's axes, outermost first (default dp,pp,tp: tp ranks "
+                                                  "adjacent)"),
                             ("--bucket-mb", float, "gradient bucket size in MB"),
                             ("--gpus", int, "GPUs in all"), ("--gpus-per-node", int, "GPUs per node (default 8)"),
                             ("--device", str, f"one of {', '.join(DEVICES)}"),
@@ -157,6 +159,7 @@ def layout_from(args: argparse.Namespace, base: dict, work: Workload) -> Layout:
                   schedule=get("schedule", "schedule", "1f1b"), virtual_stages=get("virtual_stages", "virtual_stages", 1),
                   pp_layout=get("pp_layout", "pp_layout", "even"), micro_batch=micro or 1,
                   bucket_mb=get("bucket_mb", "bucket_mb", 25.0), recompute=lv["recompute"] or "none",
+                  mesh_order=get("mesh_order", "mesh_order", "dp,pp,tp"),
                   recompute_layers=lv["recompute_layers"], recompute_ops=lv["recompute_ops"],
                   offload=lv["offload"] or "none")
 
@@ -213,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     work, base, model_args = workload_and_base(args)
     if args.search:
-        return _search(args, work, model_args, levers(args, base))
+        return _search(args, work, model_args, levers(args, base), base)
     layout = layout_from(args, base, work)
     cluster = cluster_from(args, layout.world)
     check(work, layout, cluster.gpus)
@@ -224,15 +227,18 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _search(args: argparse.Namespace, work: Workload, model_args: list[str], lv: dict) -> int:
-    """lv: the recompute / offload settings given (flags or --config); the layout is searched."""
+def _search(args: argparse.Namespace, work: Workload, model_args: list[str], lv: dict, base: dict) -> int:
+    """lv: the recompute / offload settings given (flags or --config); the layout is searched,
+    in the mesh order given (base: the --config file's parallel section)."""
     if not args.gpus:
         raise PlanError("--search needs --gpus N")
     # what check() would refuse in every layout, refused once here (else: "no layout fits")
     check(work, Layout(recompute=lv["recompute"] or "none", offload=lv["offload"] or "none",
                        recompute_ops=lv["recompute_ops"], recompute_layers=lv["recompute_layers"]))
     cluster = cluster_from(args, args.gpus)
-    found = search(work, cluster, **lv, top=args.top or 5)
+    order = args.mesh_order or base.get("mesh_order", "dp,pp,tp")
+    check(work, Layout(mesh_order=order))
+    found = search(work, cluster, **lv, mesh_order=order, top=args.top or 5)
     dev = cluster.device
     if not found.fitting:
         print(f"no layout of {cluster.gpus} x {dev.name} ({dev.memory / 1e9:.0f} GB) fits: the smallest needs "

@@ -47,16 +47,27 @@ class Layout:
     """What selective recompute drops: a comma-separated subset of SELECTIVE_OPS."""
     offload: str = "none"
     bucket_mb: float = 25.0
+    mesh_order: str = "dp,pp,tp"
+    """The rank grid's axes, outermost first (train's --mesh-order, mesh.ParallelDims): the
+    last has adjacent ranks, so it is the one a node holds whole first."""
 
     @property
     def world(self) -> int:
         return self.dp * self.tp * self.pp
+
+    def stride(self, axis: str) -> int:
+        """Global ranks between neighbours along `axis` (dp, pp or tp): the product of the
+        sizes of the axes after it in mesh_order."""
+        order = [a.strip() for a in self.mesh_order.split(",")]
+        return math.prod(getattr(self, a) for a in order[order.index(axis) + 1:])
 
     def describe(self) -> str:
         parts = [f"dp {self.dp}", f"tp {self.tp}{' sp' if self.sp else ''}", f"pp {self.pp}"]
         if self.pp > 1:
             parts.append(self.schedule + (f" v{self.virtual_stages}" if self.virtual_stages > 1 else ""))
         parts += [f"zero {self.zero}", f"mb {self.micro_batch}"]
+        if self.mesh_order.replace(" ", "") != "dp,pp,tp":
+            parts.append(f"mesh order {self.mesh_order}")
         if self.recompute != "none":
             parts.append(f"recompute {self.recompute}"
                          + (f" ({self.recompute_ops})" if self.recompute == "selective"
@@ -90,6 +101,8 @@ def check(work: Workload, layout: Layout, gpus: int | None = None) -> None:
             raise PlanError(f"{name} must be >= 1, got {getattr(lay, name)}")
     if gpus is not None and lay.world != gpus:
         raise PlanError(f"layout dp {lay.dp} x tp {lay.tp} x pp {lay.pp} = {lay.world} is not the GPU count {gpus}")
+    if sorted(a.strip() for a in lay.mesh_order.split(",")) != ["dp", "pp", "tp"]:  # ParallelConfig's rule
+        raise PlanError(f"mesh order must order dp, pp and tp, e.g. 'dp,pp,tp'; got '{lay.mesh_order}'")
     if lay.zero not in (0, 1, 2, 3):
         raise PlanError(f"zero must be 0, 1, 2 or 3, got {lay.zero}")
     if lay.schedule not in schedule_names():

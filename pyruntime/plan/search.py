@@ -50,7 +50,8 @@ def trainer_modes() -> tuple[tuple[str, ...], tuple[str, ...]]:
 
 
 def layouts(work: Workload, cluster: Cluster, max_micro_batch: int = 16, *, recompute: str | None = None,
-            offload: str | None = None, recompute_layers: int | None = None, recompute_ops: str = ALL_OPS):
+            offload: str | None = None, recompute_layers: int | None = None, recompute_ops: str = ALL_OPS,
+            mesh_order: str = "dp,pp,tp"):
     """Every layout the trainer would accept on cluster.gpus GPUs (not yet checked for memory);
     recompute / offload given: only layouts with that mode (recompute_layers / recompute_ops:
     train's flags of those names, applied to every recomputing layout)."""
@@ -71,7 +72,7 @@ def layouts(work: Workload, cluster: Cluster, max_micro_batch: int = 16, *, reco
                 recomputes, offloads):
             lay = Layout(dp=dp, tp=tp, pp=pp, zero=zero, sp=sp, schedule=sched, virtual_stages=v, micro_batch=mb,
                          recompute=rec, offload=off, recompute_ops=recompute_ops,
-                         recompute_layers=None if rec == "none" else recompute_layers)
+                         recompute_layers=None if rec == "none" else recompute_layers, mesh_order=mesh_order)
             try:
                 check(work, lay, n)
             except PlanError:
@@ -90,7 +91,8 @@ class SearchResult:
 
 
 def search(work: Workload, cluster: Cluster, *, recompute: str | None = None, offload: str | None = None,
-           recompute_layers: int | None = None, recompute_ops: str = ALL_OPS, top: int | None = None) -> SearchResult:
+           recompute_layers: int | None = None, recompute_ops: str = ALL_OPS, mesh_order: str = "dp,pp,tp",
+           top: int | None = None) -> SearchResult:
     """Every layout that fits, by predicted step time; recompute / offload (and how recompute
     runs): fixed by the user.
     With top, only the `top` fastest are timed exactly: layouts are simulated in the order of
@@ -99,7 +101,7 @@ def search(work: Workload, cluster: Cluster, *, recompute: str | None = None, of
     fitting, smallest = [], None
     cuda = cluster.device.cuda
     for lay in layouts(work, cluster, recompute=recompute, offload=offload, recompute_layers=recompute_layers,
-                       recompute_ops=recompute_ops):
+                       recompute_ops=recompute_ops, mesh_order=mesh_order):
         mem = all_rank_memory(work, lay, cuda=cuda)
         peak = max(max(r.steady_peak, r.first_step_peak) for r in mem)
         smallest = peak if smallest is None else min(smallest, peak)
@@ -139,4 +141,6 @@ def train_command(lay: Layout, work: Workload, cluster: Cluster, model_args: lis
             args += ["--recompute-ops", lay.recompute_ops]
     if lay.offload != "none":
         args += ["--offload", lay.offload]
+    if lay.mesh_order.replace(" ", "") != "dp,pp,tp":
+        args += ["--mesh-order", lay.mesh_order]
     return shlex.join(args)

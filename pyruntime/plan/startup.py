@@ -15,7 +15,7 @@ def workload_layout(cfg: Config) -> tuple[Workload, Layout]:
     layout = Layout(dp=p.dp, tp=p.tp, pp=p.pp, zero=p.zero, sp=p.sequence_parallel, schedule=p.schedule,
                     virtual_stages=p.virtual_stages, pp_layout=p.pp_layout, micro_batch=cfg.data.micro_batch,
                     bucket_mb=p.bucket_mb, recompute=p.recompute, recompute_layers=p.recompute_layers,
-                    recompute_ops=p.recompute_ops, offload=cfg.optim.offload)
+                    recompute_ops=p.recompute_ops, offload=cfg.optim.offload, mesh_order=p.mesh_order)
     return work, layout
 
 

@@ -119,12 +119,13 @@ def _tp_time(work: Workload, layout: Layout, cluster: Cluster, layers: int, act:
         return 0.0
     tokens = layout.micro_batch * work.seq_len
     nbytes = tokens * work.model.dim * act
-    one = (2 * collective(cluster, "gather", nbytes, 1, t) if layout.sp
-           else collective(cluster, "allreduce", nbytes, 1, t))
+    st = layout.stride("tp")
+    one = (2 * collective(cluster, "gather", nbytes, st, t) if layout.sp
+           else collective(cluster, "allreduce", nbytes, st, t))
     total = (2 * layers + embedding) * one
     if head:  # the loss's max, sum-exp and target-logit all-reduces, one fp32 per token
-        total += 3 * collective(cluster, "allreduce", 4 * tokens, 1, t)
-        total += collective(cluster, "gather", nbytes, 1, t) if layout.sp else 0.0
+        total += 3 * collective(cluster, "allreduce", 4 * tokens, st, t)
+        total += collective(cluster, "gather", nbytes, st, t) if layout.sp else 0.0
     return total
 
 
@@ -183,7 +184,7 @@ def _dp_time(work: Workload, layout: Layout, cluster: Cluster, backward: float, 
         return 0.0, 0.0
     compute_bytes = 2 if d.cuda else 4
     states = rank_states(work, layout, 0, compute_bytes=compute_bytes)
-    stride = layout.tp * layout.pp
+    stride = layout.stride("dp")
 
     def each(kind: str, sizes) -> float:
         return sum(collective(cluster, kind, b, stride, dp) for b in sizes)
@@ -211,7 +212,7 @@ def _step_syncs(layout: Layout, cluster: Cluster) -> float:
     """The step's small blocking all-reduces: the loss over dp and over pp, and the global
     gradient norm (skipped by plain data parallelism, where every rank holds the whole norm)."""
     small = lambda stride, ranks: collective(cluster, "allreduce", 8, stride, ranks)  # noqa: E731
-    total = small(layout.tp * layout.pp, layout.dp) + small(layout.tp, layout.pp)
+    total = small(layout.stride("dp"), layout.dp) + small(layout.stride("pp"), layout.pp)
     if layout.world > 1 and not (layout.dp == layout.world and layout.zero == 0):
         total += small(1, layout.world)
     return total
@@ -259,7 +260,7 @@ def step_time(work: Workload, layout: Layout, cluster: Cluster, *, bubble: bool 
         act = 2 if d.cuda else 4
         sn = work.seq_len // layout.tp if layout.sp else work.seq_len
         msg = layout.micro_batch * sn * work.model.dim * act
-        p2p = collective(cluster, "p2p", msg, layout.tp, layout.pp)
+        p2p = collective(cluster, "p2p", msg, layout.stride("pp"), layout.pp)
         costs = Costs(forward=fwd, backward=bwd, backward_input=bwd / 2, backward_weight=bwd / 2, comm_latency=p2p)
         makespan, busy = pipeline_sim(layout.schedule, layout.pp, micro, layout.virtual_stages, costs)
         waiting = makespan - busy

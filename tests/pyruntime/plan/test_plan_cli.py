@@ -63,6 +63,7 @@ def test_search_without_a_fit_names_the_memory_it_needs(capsys):
     (["--profile", "/nonexistent.json"], ["calibration profile not found"]),
     (["--schedule", "zb"], ["--schedule zb needs --pp > 1"]),
     (["--microbatches", "2", "--micro-batch", "4"], ["--microbatches 2 and --micro-batch 4 both set"]),
+    (["--mesh-order", "dp,tp"], ["mesh order must order dp, pp and tp", "'dp,tp'"]),
     (["--recompute-layers", "1"], ["--recompute-layers 1 needs --recompute selective or full"]),
     (["--recompute", "selective", "--recompute-ops", "norm,gelu"], ["--recompute-ops 'norm,gelu'"]),
     (["--recompute", "full", "--recompute-layers", "3", "--pp", "2", "--microbatches", "2"],
@@ -140,3 +141,32 @@ def test_search_keeps_the_given_recompute_settings(capsys):
     commands = [line for line in out.splitlines() if "-m pyruntime train" in line]
     assert code == 0 and len(commands) == 3
     assert all("--recompute full --recompute-layers 2" in c for c in commands), out
+
+
+@pytest.mark.parametrize("order", ["dp,pp,tp", "tp,pp,dp", "pp,dp,tp", "dp,tp,pp"])
+def test_strides_are_the_trainers_mesh(order):
+    """Layout.stride(axis) is the rank distance between neighbours on that axis of the grid
+    the trainer builds (mesh.ParallelDims with --mesh-order)."""
+    from pyruntime.mesh import ParallelDims
+    from pyruntime.plan.layout import Layout
+
+    lay = Layout(dp=2, pp=3, tp=4, mesh_order=order)
+    dims = ParallelDims(2, 3, 4, 24, order=tuple(order.split(",")))
+    for axis in ("dp", "pp", "tp"):
+        a, b = dims.coords(0), dims.coords(lay.stride(axis))
+        assert b[axis] == a[axis] + 1 and all(b[o] == a[o] for o in ("dp", "pp", "tp") if o != axis), (axis, a, b)
+
+
+def test_mesh_order_moves_tp_across_nodes(tmp_path, capsys):
+    """tp 8 x dp 2 on two 8-GPU nodes: the default order keeps each tp group in a node; with
+    tp outermost (--mesh-order tp,pp,dp, or the --config file's) its collectives cross nodes
+    and the step is predicted slower; the command carries the order."""
+    base = ["--preset", "7b", "--gpus", "16", "--tp", "8", "--dp", "2", "--zero", "1", "--device", "h100"]
+    step = lambda out: float(out.split("time per step ")[1].split(" s")[0])  # noqa: E731
+    _, inside, _ = _run(capsys, *base)
+    code, across, _ = _run(capsys, *base, "--mesh-order", "tp,pp,dp")
+    path = tmp_path / "run.json"
+    path.write_text(json.dumps({"train": {"preset": "7b"}, "parallel": {"mesh_order": "tp,pp,dp"}}))
+    _, from_file, _ = _run(capsys, "--config", str(path), *base[2:])
+    assert code == 0 and step(across) > 2 * step(inside)
+    assert "--mesh-order tp,pp,dp" in across and from_file.split("command:")[0] == across.split("command:")[0]

@@ -223,6 +223,9 @@ def run(args: argparse.Namespace) -> int:
     mem = all_rank_memory(work, layout, cuda=cluster.device.cuda)
     t = step_time(work, layout, cluster)
     print("\n".join(memory_lines(work, layout, cluster, mem) + time_lines(work, layout, t, args.tokens)))
+    if base.get("tp_overlap") and layout.tp > 1:  # said, not silently planned as something else
+        print("tp overlap (the --config file's tp_overlap) is not modelled: its collectives count as exposed, "
+              "so the step is an upper bound")
     print("command: " + train_command(layout, work, cluster, model_args))
     return 0
 

@@ -168,5 +168,8 @@ def test_mesh_order_moves_tp_across_nodes(tmp_path, capsys):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"train": {"preset": "7b"}, "parallel": {"mesh_order": "tp,pp,dp"}}))
     _, from_file, _ = _run(capsys, "--config", str(path), *base[2:])
-    assert code == 0 and step(across) > 2 * step(inside)
+    assert code == 0 and step(across) > 2 * step(inside) and "tp overlap" not in across
+    path.write_text(json.dumps({"train": {"preset": "7b"}, "parallel": {"tp_overlap": True, "sequence_parallel": True}}))
+    _, overlapped, _ = _run(capsys, "--config", str(path), *base[2:])
+    assert "tp overlap (the --config file's tp_overlap) is not modelled" in overlapped
     assert "--mesh-order tp,pp,dp" in across and from_file.split("command:")[0] == across.split("command:")[0]

@@ -20,18 +20,22 @@ def check_run(cfg: Config, device: torch.device) -> Config:
     """cfg with --resume resolved (see ckpt_dirs.resolve_resume), after every check passed."""
     check_kernels(cfg.model.kernels, device)
     t = cfg.train
-    writable_dir(Path(t.out), "output directory (--out)")
-    if t.save_every or t.resume == "auto":
-        writable_dir(Path(t.out) / CHECKPOINTS, "checkpoint directory")
-    writable_file(cfg.metrics_path, "metrics file (--metrics)")
-    if t.export_hf:
+    if t.export_hf:  # first: before any directory is made
         from pyruntime.hf.export import check_export_dir
 
         check_export_dir(t.export_hf, "export directory (--export-hf)")  # it is replaced whole at the end
         if t.init_from and Path(t.export_hf).resolve() == Path(t.init_from).resolve():
             raise ConfigError(f"--export-hf {t.export_hf} is the --init-from directory: the export would replace the "
                               "model the run starts from; give another directory")
+        clash = export_clash(Path(t.export_hf), cfg)
+        if clash:
+            raise ConfigError(f"--export-hf {t.export_hf} {clash}: the export replaces its directory whole, at the "
+                              "end of the run; give a directory of its own, e.g. " + str(Path(t.out) / "hf"))
         writable_dir(Path(t.export_hf), "export directory (--export-hf)")
+    writable_dir(Path(t.out), "output directory (--out)")
+    if t.save_every or t.resume == "auto":
+        writable_dir(Path(t.out) / CHECKPOINTS, "checkpoint directory")
+    writable_file(cfg.metrics_path, "metrics file (--metrics)")
     if device.type == "cuda" and t.plan_check:
         check_fits(cfg, torch.cuda.get_device_properties(device).total_memory, torch.cuda.get_device_name(device))
     cfg = with_resume_resolved(cfg)
@@ -47,6 +51,25 @@ def check_run(cfg: Config, device: torch.device) -> Config:
                               f"it resumes from: nothing would train; give --steps > {meta['step']}")
         check_checkpoint(ckpt, meta, cfg.model)  # all but the tensors' bytes, which each rank checks as it reads
     return cfg
+
+
+def export_clash(export: Path, cfg: Config) -> str | None:
+    """How the --export-hf directory overlaps what the run writes (its --out, the checkpoints,
+    the metrics file, the timeline), or None. Caught here, not after the last step, when the
+    export would refuse the directory and the run's weights (without a checkpoint) be lost."""
+    e = export.resolve()
+    writes = {"the run's --out directory": Path(cfg.train.out),
+              "the checkpoint directory": Path(cfg.train.out) / CHECKPOINTS,
+              "the metrics file's directory": cfg.metrics_path.parent}
+    if cfg.train.timeline:
+        writes["the --timeline directory"] = Path(cfg.train.timeline)
+    for what, path in writes.items():
+        p = path.resolve()
+        if p == e or p.is_relative_to(e):
+            return f"{'is' if p == e else 'holds'} {what}"
+    if e.is_relative_to((Path(cfg.train.out) / CHECKPOINTS).resolve()):
+        return "is inside the checkpoint directory"
+    return None
 
 
 def check_fits(cfg: Config, capacity: int, gpu: str) -> None:

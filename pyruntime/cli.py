@@ -142,7 +142,7 @@ def config_from_args(args: argparse.Namespace, world_size: int) -> Config:
             par = dataclasses.replace(par, dp=world_size // (par.pp * par.tp))
             cfg = dataclasses.replace(cfg, parallel=par)
     if args.microbatches is None and "micro_batch" not in raw.get("data", {}):
-        mb = default_micro_batch(cfg.data.global_batch, par.dp)
+        mb = default_micro_batch(cfg.data.global_batch, par.dp, par.pp)
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, micro_batch=mb))
     if args.microbatches is not None:  # micro-batches per step per dp rank -> micro-batch size
         if args.micro_batch is not None:

@@ -137,7 +137,7 @@ class DataConfig:
     micro_batch: int = 8
     """Sequences per forward/backward on one rank; gradients accumulate over micro-batches. The
     CLI's default, when neither a flag nor the file gives it: the largest divisor of
-    global_batch / dp up to 8 (default_micro_batch)."""
+    global_batch / dp up to 8 that leaves >= pp micro-batches (default_micro_batch)."""
     val_fraction: float = 0.05
     """Share of the corpus held out for validation."""
     max_bytes: int = 4_000_000
@@ -151,12 +151,20 @@ class DataConfig:
             raise ConfigError(refused)
 
 
-def default_micro_batch(global_batch: int, dp: int) -> int:
+def default_micro_batch(global_batch: int, dp: int, pp: int = 1) -> int:
     """The micro-batch when none is given: the largest divisor of a dp rank's share of the
     global batch (global_batch / dp) up to 8, so `--dp 4 --global-batch 16` runs as 4 ranks x
-    1 micro-batch of 4 instead of failing on a fixed 8. That share must be whole (validate())."""
+    1 micro-batch of 4 instead of failing on a fixed 8. With a pipeline, the largest that
+    still gives every stage work: at least pp micro-batches, a multiple of pp where one is
+    (what 1f1b / zb / interleaved need), so `--pp 2 --global-batch 8` runs 2 micro-batches
+    of 4, not 1 of 8. That share must be whole (validate())."""
     per_rank = max(global_batch // max(dp, 1), 1)
-    return max(m for m in range(1, min(8, per_rank) + 1) if per_rank % m == 0)
+    sizes = [m for m in range(min(8, per_rank), 0, -1) if per_rank % m == 0]  # largest first
+    for fits in (lambda n: n >= pp and n % pp == 0, lambda n: n >= pp):
+        for m in sizes:
+            if fits(per_rank // m):
+                return m
+    return 1
 
 
 @section("optim", lr=between(0, FLOAT32_MAX, low_open=True), min_lr_ratio=between(0, 1), warmup_steps=NON_NEGATIVE,

@@ -15,7 +15,8 @@ import json
 import math
 from pathlib import Path
 
-from pyruntime.config import MAX_GLOBAL_BATCH, PRESETS, ConfigError, ModelConfig, config_from_dict, load_config_file
+from pyruntime.config import (MAX_GLOBAL_BATCH, PRESETS, ConfigError, ModelConfig, config_from_dict,
+                              default_micro_batch, load_config_file)
 from pyruntime.plan.activations import ALL_OPS
 from pyruntime.plan.calibrate import DEFAULT_PROFILE, calibrate, load_profile
 from pyruntime.plan.devices import DEVICES, custom, device
@@ -35,7 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--hf-config", help="a Hugging Face config.json")
     for flag, typ, text in (("--seq-len", int, "tokens per sequence (default 2048)"),
                             ("--global-batch", int, "sequences per step over all dp ranks (default 8 per GPU)"),
-                            ("--micro-batch", int, "sequences per forward/backward"),
+                            ("--micro-batch", int, "sequences per forward/backward (default: train's, the "
+                                                   "largest divisor of the rank's share up to 8 leaving >= pp "
+                                                   "micro-batches)"),
                             ("--microbatches", int, "micro-batches per step per dp rank (sets the micro-batch)"),
                             ("--dp", int, "data-parallel ranks (default: GPUs / (tp x pp))"),
                             ("--tp", int, "tensor-parallel ranks"), ("--pp", int, "pipeline stages"),
@@ -147,8 +150,8 @@ def layout_from(args: argparse.Namespace, base: dict, work: Workload) -> Layout:
     if args.microbatches is not None and micro is not None:
         raise PlanError(f"--microbatches {args.microbatches} and --micro-batch {micro} both set the micro-batch "
                         "size; give one of them")
-    if micro is None and args.microbatches is None:  # a flag overrides the file's
-        micro = base.get("micro_batch")
+    if micro is None and args.microbatches is None:  # a flag overrides the file's; else train's default
+        micro = base.get("micro_batch") or default_micro_batch(work.global_batch, dp, pp)
     if args.microbatches is not None:
         if work.global_batch % (dp * args.microbatches):
             raise PlanError(f"--microbatches {args.microbatches}: global batch {work.global_batch} does not divide "
@@ -157,7 +160,7 @@ def layout_from(args: argparse.Namespace, base: dict, work: Workload) -> Layout:
     lv = levers(args, base)
     return Layout(dp=dp, tp=tp, pp=pp, zero=get("zero", "zero", 0), sp=args.sp or base.get("sequence_parallel", False),
                   schedule=get("schedule", "schedule", "1f1b"), virtual_stages=get("virtual_stages", "virtual_stages", 1),
-                  pp_layout=get("pp_layout", "pp_layout", "even"), micro_batch=micro or 1,
+                  pp_layout=get("pp_layout", "pp_layout", "even"), micro_batch=micro,
                   bucket_mb=get("bucket_mb", "bucket_mb", 25.0), recompute=lv["recompute"] or "none",
                   mesh_order=get("mesh_order", "mesh_order", "dp,pp,tp"),
                   recompute_layers=lv["recompute_layers"], recompute_ops=lv["recompute_ops"],

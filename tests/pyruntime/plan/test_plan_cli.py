@@ -173,3 +173,19 @@ def test_mesh_order_moves_tp_across_nodes(tmp_path, capsys):
     _, overlapped, _ = _run(capsys, "--config", str(path), *base[2:])
     assert "tp overlap (the --config file's tp_overlap) is not modelled" in overlapped
     assert "--mesh-order tp,pp,dp" in across and from_file.split("command:")[0] == across.split("command:")[0]
+
+
+@pytest.mark.parametrize("argv,world", [(["--dp", "8", "--zero", "3", "--global-batch", "64"], 8),
+                                        (["--pp", "2", "--global-batch", "8"], 2),
+                                        (["--pp", "4", "--dp", "2", "--global-batch", "48"], 8),
+                                        (["--global-batch", "12"], 1)])
+def test_default_micro_batch_is_trains(capsys, argv, world):
+    """Without --micro-batch / --microbatches, plan plans the micro-batch train runs (it once
+    planned 1 where train ran 8: 45.6 GB 'fits' for a 7b run needing 250 GB); with a pipeline
+    train's default leaves every stage work (>= pp micro-batches)."""
+    from pyruntime.cli import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["train", "--preset", "small", *argv]), world)
+    code, out, _ = _run(capsys, "--preset", "small", "--gpus", str(world), "--device", "h100", *argv)
+    assert code == 0 and f", mb {cfg.data.micro_batch}" in out.splitlines()[0], out.splitlines()[0]
+    assert cfg.data.global_batch // (cfg.parallel.dp * cfg.data.micro_batch) >= cfg.parallel.pp

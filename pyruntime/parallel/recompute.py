@@ -76,6 +76,8 @@ def recompute_misfit(mode: str, layers: int | None, ops: str, stage_layers: list
     names = ops.split(",")
     if not set(names) <= set(SELECTIVE_OPS) or len(set(names)) != len(names):
         return f"--recompute-ops '{ops}': expected a comma-separated subset of {', '.join(SELECTIVE_OPS)}"
+    if mode != "selective" and ops != ",".join(SELECTIVE_OPS):
+        return f"--recompute-ops '{ops}' needs --recompute selective, got --recompute {mode}"
     if layers is None:
         return None
     if mode == "none":

@@ -26,15 +26,12 @@ def validate(cfg: Config) -> None:
 
 def check_nothing_ignored(cfg: Config) -> None:
     """A setting changed from its default that the layout would not use is refused, not
-    silently dropped: a pipeline schedule or stage split without a pipeline, selective
-    recompute's op set without selective recompute."""
-    par, default = cfg.parallel, ParallelConfig()
+    silently dropped: a pipeline schedule or stage split without a pipeline (selective
+    recompute's op set without selective recompute: recompute.recompute_misfit)."""
+    par = cfg.parallel
     unused = pipeline_setting_unused(par.pp, par.schedule, par.pp_layout)
     if unused:
         raise ConfigError(unused)
-    if par.recompute != "selective" and par.recompute_ops != default.recompute_ops:
-        raise ConfigError(f"--recompute-ops '{par.recompute_ops}' needs --recompute selective, got --recompute "
-                          f"{par.recompute}")
 
 
 def pipeline_setting_unused(pp: int, schedule: str, pp_layout: str) -> str | None:

@@ -64,6 +64,7 @@ def test_search_without_a_fit_names_the_memory_it_needs(capsys):
     (["--schedule", "zb"], ["--schedule zb needs --pp > 1"]),
     (["--microbatches", "2", "--micro-batch", "4"], ["--microbatches 2 and --micro-batch 4 both set"]),
     (["--mesh-order", "dp,tp"], ["mesh order must order dp, pp and tp", "'dp,tp'"]),
+    (["--recompute-ops", "norm"], ["--recompute-ops 'norm' needs --recompute selective, got --recompute none"]),
     (["--recompute-layers", "1"], ["--recompute-layers 1 needs --recompute selective or full"]),
     (["--recompute", "selective", "--recompute-ops", "norm,gelu"], ["--recompute-ops 'norm,gelu'"]),
     (["--recompute", "full", "--recompute-layers", "3", "--pp", "2", "--microbatches", "2"],

@@ -241,7 +241,8 @@ class ParallelConfig:
     backward)."""
     recompute_layers: int | None = None
     """With recompute: only the first K blocks of each pipeline stage (Megatron's "block"
-    method); None: every block. At most the smallest stage's layer count."""
+    method; under interleaved each virtual stage, a rank's chunk, counts as a stage); None:
+    every block. At most the smallest stage's layer count."""
     recompute_ops: str = "norm,swiglu,kv_repeat"
     """With --recompute selective: which ops' outputs are dropped and recomputed in backward,
     comma-separated: norm (the RMSNorm outputs the q/k/v and gate/up GEMMs save), swiglu (the

@@ -82,6 +82,7 @@ def write_hf_dir(tensors: dict[str, torch.Tensor], cfg: ModelConfig, out: str | 
         raise HFError(f"export shard size must be > 0 bytes, got {max_shard_bytes}")
     out = Path(out)
     check_export_dir(out)
+    check_tokenizer_fits(companions_from, cfg.vocab_size)
     order = list(reference_shapes(cfg))
     missing = [n for n in order if n not in tensors]
     if missing:
@@ -126,7 +127,43 @@ def _write_files(tmp: Path, data: dict[str, torch.Tensor], sizes: dict[str, int]
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
         extra = {k: v for k, v in _read_json(src / "config.json").items() if k.endswith("token_id")}
+    if companions_from is not None and not extra:  # no model config to copy them from: the tokenizer's
+        extra = tokenizer_token_ids(companions_from)
     (tmp / "config.json").write_text(json.dumps({**hf_config_from_model(cfg, dtype=dtype), **extra}, indent=2) + "\n")
+
+
+def check_tokenizer_fits(source: str | os.PathLike | None, vocab_size: int) -> None:
+    """The tokenizer an export carries (a directory's tokenizer.json, or the file) must not
+    have ids past the model's vocabulary: transformers would index past the embedding."""
+    if source is None or not (Path(source).is_file() or (Path(source) / "tokenizer.json").is_file()):
+        return
+    from pyruntime.data.tokenize import load_tokenizer
+    from pyruntime.data.tokenize_inputs import TokenizeError
+
+    try:
+        n = load_tokenizer(source).tok.get_vocab_size(with_added_tokens=True)
+    except TokenizeError as e:
+        raise HFError(str(e)) from None
+    if n > vocab_size:
+        raise HFError(f"the tokenizer of {source} has {n} tokens, more than the model's vocabulary of {vocab_size}")
+
+
+def tokenizer_token_ids(source: str | os.PathLike) -> dict:
+    """eos_token_id (and bos_token_id where tokenizer_config.json names one) from a tokenizer,
+    for config.json: without them transformers' generate never stops."""
+    from pyruntime.data.tokenize import load_tokenizer
+    from pyruntime.data.tokenize_inputs import TokenizeError
+
+    if not (Path(source).is_file() or (Path(source) / "tokenizer.json").is_file()):
+        return {}
+    try:
+        tok = load_tokenizer(source)
+    except TokenizeError:
+        return {}
+    ids = {"eos_token_id": tok.eos_id}
+    if tok.bos and tok.tok.token_to_id(tok.bos) is not None:
+        ids["bos_token_id"] = tok.tok.token_to_id(tok.bos)
+    return ids
 
 
 def _read_json(path: Path) -> dict:

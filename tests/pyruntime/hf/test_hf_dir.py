@@ -80,14 +80,21 @@ def test_export_takes_a_lone_tokenizer_json(tmp_path):
     directory): it goes into the export as tokenizer.json, which transformers then loads."""
     from pyruntime.data.tokenize import train_bpe
 
-    save_hf("llama_gqa", tmp_path / "in")
+    save_hf("llama_gqa", tmp_path / "in", vocab_size=300)
     ours, _ = load_ours(tmp_path / "in")
-    train_bpe(iter(["the quick brown fox " * 40]), 270, tmp_path / "tok" / "my_bpe.json")
+    bpe = train_bpe(iter(["the quick brown fox " * 40]), 270, tmp_path / "tok" / "my_bpe.json")
     out = write_hf_dir(dict(ours.named_parameters()), ours.cfg, tmp_path / "out",
                        companions_from=tmp_path / "tok" / "my_bpe.json")
     assert (out / "tokenizer.json").read_bytes() == (tmp_path / "tok" / "my_bpe.json").read_bytes()
     tok = transformers.PreTrainedTokenizerFast(tokenizer_file=str(out / "tokenizer.json"))
     assert tok.decode(tok("the quick fox")["input_ids"]) == "the quick fox"
+    # its EOS id goes into config.json, or transformers' generate would never stop
+    assert json.loads((out / "config.json").read_text())["eos_token_id"] == bpe.eos_id
+    assert transformers.AutoConfig.from_pretrained(out).eos_token_id == bpe.eos_id
+    big = train_bpe(iter([" ".join(f"w{i}x{i * 7}" for i in range(400)) * 3]), 320, tmp_path / "big.json")
+    assert big.vocab_size > 300
+    with pytest.raises(HFError, match="has 3[0-9][0-9] tokens, more than the model's vocabulary of 300"):
+        write_hf_dir(dict(ours.named_parameters()), ours.cfg, tmp_path / "out2", companions_from=tmp_path / "big.json")
 
 
 def test_export_on_a_full_disk_is_one_line_and_leaves_nothing_half_written(tmp_path, monkeypatch):

@@ -26,8 +26,15 @@ import tempfile
 from dataclasses import dataclass, field
 
 import torch
-import triton
-import triton.compiler
+
+try:
+    import triton
+    import triton.compiler
+except ImportError:  # the optional "triton" extra: one line, not a traceback
+    if __name__ == "__main__":
+        print('aot_check: needs triton, which is not installed: pip install "pyruntime[triton]"', file=sys.stderr)
+        sys.exit(2)
+    raise
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import BaseBackend, GPUTarget
 

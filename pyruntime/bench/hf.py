@@ -238,6 +238,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     require(parser, args, positive=("dim", "layers", "heads", "kv_heads", "ffn", "vocab", "shard_gb", "repeat", "docs",
                                     "workers"))
+    import importlib.util
+
+    missing = [m for m in ("transformers", "tokenizers") if importlib.util.find_spec(m) is None]
+    if missing:  # the peer and the tokenizer this suite compares against
+        parser.error(f"needs {' and '.join(missing)}, not installed: pip install \"pyruntime[dev]\"")
     lines = header(["hf", *(argv or [])], "reference", "CPU loading and tokenizing")[:3]
     if args.part in ("load", "both"):
         lines += bench_load(args)

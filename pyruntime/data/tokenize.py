@@ -68,17 +68,25 @@ class TextTokenizer:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=False)
 
 
+def _tokenizers():
+    """The `tokenizers` package (the optional "hf" extra), or one line saying how to get it."""
+    try:
+        import tokenizers
+    except ImportError:
+        raise TokenizeError('real tokenizers need the tokenizers package, which is not installed: '
+                            'pip install "pyruntime[hf]" (or pip install tokenizers)') from None
+    return tokenizers
+
+
 def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
     """tokenizer.json, or a model directory holding it (with tokenizer_config.json for the EOS
     and BOS tokens and the chat template)."""
-    from tokenizers import Tokenizer
-
     path = Path(path)
     file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise TokenizeError(f"no tokenizer at {path}: expected tokenizer.json or a directory holding it")
     try:
-        tok = Tokenizer.from_file(str(file))
+        tok = _tokenizers().Tokenizer.from_file(str(file))
     except Exception as e:  # noqa: BLE001 - the Rust error, as one line
         raise TokenizeError(f"{file} is not a tokenizers file ({' '.join(str(e).split())[:200]})") from None
     config = tokenizer_config(file.parent / "tokenizer_config.json")
@@ -91,17 +99,16 @@ def load_tokenizer(path: str | os.PathLike) -> TextTokenizer:
 def train_bpe(texts: Iterator[str], vocab_size: int, save_to: str | os.PathLike) -> TextTokenizer:
     """A byte-level BPE of vocab_size tokens (256 bytes, EOS, merges) trained on texts;
     written to save_to (tokenizer.json). Any byte string round-trips."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
+    tk = _tokenizers()
     if vocab_size < 258:
         raise TokenizeError(f"--train-bpe {vocab_size}: a byte-level BPE needs at least 258 tokens (256 bytes, EOS, a merge)")
     if vocab_size > 2**32:
         raise TokenizeError(f"--train-bpe {vocab_size}: a token file holds ids below 2**32, so at most 4294967296 tokens")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BPE_EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok = tk.Tokenizer(tk.models.BPE())
+    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tk.decoders.ByteLevel()
+    trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[BPE_EOS], show_progress=False,
+                                     initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     Path(save_to).parent.mkdir(parents=True, exist_ok=True)
     tok.save(str(save_to))

@@ -166,3 +166,17 @@ def test_workers_write_the_same_files_as_one_process(bpe, tmp_path, capsys):
     assert main(["tokenize", "--tokenizer", str(d), "--input", inputs[0], "--output", str(tmp_path / "w.bin"),
                  "--workers", "0"]) == 2
     assert "--workers 0: the number of processes must be at least 1" in capsys.readouterr().err
+
+
+def test_without_the_tokenizers_package_each_command_says_how_to_get_it(tmp_path, capsys, monkeypatch):
+    """The optional "hf" extra missing: tokenize (and export / generate, which load tokenizers
+    the same way) end in one line naming the package and the pip command, exit 2."""
+    import sys
+
+    (tmp_path / "doc.txt").write_text("hello world\n")
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # import tokenizers -> ImportError
+    assert main(["tokenize", "--train-bpe", "300", "--input", str(tmp_path / "doc.txt"),
+                 "--output", str(tmp_path / "doc.bin")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and 'pip install "pyruntime[hf]"' in err and "Traceback" not in err, err
+    assert not (tmp_path / "doc.bin").exists()

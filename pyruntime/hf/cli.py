@@ -48,7 +48,8 @@ def add_export_parser(sub) -> None:
     export.add_argument("--shard-mb", type=float, default=5000.0, help="largest shard in MB (default 5000)")
     export.add_argument("--tokenizer-from", metavar="DIR_OR_FILE",
                         help="copy tokenizer / generation files (and token ids) from this model directory, or "
-                             "this tokenizer.json (e.g. the one tokenize --train-bpe wrote)")
+                             "this tokenizer.json (e.g. the one tokenize --train-bpe wrote); default: the run's "
+                             "--init-from directory, where it still exists")
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -68,7 +69,17 @@ def run_export(args: argparse.Namespace) -> int:
         if src.is_dir() and not any((src / name).is_file() for name in COMPANIONS):
             raise ConfigError(f"--tokenizer-from {src} holds none of {', '.join(COMPANIONS)}")
     check_export_dir(args.hf, "export directory (--hf)")
+    from pyruntime.train.checkpoint import read_meta, resolve_checkpoint
+
+    init_from = read_meta(resolve_checkpoint(args.checkpoint)).get("init_from")  # None before it was recorded
+    if init_from and Path(args.hf).resolve() == Path(init_from):
+        raise ConfigError(f"--hf {args.hf} is the model directory the run started from (--init-from): the export "
+                          "would replace it; give another directory")
+    companions = args.tokenizer_from
+    if companions is None and init_from and Path(init_from).is_dir():
+        companions = init_from  # the run's tokenizer, generation config and token ids travel with its weights
     out = export_checkpoint(args.checkpoint, args.hf, max_shard_bytes=int(args.shard_mb * 1e6), dtype=args.dtype,
-                            companions_from=args.tokenizer_from)
-    print(f"wrote {out}")
+                            companions_from=companions)
+    print(f"wrote {out}" + (f" (tokenizer files from {companions}, the run's --init-from)"
+                            if companions is not None and args.tokenizer_from is None else ""))
     return 0

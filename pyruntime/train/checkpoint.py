@@ -206,6 +206,9 @@ def _finish_save(trainer, tmp: Path, final: Path, keep, step: int, gathered, cud
             "model": dataclasses.asdict(trainer.cfg.model),
             "layout": {**dataclasses.asdict(trainer.cfg.parallel), "world_size": world},
             "cuda_rng": cuda_rng, "torch": torch.__version__,
+            # the Hugging Face directory the run started from: export's default tokenizer source,
+            # and a directory an export must not replace
+            "init_from": str(Path(trainer.cfg.train.init_from).resolve()) if trainer.cfg.train.init_from else None,
             "checksums": {k: v for part in gathered for k, v in sorted(part.items())}}
     with open(tmp / META, "w") as f:
         json.dump(meta, f, indent=1)

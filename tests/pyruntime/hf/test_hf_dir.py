@@ -192,3 +192,26 @@ def test_banner_names_the_hugging_face_directory_not_a_preset(tmp_path):
                          corpus_name="corpus")
     line = Trainer.banner(me)
     assert line.startswith(f"pyruntime | model {tmp_path / 'llama'} (") and "preset" not in line
+
+
+def test_export_of_a_fine_tune_defaults_to_its_init_from_and_never_replaces_it(tmp_path, capsys):
+    """`export CHECKPOINT --hf DIR` of a run started --init-from MODEL: MODEL is refused as DIR
+    (it replaced the original weights and deleted its tokenizer), and without --tokenizer-from
+    MODEL's tokenizer files travel with the export (they were dropped)."""
+    from pyruntime.cli import main
+    from pyruntime.data.tokenize import train_bpe
+
+    model = tmp_path / "model"
+    save_hf("qwen2_bias_tied", model, vocab_size=300)
+    train_bpe(iter(["hello world " * 50]), 300, model / "tokenizer.json")
+    run = tmp_path / "run"
+    assert main(["train", "--init-from", str(model), "--steps", "1", "--save-every", "1", "--seq-len", "16",
+                 "--global-batch", "2", "--eval-every", "0", "--out", str(run), "--quiet"]) == 0
+    before = (model / "model.safetensors").read_bytes()
+    assert main(["export", str(run / "checkpoints"), "--hf", str(model)]) == 2
+    assert "is the model directory the run started from (--init-from)" in capsys.readouterr().err
+    assert (model / "model.safetensors").read_bytes() == before
+    assert main(["export", str(run / "checkpoints"), "--hf", str(tmp_path / "out")]) == 0
+    assert "(tokenizer files from" in capsys.readouterr().out
+    assert (tmp_path / "out" / "tokenizer.json").read_bytes() == (model / "tokenizer.json").read_bytes()
+    assert transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out") is not None

@@ -55,7 +55,8 @@ def open_corpus(cfg: Config) -> Corpus:
     have = (len(corpus.val) - 1) // cfg.data.seq_len
     if have < need:
         raise DataError(f"validation split of {corpus.name} holds {have} windows of {cfg.data.seq_len} tokens; "
-                        f"--eval-batches {cfg.train.eval_batches} x global batch {cfg.data.global_batch} needs {need}")
+                        f"--eval-batches {cfg.train.eval_batches} x global batch {cfg.data.global_batch} needs {need} "
+                        "(fewer --eval-batches, or --eval-every 0 to skip validation)")
     return corpus
 
 

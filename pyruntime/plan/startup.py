@@ -39,7 +39,7 @@ def plan_check_line(cfg: Config, rec: dict, pp_rank: int, cuda: bool) -> str:
     work, layout = workload_layout(cfg)
     r = all_rank_memory(work, layout, cuda=cuda)[pp_rank]
     held = sum(rec.get(k, 0) for k in ("param_bytes", "grad_bytes", "optim_bytes"))
-    line = f"plan vs measured (rank 0, step 1): model state {_mb(r.states.held.total)} vs {_mb(held)} MB"
+    line = f"plan vs measured (rank 0, step {rec.get('step', 1)}): model state {_mb(r.states.held.total)} vs {_mb(held)} MB"
     if cuda:
         line += f", peak {_mb(r.steady_peak)} vs {rec['peak_mem_mb']:.2f} MB (torch.cuda.max_memory_allocated)"
     return line

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pyruntime.config import Config
+from pyruntime.config import Config, OptimConfig
 from pyruntime.data import TOKEN_FILE_SUFFIXES, BatchSampler, Corpus, DataError, load_corpus, validation_batches
 from pyruntime.data.sampler import validation_counted
 from pyruntime.mesh import ParallelDims
@@ -231,6 +231,9 @@ class Trainer:
     def fit(self) -> list[dict]:
         cfg = self.cfg
         say(self.banner(), self.is_logger)
+        if cfg.train.init_from and cfg.optim.lr == OptimConfig.lr:  # from-scratch defaults on a trained model
+            say(f"note: --lr {cfg.optim.lr:g} is the from-scratch default; fine-tuning a pretrained model usually "
+                "takes 1e-5 to 1e-4 (give --lr)", self.is_logger)
         say(self.data_parallel.memory_line(), self.is_logger)
         say(plan_line(cfg, self.device.type == "cuda"), self.is_logger)
         rank_lines = self.per_rank_lines()  # a collective: every rank takes part

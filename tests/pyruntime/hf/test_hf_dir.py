@@ -206,7 +206,8 @@ def test_export_of_a_fine_tune_defaults_to_its_init_from_and_never_replaces_it(t
     train_bpe(iter(["hello world " * 50]), 300, model / "tokenizer.json")
     run = tmp_path / "run"
     assert main(["train", "--init-from", str(model), "--steps", "1", "--save-every", "1", "--seq-len", "16",
-                 "--global-batch", "2", "--eval-every", "0", "--out", str(run), "--quiet"]) == 0
+                 "--global-batch", "2", "--eval-every", "0", "--out", str(run)]) == 0
+    assert "note: --lr 0.003 is the from-scratch default" in capsys.readouterr().out
     before = (model / "model.safetensors").read_bytes()
     assert main(["export", str(run / "checkpoints"), "--hf", str(model)]) == 2
     assert "is the model directory the run started from (--init-from)" in capsys.readouterr().err

@@ -68,5 +68,6 @@ def test_too_small_validation_split_is_a_one_line_error(tmp_path):
     from pyruntime.train.trainer import open_corpus
 
     cfg = tiny_config(tmp_path, eval_every=1, eval_batches=100_000)
-    with pytest.raises(DataError, match=r"--eval-batches 100000 x global batch 8 needs 800000$"):
+    with pytest.raises(DataError, match=r"--eval-batches 100000 x global batch 8 needs 800000 \(fewer --eval-batches, "
+                                        r"or --eval-every 0 to skip validation\)$"):
         open_corpus(cfg)

@@ -21,7 +21,7 @@ import torch
 
 from pyruntime.bench.harness import header, require, suite_parser, table_lines
 from pyruntime.config import PRESETS, Config, DataConfig, ParallelConfig, TrainConfig
-from pyruntime.parallel.recompute import SELECTIVE_OPS
+from pyruntime.parallel.recompute import ALL_OPS, SELECTIVE_OPS
 
 # The model is built and run by the trainer in this process (a world of one).
 
@@ -44,7 +44,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 
 
 # (label, --recompute, --recompute-ops): none, each selective set, full
-ALL_OPS = ",".join(SELECTIVE_OPS)
 VARIANTS = [("none", "none", ALL_OPS)] + [(f"selective {op}", "selective", op) for op in SELECTIVE_OPS] + [
     (f"selective {ALL_OPS} (default)", "selective", ALL_OPS), ("full", "full", ALL_OPS)]
 

@@ -359,7 +359,7 @@ def tokenize_files(inputs: list[str], output: str | os.PathLike, tokenizer: Text
         total = writer.count
         if total == 0:  # raised inside the writer: it leaves no file
             raise TokenizeError(f"{', '.join(inputs)}: no documents (only blank lines); nothing to write")
-    return total, counted  # every token counted: the writer kept no mask file
+    return total, counted  # a mask where every token counted was not kept (TokenWriter)
 
 
 # -- command line ------------------------------------------------------------------------------

@@ -82,7 +82,7 @@ def write_hf_dir(tensors: dict[str, torch.Tensor], cfg: ModelConfig, out: str | 
         raise HFError(f"export shard size must be > 0 bytes, got {max_shard_bytes}")
     out = Path(out)
     check_export_dir(out)
-    check_tokenizer_fits(companions_from, cfg.vocab_size)
+    token_ids = companion_token_ids(companions_from, cfg.vocab_size)
     order = list(reference_shapes(cfg))
     missing = [n for n in order if n not in tensors]
     if missing:
@@ -93,7 +93,7 @@ def write_hf_dir(tensors: dict[str, torch.Tensor], cfg: ModelConfig, out: str | 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write_files(tmp, data, sizes, shards, cfg, dtype, companions_from)
+        _write_files(tmp, data, sizes, shards, cfg, dtype, companions_from, token_ids)
     except Exception as e:  # a full disk or read-only mount: one line, no half-written export left
         shutil.rmtree(tmp, ignore_errors=True)
         cause = os_cause(e)
@@ -106,7 +106,7 @@ def write_hf_dir(tensors: dict[str, torch.Tensor], cfg: ModelConfig, out: str | 
 
 
 def _write_files(tmp: Path, data: dict[str, torch.Tensor], sizes: dict[str, int], shards: list[list[str]],
-                 cfg: ModelConfig, dtype: str, companions_from) -> None:
+                 cfg: ModelConfig, dtype: str, companions_from, token_ids: dict) -> None:
     from safetensors.torch import save_file
 
     tmp.mkdir(parents=True)
@@ -127,39 +127,29 @@ def _write_files(tmp: Path, data: dict[str, torch.Tensor], sizes: dict[str, int]
             if (src / name).is_file():
                 shutil.copyfile(src / name, tmp / name)
         extra = {k: v for k, v in _read_json(src / "config.json").items() if k.endswith("token_id")}
-    if companions_from is not None and not extra:  # no model config to copy them from: the tokenizer's
-        extra = tokenizer_token_ids(companions_from)
+    if not extra:  # no model config to copy them from: the tokenizer's
+        extra = token_ids
     (tmp / "config.json").write_text(json.dumps({**hf_config_from_model(cfg, dtype=dtype), **extra}, indent=2) + "\n")
 
 
-def check_tokenizer_fits(source: str | os.PathLike | None, vocab_size: int) -> None:
-    """The tokenizer an export carries (a directory's tokenizer.json, or the file) must not
-    have ids past the model's vocabulary: transformers would index past the embedding."""
+def companion_token_ids(source: str | os.PathLike | None, vocab_size: int) -> dict:
+    """The tokenizer an export carries (a directory's tokenizer.json, or the file; none: {}):
+    refused when it has ids past the model's vocabulary (transformers would index past the
+    embedding); else its eos_token_id (and bos_token_id where tokenizer_config.json names one)
+    for config.json, where no model config gives them: without them transformers' generate
+    never stops."""
     if source is None or not (Path(source).is_file() or (Path(source) / "tokenizer.json").is_file()):
-        return
-    from pyruntime.data.tokenize import load_tokenizer
-    from pyruntime.data.tokenize_inputs import TokenizeError
-
-    try:
-        n = load_tokenizer(source).tok.get_vocab_size(with_added_tokens=True)
-    except TokenizeError as e:
-        raise HFError(str(e)) from None
-    if n > vocab_size:
-        raise HFError(f"the tokenizer of {source} has {n} tokens, more than the model's vocabulary of {vocab_size}")
-
-
-def tokenizer_token_ids(source: str | os.PathLike) -> dict:
-    """eos_token_id (and bos_token_id where tokenizer_config.json names one) from a tokenizer,
-    for config.json: without them transformers' generate never stops."""
-    from pyruntime.data.tokenize import load_tokenizer
-    from pyruntime.data.tokenize_inputs import TokenizeError
-
-    if not (Path(source).is_file() or (Path(source) / "tokenizer.json").is_file()):
         return {}
+    from pyruntime.data.tokenize import load_tokenizer
+    from pyruntime.data.tokenize_inputs import TokenizeError
+
     try:
         tok = load_tokenizer(source)
-    except TokenizeError:
-        return {}
+    except TokenizeError as e:
+        raise HFError(str(e)) from None
+    if tok.vocab_size > vocab_size:
+        raise HFError(f"the tokenizer of {source} has {tok.vocab_size} tokens, more than the model's vocabulary of "
+                      f"{vocab_size}")
     ids = {"eos_token_id": tok.eos_id}
     if tok.bos and tok.tok.token_to_id(tok.bos) is not None:
         ids["bos_token_id"] = tok.tok.token_to_id(tok.bos)

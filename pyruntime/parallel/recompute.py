@@ -55,6 +55,7 @@ from pyruntime.train.saved_bytes import SavedTensorMeter, note_saved
 
 _state = threading.local()  # the selective recipes of the block forward now running
 SELECTIVE_OPS = ("norm", "swiglu", "kv_repeat")  # what --recompute selective can drop (--recompute-ops)
+ALL_OPS = ",".join(SELECTIVE_OPS)  # --recompute-ops' default (config.ParallelConfig spells it out)
 
 
 def check_recompute(cfg: Config) -> None:
@@ -76,7 +77,7 @@ def recompute_misfit(mode: str, layers: int | None, ops: str, stage_layers: list
     names = ops.split(",")
     if not set(names) <= set(SELECTIVE_OPS) or len(set(names)) != len(names):
         return f"--recompute-ops '{ops}': expected a comma-separated subset of {', '.join(SELECTIVE_OPS)}"
-    if mode != "selective" and ops != ",".join(SELECTIVE_OPS):
+    if mode != "selective" and ops != ALL_OPS:
         return f"--recompute-ops '{ops}' needs --recompute selective, got --recompute {mode}"
     if layers is None:
         return None

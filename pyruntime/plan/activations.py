@@ -30,9 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pyruntime.config import ModelConfig
-from pyruntime.parallel.recompute import SELECTIVE_OPS
-
-ALL_OPS = ",".join(SELECTIVE_OPS)
+from pyruntime.parallel.recompute import ALL_OPS
 
 FP32 = 4
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pyruntime.config import (MAX_GLOBAL_BATCH, PRESETS, ConfigError, ModelConfig, config_from_dict,
                               default_micro_batch, load_config_file)
-from pyruntime.plan.activations import ALL_OPS
+from pyruntime.parallel.recompute import ALL_OPS
 from pyruntime.plan.calibrate import DEFAULT_PROFILE, calibrate, load_profile
 from pyruntime.plan.devices import DEVICES, custom, device
 from pyruntime.plan.layout import Layout, PlanError, Workload, check
@@ -238,12 +238,11 @@ def _search(args: argparse.Namespace, work: Workload, model_args: list[str], lv:
     in the mesh order given (base: the --config file's parallel section)."""
     if not args.gpus:
         raise PlanError("--search needs --gpus N")
+    order = args.mesh_order or base.get("mesh_order", "dp,pp,tp")
     # what check() would refuse in every layout, refused once here (else: "no layout fits")
     check(work, Layout(recompute=lv["recompute"] or "none", offload=lv["offload"] or "none",
-                       recompute_ops=lv["recompute_ops"], recompute_layers=lv["recompute_layers"]))
+                       recompute_ops=lv["recompute_ops"], recompute_layers=lv["recompute_layers"], mesh_order=order))
     cluster = cluster_from(args, args.gpus)
-    order = args.mesh_order or base.get("mesh_order", "dp,pp,tp")
-    check(work, Layout(mesh_order=order))
     found = search(work, cluster, **lv, mesh_order=order, top=args.top or 5)
     dev = cluster.device
     if not found.fitting:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pyruntime.config import ConfigError, ModelConfig
 from pyruntime.parallel.pipeline.schedule import schedule_names
 from pyruntime.parallel.pipeline.split import plan_stage_layers, stage_layer_ranges
-from pyruntime.parallel.recompute import SELECTIVE_OPS, recompute_misfit
+from pyruntime.parallel.recompute import ALL_OPS, recompute_misfit
 from pyruntime.parallel.validate import pipeline_setting_unused, pipeline_too_long, tp_misfit  # the trainer's rules
 
 RECOMPUTE_MODES = ("none", "selective", "full")
@@ -43,7 +43,7 @@ class Layout:
     recompute: str = "none"
     recompute_layers: int | None = None
     """With recompute: only the first K blocks of each pipeline stage (None: all)."""
-    recompute_ops: str = ",".join(SELECTIVE_OPS)
+    recompute_ops: str = ALL_OPS
     """What selective recompute drops: a comma-separated subset of SELECTIVE_OPS."""
     offload: str = "none"
     bucket_mb: float = 25.0
@@ -71,7 +71,7 @@ class Layout:
         if self.recompute != "none":
             parts.append(f"recompute {self.recompute}"
                          + (f" ({self.recompute_ops})" if self.recompute == "selective"
-                            and self.recompute_ops != ",".join(SELECTIVE_OPS) else "")
+                            and self.recompute_ops != ALL_OPS else "")
                          + (f" first {self.recompute_layers} blocks" if self.recompute_layers is not None else ""))
         if self.offload != "none":
             parts.append(f"offload {self.offload}")

@@ -11,6 +11,7 @@ import torch
 
 from pyruntime.config import Config
 from pyruntime.mesh import ParallelDims
+from pyruntime.parallel.recompute import ALL_OPS
 
 STATE_FIELDS = ("param_bytes", "grad_bytes", "optim_bytes", "unsharded_param_bytes", "unsharded_grad_bytes",
                 "unsharded_optim_bytes", "largest_unit_bytes")
@@ -85,7 +86,7 @@ def measure_activations(rank: int, world_size: int, configs: list[Config]) -> li
 
 def measure_chunk(model_cfg, counts: list[int], pp: int, pp_rank: int, batch: int, seq: int,
                   recompute: str = "none", seed: int = 0, recompute_layers: int | None = None,
-                  recompute_ops: str = "norm,swiglu,kv_repeat") -> list[tuple[int, int]]:
+                  recompute_ops: str = ALL_OPS) -> list[tuple[int, int]]:
     """saved_bytes of one micro-batch through each chunk of pipeline rank pp_rank (a model of
     counts[s] layers per stage, split as the trainer splits it, recomputing as asked: train's
     --recompute, --recompute-layers, --recompute-ops), in one process: a stage only changes

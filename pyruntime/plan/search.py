@@ -14,7 +14,7 @@ import shlex
 from dataclasses import dataclass
 
 from pyruntime.parallel.validate import tp_misfit
-from pyruntime.plan.activations import ALL_OPS
+from pyruntime.parallel.recompute import ALL_OPS
 from pyruntime.plan.layout import Layout, PlanError, Workload, check
 from pyruntime.plan.memory import RankMemory, all_rank_memory
 from pyruntime.plan.timing import Cluster, StepTime, step_time
